@@ -1,0 +1,696 @@
+//! Request signing (the scheme is specified in `docs/auth.md`).
+//!
+//! Every call but health checks and reflection carries five headers: the SecretId, a unix
+//! timestamp, a nonce, the sha256 of the request message and an HMAC-SHA256 signature over a
+//! canonical string of the method path, the scope (which service it is meant for), those three
+//! values and the message digest. The server side is a tower layer (`AuthLayer`) that checks the
+//! signature, the timestamp window and that the nonce is new, recomputes the message digest
+//! from the body, and hands the handler the authenticated `Caller` in the request extensions.
+
+use bytes::{Bytes, BytesMut};
+use hmac::{Hmac, Mac};
+use http::{HeaderMap, Request, Response};
+use http_body_util::BodyExt;
+use imagefleet_proto::error;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tonic::body::Body;
+use tonic::{Code, Status};
+
+pub const HEADER_SECRET_ID: &str = "x-imagefleet-secret-id";
+pub const HEADER_TIMESTAMP: &str = "x-imagefleet-timestamp";
+pub const HEADER_NONCE: &str = "x-imagefleet-nonce";
+pub const HEADER_CONTENT_SHA256: &str = "x-imagefleet-content-sha256";
+pub const HEADER_SIGNATURE: &str = "x-imagefleet-signature";
+
+/// First line of the canonical string; names the scheme and its version.
+pub const ALGORITHM: &str = "IMAGEFLEET1-HMAC-SHA256";
+/// The content digest of client-streaming calls, whose body cannot be hashed up front.
+pub const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
+/// How far a request's timestamp may be from the server's clock, either way.
+pub const TIMESTAMP_WINDOW_SECS: i64 = 300;
+/// SecretIds of service credentials start with this; account SecretIds never do.
+pub const SERVICE_SECRET_ID_PREFIX: &str = "svc-";
+/// The largest unary request body the verifier buffers.
+pub const MAX_SIGNED_BODY: usize = 16 * 1024 * 1024;
+
+/// A SecretId and its SecretKey.
+#[derive(Clone)]
+pub struct Credentials {
+    pub secret_id: String,
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("secret_id", &self.secret_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// Service credentials for service `name`, keyed with the cluster's service key.
+    pub fn service(name: &str, service_key: &str) -> Self {
+        Credentials {
+            secret_id: format!("{SERVICE_SECRET_ID_PREFIX}{name}"),
+            secret_key: service_key.to_string(),
+        }
+    }
+}
+
+/// Who made a call, as proven by its signature. Handlers find it in the request extensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// An account, by its numeric id.
+    Account(String),
+    /// Another imagefleet service, by the name in its SecretId.
+    Service(String),
+}
+
+/// Which credentials a method accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audience {
+    /// Health checks and reflection: no credentials.
+    Open,
+    /// Methods of services whose name ends in `InternalService`: service credentials only.
+    Service,
+    /// Every other method: account credentials only.
+    Account,
+}
+
+/// The audience of a gRPC method path (`/package.Service/Method`).
+pub fn audience(path: &str) -> Audience {
+    let service = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    if service == "grpc.health.v1.Health" || service.starts_with("grpc.reflection.") {
+        Audience::Open
+    } else if service.ends_with("InternalService") {
+        Audience::Service
+    } else {
+        Audience::Account
+    }
+}
+
+/// The paths of client-streaming methods: their body is not hashed (`UNSIGNED-PAYLOAD`).
+pub fn client_streaming_paths() -> &'static HashSet<String> {
+    static PATHS: std::sync::OnceLock<HashSet<String>> = std::sync::OnceLock::new();
+    PATHS.get_or_init(|| {
+        let pool = imagefleet_proto::descriptor_pool();
+        pool.services()
+            .flat_map(|service| {
+                let name = service.full_name().to_string();
+                service
+                    .methods()
+                    .filter(|m| m.is_client_streaming())
+                    .map(|m| format!("/{name}/{}", m.name()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    })
+}
+
+/// The string that is signed.
+pub fn canonical_string(
+    path: &str,
+    scope: &str,
+    timestamp: i64,
+    nonce: &str,
+    content_sha256: &str,
+) -> String {
+    format!("{ALGORITHM}\n{path}\n{scope}\n{timestamp}\n{nonce}\n{content_sha256}")
+}
+
+/// Lowercase hex HMAC-SHA256 of `message` under `secret_key`.
+pub fn signature(secret_key: &str, message: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret_key.as_bytes())
+        .expect("HMAC accepts keys of any length");
+    mac.update(message.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Lowercase hex sha256 of the messages in a gRPC request body (the bytes after each 5-byte
+/// length prefix, concatenated). `None` if the body is not well-formed gRPC framing or uses
+/// compression.
+pub fn body_sha256(body: &[u8]) -> Option<String> {
+    let mut hasher = Sha256::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        if rest.len() < 5 || rest[0] != 0 {
+            return None;
+        }
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let end = 5usize.checked_add(len)?;
+        if rest.len() < end {
+            return None;
+        }
+        hasher.update(&rest[5..end]);
+        rest = &rest[end..];
+    }
+    Some(hex::encode(hasher.finalize()))
+}
+
+/// A fresh random nonce (128 bits, hex).
+pub fn new_nonce() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+/// Adds the five signing headers for a call of `path` to `scope` with the given content digest.
+pub fn sign_headers(
+    headers: &mut HeaderMap,
+    credentials: &Credentials,
+    path: &str,
+    scope: &str,
+    content_sha256: &str,
+    timestamp: i64,
+    nonce: &str,
+) {
+    let canonical = canonical_string(path, scope, timestamp, nonce, content_sha256);
+    let sig = signature(&credentials.secret_key, &canonical);
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = http::HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    };
+    put(HEADER_SECRET_ID, &credentials.secret_id);
+    put(HEADER_TIMESTAMP, &timestamp.to_string());
+    put(HEADER_NONCE, nonce);
+    put(HEADER_CONTENT_SHA256, content_sha256);
+    put(HEADER_SIGNATURE, &sig);
+}
+
+/// An account's key, as the verifier needs it.
+#[derive(Clone, Debug)]
+pub struct AccountKey {
+    pub account_id: String,
+    pub secret_key: String,
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where the verifier finds account keys by SecretId: the catalog's own store in the catalog,
+/// a cached catalog lookup elsewhere.
+pub trait AccountKeys: Send + Sync + 'static {
+    /// `Ok(None)` for an unknown SecretId; `Err` when the store cannot answer.
+    fn lookup<'a>(
+        &'a self,
+        secret_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<AccountKey>, Status>>;
+}
+
+/// Remembers nonces seen inside the timestamp window, so that a captured request cannot be sent
+/// again. Entries older than the window are dropped (a request that old fails the timestamp
+/// check anyway).
+#[derive(Default)]
+struct NonceCache {
+    /// A std mutex: held only for a map insert, never across an await.
+    seen: Mutex<HashMap<String, i64>>,
+}
+
+impl NonceCache {
+    /// True if `key` was new (and is now remembered).
+    fn insert(&self, key: String, now: i64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() > 100_000 {
+            seen.retain(|_, at| now - *at <= 2 * TIMESTAMP_WINDOW_SECS);
+        }
+        if seen.contains_key(&key) {
+            return false;
+        }
+        seen.insert(key, now);
+        true
+    }
+}
+
+/// Checks signed requests for one server.
+pub struct Verifier {
+    /// What this server is, as clients name it in the canonical string
+    /// (`catalog`, `sharing`, `region:ap-guangzhou`).
+    scope: String,
+    service_key: String,
+    accounts: Arc<dyn AccountKeys>,
+    nonces: NonceCache,
+}
+
+fn unauthenticated(reason: &str, message: &str) -> Status {
+    error::status(Code::Unauthenticated, reason, message)
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Result<&'h str, Status> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            unauthenticated(
+                "AuthFailure.InvalidAuthorization",
+                &format!("missing or unreadable header {name}"),
+            )
+        })
+}
+
+impl Verifier {
+    pub fn new(
+        scope: impl Into<String>,
+        service_key: impl Into<String>,
+        accounts: Arc<dyn AccountKeys>,
+    ) -> Self {
+        Verifier {
+            scope: scope.into(),
+            service_key: service_key.into(),
+            accounts,
+            nonces: NonceCache::default(),
+        }
+    }
+
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// Checks the headers of a call to `path`; returns the caller and the content digest the
+    /// signature covers (which the body must then match).
+    pub async fn verify_headers(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        now: i64,
+    ) -> Result<(Caller, String), Status> {
+        let secret_id = header(headers, HEADER_SECRET_ID)?;
+        let timestamp = header(headers, HEADER_TIMESTAMP)?;
+        let nonce = header(headers, HEADER_NONCE)?;
+        let content = header(headers, HEADER_CONTENT_SHA256)?;
+        let sig = header(headers, HEADER_SIGNATURE)?;
+        let timestamp: i64 = timestamp.parse().map_err(|_| {
+            unauthenticated(
+                "AuthFailure.InvalidAuthorization",
+                "timestamp is not an integer",
+            )
+        })?;
+        if nonce.len() < 16 || nonce.len() > 64 {
+            return Err(unauthenticated(
+                "AuthFailure.InvalidAuthorization",
+                "nonce must be 16 to 64 characters",
+            ));
+        }
+        if (now - timestamp).abs() > TIMESTAMP_WINDOW_SECS {
+            return Err(unauthenticated(
+                "AuthFailure.SignatureExpire",
+                "timestamp is outside the allowed window",
+            ));
+        }
+        let (caller, key) = if let Some(name) = secret_id.strip_prefix(SERVICE_SECRET_ID_PREFIX) {
+            (Caller::Service(name.to_string()), self.service_key.clone())
+        } else {
+            match self.accounts.lookup(secret_id).await? {
+                Some(k) => (Caller::Account(k.account_id), k.secret_key),
+                None => {
+                    return Err(unauthenticated(
+                        "AuthFailure.SecretIdNotFound",
+                        "unknown SecretId",
+                    ))
+                }
+            }
+        };
+        let expected = signature(
+            &key,
+            &canonical_string(path, &self.scope, timestamp, nonce, content),
+        );
+        if !constant_time_eq(expected.as_bytes(), sig.as_bytes()) {
+            return Err(unauthenticated(
+                "AuthFailure.SignatureFailure",
+                "signature does not match",
+            ));
+        }
+        match (audience(path), &caller) {
+            (Audience::Service, Caller::Account(_)) => {
+                return Err(error::status(
+                    Code::PermissionDenied,
+                    "UnauthorizedOperation.ServiceCredentialRequired",
+                    "this method accepts service credentials only",
+                ))
+            }
+            (Audience::Account, Caller::Service(_)) => {
+                return Err(error::status(
+                    Code::PermissionDenied,
+                    "UnauthorizedOperation.AccountCredentialRequired",
+                    "this method accepts account credentials only",
+                ))
+            }
+            _ => {}
+        }
+        if !self.nonces.insert(format!("{secret_id}\n{nonce}"), now) {
+            return Err(unauthenticated(
+                "AuthFailure.RequestReplayed",
+                "this nonce was already used",
+            ));
+        }
+        Ok((caller, content.to_string()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The authenticated caller of a request (set by `AuthLayer`).
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<&Caller, Status> {
+    request.extensions().get::<Caller>().ok_or_else(|| {
+        unauthenticated(
+            "AuthFailure.InvalidAuthorization",
+            "request is not authenticated",
+        )
+    })
+}
+
+/// The account id of an account caller.
+pub fn account_id<T>(request: &tonic::Request<T>) -> Result<String, Status> {
+    match caller(request)? {
+        Caller::Account(id) => Ok(id.clone()),
+        Caller::Service(_) => Err(error::status(
+            Code::PermissionDenied,
+            "UnauthorizedOperation.AccountCredentialRequired",
+            "this method accepts account credentials only",
+        )),
+    }
+}
+
+/// Tower layer that verifies signed requests in front of a server's routes.
+#[derive(Clone)]
+pub struct AuthLayer {
+    verifier: Arc<Verifier>,
+}
+
+impl AuthLayer {
+    pub fn new(verifier: Arc<Verifier>) -> Self {
+        AuthLayer { verifier }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            verifier: self.verifier.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    verifier: Arc<Verifier>,
+}
+
+async fn read_body(body: Body) -> Result<Bytes, Status> {
+    let limited = http_body_util::Limited::new(body, MAX_SIGNED_BODY);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(error::status(
+            Code::InvalidArgument,
+            "InvalidParameter.RequestTooLarge",
+            format!("request body could not be read: {e}"),
+        )),
+    }
+}
+
+impl<S> tower::Service<Request<Body>> for AuthService<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let verifier = self.verifier.clone();
+        Box::pin(async move {
+            let path = request.uri().path().to_string();
+            if audience(&path) == Audience::Open {
+                return inner.call(request).await;
+            }
+            let (mut parts, body) = request.into_parts();
+            let now = crate::time::unix_now();
+            let (caller, content) = match verifier.verify_headers(&path, &parts.headers, now).await
+            {
+                Ok(v) => v,
+                Err(status) => {
+                    tracing::debug!(%path, code = ?status.code(), "request refused");
+                    return Ok(status.into_http());
+                }
+            };
+            let body = if client_streaming_paths().contains(&path) {
+                if content != UNSIGNED_PAYLOAD {
+                    return Ok(unauthenticated(
+                        "AuthFailure.SignatureFailure",
+                        "client-streaming calls sign UNSIGNED-PAYLOAD",
+                    )
+                    .into_http());
+                }
+                body
+            } else {
+                let bytes = match read_body(body).await {
+                    Ok(b) => b,
+                    Err(status) => return Ok(status.into_http()),
+                };
+                if body_sha256(&bytes).as_deref() != Some(content.as_str()) {
+                    return Ok(unauthenticated(
+                        "AuthFailure.SignatureFailure",
+                        "request message does not match its signed digest",
+                    )
+                    .into_http());
+                }
+                Body::new(http_body_util::Full::new(bytes))
+            };
+            parts.extensions.insert(caller);
+            inner.call(Request::from_parts(parts, body)).await
+        })
+    }
+}
+
+/// Tower layer for clients: signs every request with `credentials` for `scope`.
+#[derive(Clone)]
+pub struct SigningService<S> {
+    inner: S,
+    credentials: Arc<Credentials>,
+    scope: Arc<str>,
+}
+
+impl<S> SigningService<S> {
+    pub fn new(inner: S, credentials: Credentials, scope: &str) -> Self {
+        SigningService {
+            inner,
+            credentials: Arc::new(credentials),
+            scope: Arc::from(scope),
+        }
+    }
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S> tower::Service<Request<Body>> for SigningService<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let credentials = self.credentials.clone();
+        let scope = self.scope.clone();
+        Box::pin(async move {
+            let path = request.uri().path().to_string();
+            let (mut parts, body) = request.into_parts();
+            let body = if client_streaming_paths().contains(&path) {
+                sign_parts(
+                    &mut parts.headers,
+                    &credentials,
+                    &path,
+                    &scope,
+                    UNSIGNED_PAYLOAD,
+                );
+                body
+            } else {
+                let mut buf = BytesMut::new();
+                let mut body = body;
+                while let Some(frame) = body.frame().await {
+                    if let Ok(data) = frame.map_err(Into::<BoxError>::into)?.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                let bytes = buf.freeze();
+                let digest = body_sha256(&bytes).ok_or("request body is not gRPC-framed")?;
+                sign_parts(&mut parts.headers, &credentials, &path, &scope, &digest);
+                Body::new(http_body_util::Full::new(bytes))
+            };
+            inner
+                .call(Request::from_parts(parts, body))
+                .await
+                .map_err(Into::into)
+        })
+    }
+}
+
+fn sign_parts(
+    headers: &mut HeaderMap,
+    credentials: &Credentials,
+    path: &str,
+    scope: &str,
+    content: &str,
+) {
+    sign_headers(
+        headers,
+        credentials,
+        path,
+        scope,
+        content,
+        crate::time::unix_now(),
+        &new_nonce(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct OneAccount;
+    impl AccountKeys for OneAccount {
+        fn lookup<'a>(
+            &'a self,
+            secret_id: &'a str,
+        ) -> BoxFuture<'a, Result<Option<AccountKey>, Status>> {
+            Box::pin(async move {
+                Ok((secret_id == "AKIDtest").then(|| AccountKey {
+                    account_id: "100000000001".into(),
+                    secret_key: "key".into(),
+                }))
+            })
+        }
+    }
+
+    fn signed(path: &str, scope: &str, creds: &Credentials, ts: i64, nonce: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        sign_headers(
+            &mut h,
+            creds,
+            path,
+            scope,
+            &body_sha256(&[]).unwrap(),
+            ts,
+            nonce,
+        );
+        h
+    }
+
+    fn account() -> Credentials {
+        Credentials {
+            secret_id: "AKIDtest".into(),
+            secret_key: "key".into(),
+        }
+    }
+
+    const PATH: &str = "/imagefleet.region.v1.RegionService/DescribeImages";
+
+    #[tokio::test]
+    async fn accepts_once_then_refuses_replay() {
+        let v = Verifier::new("region:ap-guangzhou", "svc-key", Arc::new(OneAccount));
+        let h = signed(
+            PATH,
+            "region:ap-guangzhou",
+            &account(),
+            1000,
+            "0123456789abcdef",
+        );
+        let (caller, _) = v.verify_headers(PATH, &h, 1000).await.unwrap();
+        assert_eq!(caller, Caller::Account("100000000001".into()));
+        let err = v.verify_headers(PATH, &h, 1001).await.unwrap_err();
+        assert_eq!(
+            error::reason(&err).as_deref(),
+            Some("AuthFailure.RequestReplayed")
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_expired_wrong_scope_and_wrong_key() {
+        let v = Verifier::new("region:ap-guangzhou", "svc-key", Arc::new(OneAccount));
+        let h = signed(
+            PATH,
+            "region:ap-guangzhou",
+            &account(),
+            1000,
+            "0123456789abcdef",
+        );
+        let err = v
+            .verify_headers(PATH, &h, 1000 + TIMESTAMP_WINDOW_SECS + 1)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error::reason(&err).as_deref(),
+            Some("AuthFailure.SignatureExpire")
+        );
+        let h = signed(
+            PATH,
+            "region:ap-shanghai",
+            &account(),
+            1000,
+            "0123456789abcdeg",
+        );
+        let err = v.verify_headers(PATH, &h, 1000).await.unwrap_err();
+        assert_eq!(
+            error::reason(&err).as_deref(),
+            Some("AuthFailure.SignatureFailure")
+        );
+        let bad = Credentials {
+            secret_id: "AKIDtest".into(),
+            secret_key: "nope".into(),
+        };
+        let h = signed(PATH, "region:ap-guangzhou", &bad, 1000, "0123456789abcdeh");
+        let err = v.verify_headers(PATH, &h, 1000).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+
+    #[tokio::test]
+    async fn credential_kinds_are_not_interchangeable() {
+        let v = Verifier::new("catalog", "svc-key", Arc::new(OneAccount));
+        let internal = "/imagefleet.catalog.v1.CatalogInternalService/CreateAccount";
+        let h = signed(internal, "catalog", &account(), 1000, "0123456789abcdef");
+        let err = v.verify_headers(internal, &h, 1000).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        let svc = Credentials::service("region-x", "svc-key");
+        let public = "/imagefleet.catalog.v1.CatalogService/DescribeRegions";
+        let h = signed(public, "catalog", &svc, 1000, "0123456789abcdef");
+        let err = v.verify_headers(public, &h, 1000).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        let h = signed(internal, "catalog", &svc, 1000, "0123456789abcdee");
+        assert!(v.verify_headers(internal, &h, 1000).await.is_ok());
+    }
+
+    #[test]
+    fn body_digest_covers_messages_and_rejects_bad_framing() {
+        let mut framed = vec![0u8, 0, 0, 0, 3];
+        framed.extend_from_slice(b"abc");
+        let expected = hex::encode(Sha256::digest(b"abc"));
+        assert_eq!(body_sha256(&framed).as_deref(), Some(expected.as_str()));
+        assert_eq!(body_sha256(&[0, 0, 0, 0, 9, 1]), None);
+        assert_eq!(body_sha256(&[1, 0, 0, 0, 0]), None);
+    }
+}

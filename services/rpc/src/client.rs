@@ -1,0 +1,105 @@
+//! Signed client channels. Every client of an imagefleet service goes through `SignedChannel`,
+//! which signs each request for one scope with one set of credentials.
+
+use crate::auth::{Credentials, SigningService};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// A channel that signs every request it sends.
+pub type SignedChannel = SigningService<Channel>;
+
+/// The largest message a client or server accepts (disk writes carry up to 4 MiB of data).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// An endpoint with the project's transport settings: large HTTP/2 windows for chunk
+/// streams, keep-alive, and a connect timeout. The connection is made on first use.
+pub fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(Some(8 * 1024 * 1024))
+        .initial_connection_window_size(Some(32 * 1024 * 1024)))
+}
+
+/// A lazily connected channel to `url` that signs for `scope` with `credentials`.
+pub fn signed_channel(
+    url: &str,
+    credentials: Credentials,
+    scope: &str,
+) -> Result<SignedChannel, tonic::transport::Error> {
+    let channel = endpoint(url)?.connect_lazy();
+    Ok(SigningService::new(channel, credentials, scope))
+}
+
+/// The scope string of a region service.
+pub fn region_scope(region: &str) -> String {
+    format!("region:{region}")
+}
+
+pub const CATALOG_SCOPE: &str = "catalog";
+pub const SHARING_SCOPE: &str = "sharing";
+
+/// Account keys looked up in the catalog (with service credentials) and cached briefly, for
+/// the verifiers of every service but the catalog itself.
+pub struct CatalogAccountKeys {
+    client: imagefleet_proto::catalog::v1::catalog_internal_service_client::CatalogInternalServiceClient<SignedChannel>,
+    /// A std mutex: held for a map access only.
+    cache: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, crate::auth::AccountKey)>>,
+}
+
+/// How long a looked-up key is trusted before the catalog is asked again.
+const ACCOUNT_KEY_TTL: Duration = Duration::from_secs(60);
+
+impl CatalogAccountKeys {
+    pub fn new(catalog_url: &str, service: Credentials) -> Result<Self, tonic::transport::Error> {
+        let channel = signed_channel(catalog_url, service, CATALOG_SCOPE)?;
+        Ok(CatalogAccountKeys {
+            client: imagefleet_proto::catalog::v1::catalog_internal_service_client::CatalogInternalServiceClient::new(channel),
+            cache: Default::default(),
+        })
+    }
+}
+
+impl crate::auth::AccountKeys for CatalogAccountKeys {
+    fn lookup<'a>(
+        &'a self,
+        secret_id: &'a str,
+    ) -> crate::auth::BoxFuture<'a, Result<Option<crate::auth::AccountKey>, tonic::Status>> {
+        Box::pin(async move {
+            {
+                let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((at, key)) = cache.get(secret_id) {
+                    if at.elapsed() < ACCOUNT_KEY_TTL {
+                        return Ok(Some(key.clone()));
+                    }
+                }
+            }
+            let mut client = self.client.clone();
+            let request = imagefleet_proto::catalog::v1::GetAccountCredentialRequest {
+                secret_id: secret_id.to_string(),
+            };
+            match client.get_account_credential(request).await {
+                Ok(response) => {
+                    let r = response.into_inner();
+                    let key = crate::auth::AccountKey {
+                        account_id: r.account_id,
+                        secret_key: r.secret_key,
+                    };
+                    let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                    if cache.len() > 10_000 {
+                        cache.clear();
+                    }
+                    cache.insert(
+                        secret_id.to_string(),
+                        (std::time::Instant::now(), key.clone()),
+                    );
+                    Ok(Some(key))
+                }
+                Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+                Err(status) => Err(crate::unavailable("catalog", status)),
+            }
+        })
+    }
+}

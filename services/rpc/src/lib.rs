@@ -1,0 +1,35 @@
+//! What every imagefleet service shares on the wire.
+//!
+//! - `auth`: the request-signing scheme (`docs/auth.md`), its verification as a tower layer in
+//!   front of every server, and the principal (`Caller`) it hands to handlers.
+//! - `client`: channels that sign every request they send.
+//! - `server`: serving a set of gRPC services with health, reflection, request spans, signing
+//!   checks and graceful shutdown.
+//! - `telemetry`: logging through `tracing` (`RUST_LOG`).
+
+pub mod auth;
+pub mod client;
+pub mod server;
+pub mod telemetry;
+pub mod time;
+
+pub use auth::{Caller, Credentials};
+pub mod cluster;
+pub mod fsutil;
+
+/// Maps a failed call to a peer service to `UNAVAILABLE` (never `INTERNAL`): the caller can
+/// retry. Statuses that carry a reason of their own pass through unchanged.
+pub fn unavailable(peer: &str, status: tonic::Status) -> tonic::Status {
+    match status.code() {
+        tonic::Code::Unavailable
+        | tonic::Code::Unknown
+        | tonic::Code::DeadlineExceeded
+        | tonic::Code::Cancelled
+        | tonic::Code::Internal => imagefleet_proto::error::status(
+            tonic::Code::Unavailable,
+            "ServiceUnavailable",
+            format!("{peer} did not answer: {}", status.message()),
+        ),
+        _ => status,
+    }
+}

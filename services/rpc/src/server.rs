@@ -1,0 +1,81 @@
+//! Serving a set of gRPC services: every server gets `grpc.health.v1`, server reflection, a
+//! span per request, the signing checks of `auth`, and stops accepting on shutdown, then
+//! drains the calls in flight.
+
+use crate::auth::{AuthLayer, Verifier};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic_health::server::HealthReporter;
+
+/// The routes of one server before its own services are added: health and reflection.
+pub struct ServerRoutes {
+    pub routes: Routes,
+    pub health: HealthReporter,
+}
+
+impl ServerRoutes {
+    pub fn new() -> Self {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(imagefleet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the embedded descriptor sets are valid");
+        let routes = Routes::new(health_service).add_service(reflection);
+        ServerRoutes { routes, health }
+    }
+}
+
+impl Default for ServerRoutes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `routes` on `listener` until `shutdown` completes, then drains calls in flight.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    verifier: Arc<Verifier>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let scope = verifier.scope().to_string();
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 * 1024 * 1024))
+        .initial_connection_window_size(Some(32 * 1024 * 1024))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .trace_fn(
+            move |req| tracing::info_span!("rpc", service = %scope, method = %req.uri().path()),
+        )
+        .layer(AuthLayer::new(verifier))
+        .serve_with_incoming_shutdown(routes, TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+}
