@@ -1,1 +1,5 @@
 //! stub
+
+pub fn main() -> std::process::ExitCode {
+    std::process::ExitCode::FAILURE
+}
