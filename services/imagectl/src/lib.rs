@@ -1,5 +1,67 @@
-//! stub
+//! `imagectl`: the command-line client of imagefleet. It reads the cluster file, signs its
+//! calls with an account's credentials, finds region endpoints through the catalog, and prints
+//! tables for people or proto3 JSON for programs.
+//!
+//! - `cli`: the command line (global flags and one enum per command group).
+//! - `session`: the cluster file, the account, and signed catalog and region clients.
+//! - `regions`, `images`, `instances`: the commands of each group.
+//! - `output`: tables and proto3 JSON; `paging`: `--all`; `error`: how failures are reported.
 
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::FAILURE
+pub mod cli;
+pub mod error;
+pub mod images;
+pub mod instances;
+pub mod output;
+pub mod paging;
+pub mod regions;
+pub mod session;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use error::{CliError, Result};
+use session::Session;
+use std::io::Write;
+use std::process::ExitCode;
+
+/// Parses the command line, runs the command and prints its result. Exit codes: 0 on
+/// success, 1 when the command failed, clap's own (2) for usage errors.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with code 0, usage errors to stderr with code 2.
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("cannot start the async runtime: {e}")))
+        .and_then(|runtime| runtime.block_on(run(cli)))
+        .and_then(|text| {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(text.as_bytes())
+                .and_then(|_| stdout.flush())
+                .map_err(|e| CliError::io("cannot write to stdout", e))
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command; returns what it prints on stdout.
+pub async fn run(cli: Cli) -> Result<String> {
+    let session = Session::open(&cli.global.cluster, cli.global.account.as_deref())?;
+    let format = cli.global.output;
+    match cli.command {
+        Command::Regions(command) => regions::run(&session, command, format).await,
+        Command::Images(command) => images::run(&session, command, format).await,
+        Command::Instances(command) => instances::run(&session, command, format).await,
+    }
 }

@@ -1,5 +1,209 @@
-//! stub
+//! `imaged`: the server binary. `imaged dev` runs a whole cluster in one process (catalog,
+//! sharing, every region, and a Redis child process when one is installed); `imaged catalog`,
+//! `imaged sharing` and `imaged region` run one service each, as containers do.
 
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::FAILURE
+mod dev;
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "imaged",
+    version,
+    about = "imagefleet server: regional VM-image services over gRPC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a local multi-region cluster in one process.
+    Dev(dev::DevArgs),
+    /// Run the catalog service.
+    Catalog(CatalogArgs),
+    /// Run the sharing service.
+    Sharing(SharingArgs),
+    /// Run one region service.
+    Region(RegionArgs),
+}
+
+/// The cluster's service key: given directly, or read from a file.
+#[derive(Args, Debug, Clone)]
+struct ServiceKeyArgs {
+    /// The shared key services sign their calls to each other with.
+    #[arg(long, env = "IMAGEFLEET_SERVICE_KEY", hide_env_values = true)]
+    service_key: Option<String>,
+    /// A file holding the service key (ignored when --service-key is given).
+    #[arg(long, env = "IMAGEFLEET_SERVICE_KEY_FILE")]
+    service_key_file: Option<PathBuf>,
+}
+
+impl ServiceKeyArgs {
+    fn resolve(&self) -> anyhow::Result<String> {
+        if let Some(key) = &self.service_key {
+            return Ok(key.clone());
+        }
+        if let Some(path) = &self.service_key_file {
+            let key = std::fs::read_to_string(path)?.trim().to_string();
+            if !key.is_empty() {
+                return Ok(key);
+            }
+        }
+        anyhow::bail!("a service key is required: --service-key, IMAGEFLEET_SERVICE_KEY or --service-key-file")
+    }
+}
+
+#[derive(Args, Debug)]
+struct CatalogArgs {
+    #[arg(long, env = "IMAGEFLEET_LISTEN", default_value = "127.0.0.1:7100")]
+    listen: SocketAddr,
+    #[arg(
+        long,
+        env = "IMAGEFLEET_DATA_DIR",
+        default_value = "./imagefleet-data/catalog"
+    )]
+    data_dir: PathBuf,
+    /// JSON file of accounts to load at start ([{account_id, name, secret_id, secret_key}]).
+    #[arg(long, env = "IMAGEFLEET_ACCOUNTS_FILE")]
+    accounts_file: Option<PathBuf>,
+    #[command(flatten)]
+    key: ServiceKeyArgs,
+}
+
+#[derive(Args, Debug)]
+struct SharingArgs {
+    #[arg(long, env = "IMAGEFLEET_LISTEN", default_value = "127.0.0.1:7101")]
+    listen: SocketAddr,
+    /// Redis holding the ownership maps.
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// Without Redis: keep the maps in this directory (embedded fallback, for quick starts).
+    #[arg(
+        long,
+        env = "IMAGEFLEET_EMBEDDED_MAPS_DIR",
+        conflicts_with = "redis_url"
+    )]
+    embedded_dir: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "IMAGEFLEET_CATALOG_URL",
+        default_value = "http://127.0.0.1:7100"
+    )]
+    catalog_url: String,
+    #[command(flatten)]
+    key: ServiceKeyArgs,
+}
+
+#[derive(Args, Debug)]
+struct RegionArgs {
+    /// The region this service owns, e.g. ap-guangzhou.
+    #[arg(long, env = "IMAGEFLEET_REGION")]
+    region: String,
+    #[arg(long, env = "IMAGEFLEET_LISTEN", default_value = "127.0.0.1:7110")]
+    listen: SocketAddr,
+    /// The URL other services and clients reach this region at; default http://<listen>.
+    #[arg(long, env = "IMAGEFLEET_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    #[arg(long, env = "IMAGEFLEET_DATA_DIR")]
+    data_dir: PathBuf,
+    #[arg(
+        long,
+        env = "IMAGEFLEET_CATALOG_URL",
+        default_value = "http://127.0.0.1:7100"
+    )]
+    catalog_url: String,
+    #[arg(
+        long,
+        env = "IMAGEFLEET_SHARING_URL",
+        default_value = "http://127.0.0.1:7101"
+    )]
+    sharing_url: String,
+    /// Custom images per account in this region.
+    #[arg(long, env = "IMAGEFLEET_IMAGE_QUOTA", default_value_t = 500)]
+    image_quota: u32,
+    #[command(flatten)]
+    key: ServiceKeyArgs,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    imagefleet_rpc::telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "imaged failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = imagefleet_rpc::server::shutdown_signal();
+    match cli.command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Catalog(args) => {
+            let catalog = imagefleet_catalog::Catalog::open(imagefleet_catalog::CatalogConfig {
+                data_dir: args.data_dir,
+                service_key: args.key.resolve()?,
+            })?;
+            if let Some(path) = &args.accounts_file {
+                let n = catalog.load_accounts_file(path)?;
+                tracing::info!(accounts = n, file = %path.display(), "accounts loaded");
+            }
+            let listener = tokio::net::TcpListener::bind(args.listen).await?;
+            imagefleet_catalog::run(catalog, listener, shutdown).await
+        }
+        Command::Sharing(args) => {
+            let backend = match (args.redis_url, args.embedded_dir) {
+                (Some(url), _) => imagefleet_sharing::MapsBackend::Redis { url },
+                (None, Some(dir)) => imagefleet_sharing::MapsBackend::Embedded { dir },
+                (None, None) => anyhow::bail!("give --redis-url (REDIS_URL) or --embedded-dir"),
+            };
+            let listener = tokio::net::TcpListener::bind(args.listen).await?;
+            let config = imagefleet_sharing::SharingConfig {
+                backend,
+                service_key: args.key.resolve()?,
+                catalog_url: args.catalog_url,
+            };
+            imagefleet_sharing::run(config, listener, shutdown).await
+        }
+        Command::Region(args) => {
+            let listener = tokio::net::TcpListener::bind(args.listen).await?;
+            let advertise_url = args.advertise_url.unwrap_or_else(|| {
+                format!(
+                    "http://{}",
+                    listener
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default()
+                )
+            });
+            let region = imagefleet_region::Region::open(imagefleet_region::RegionConfig {
+                region: args.region,
+                data_dir: args.data_dir,
+                advertise_url,
+                catalog_url: args.catalog_url,
+                sharing_url: args.sharing_url,
+                service_key: args.key.resolve()?,
+                image_quota: args.image_quota,
+            })?;
+            imagefleet_region::run(region, listener, shutdown).await
+        }
+    }
 }

@@ -684,6 +684,22 @@ mod tests {
         assert!(v.verify_headers(internal, &h, 1000).await.is_ok());
     }
 
+    /// The worked example of docs/auth.md.
+    #[test]
+    fn documented_example_signature() {
+        let canonical = canonical_string(
+            "/imagefleet.region.v1.RegionService/DescribeImages",
+            "region:ap-guangzhou",
+            1764218000,
+            "0123456789abcdef0123456789abcdef",
+            &body_sha256(&[]).unwrap(),
+        );
+        assert_eq!(
+            signature("secret", &canonical),
+            "b543167e18fe5969775121e2ee08d08481243accb71da7e1d7a8956fb8f94aae"
+        );
+    }
+
     #[test]
     fn body_digest_covers_messages_and_rejects_bad_framing() {
         let mut framed = vec![0u8, 0, 0, 0, 3];

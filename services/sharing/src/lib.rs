@@ -1,1 +1,82 @@
-//! stub
+//! The sharing service (global): owns the shared ownership maps (image -> owner now; image ->
+//! accounts shared with and account -> images shared with it next), in Redis or, for a quick
+//! local start without redis-server, in an embedded log.
+//!
+//! - `maps`: the maps, over either backend (`redis_maps`, `embedded`).
+//! - `service`: the gRPC service; `readiness`: health that follows the backend.
+//! - [`run`] serves it all.
+
+pub mod embedded;
+pub mod maps;
+pub mod readiness;
+pub mod redis_maps;
+pub mod service;
+
+use imagefleet_proto::sharing::v1::sharing_internal_service_server::SharingInternalServiceServer;
+use imagefleet_rpc::auth::Verifier;
+use imagefleet_rpc::client::{CatalogAccountKeys, SHARING_SCOPE};
+use imagefleet_rpc::server::{serve, ServerRoutes};
+use imagefleet_rpc::Credentials;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Where the ownership maps live.
+#[derive(Clone, Debug)]
+pub enum MapsBackend {
+    /// A Redis server, e.g. `redis://127.0.0.1:6379`.
+    Redis { url: String },
+    /// In memory, logged durably under `dir` (only when no redis-server is available).
+    Embedded { dir: PathBuf },
+}
+
+#[derive(Clone)]
+pub struct SharingConfig {
+    pub backend: MapsBackend,
+    /// The key every service credential is signed with.
+    pub service_key: String,
+    /// The catalog, where the verifier looks up account keys.
+    pub catalog_url: String,
+}
+
+impl std::fmt::Debug for SharingConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharingConfig")
+            .field("catalog_url", &self.catalog_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves `SharingInternalService` (with health and reflection) on `listener` until `shutdown`
+/// completes. Health is `NOT_SERVING` until the backend answers, and follows it afterwards.
+pub async fn run(
+    config: SharingConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let maps = maps::OwnershipMaps::open(&config.backend).await?;
+    let account_keys = CatalogAccountKeys::new(
+        &config.catalog_url,
+        Credentials::service("sharing", &config.service_key),
+    )?;
+    let verifier = Arc::new(Verifier::new(
+        SHARING_SCOPE,
+        config.service_key.clone(),
+        Arc::new(account_keys),
+    ));
+    let ServerRoutes { routes, health } = ServerRoutes::new();
+    readiness::report(&health, tonic_health::ServingStatus::NotServing).await;
+    let watcher = tokio::spawn(readiness::watch(maps.clone(), health));
+    let routes = routes.add_service(SharingInternalServiceServer::new(service::SharingApi::new(
+        maps,
+    )));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "sharing serving");
+    }
+    let served = serve(listener, routes, verifier, shutdown).await;
+    watcher.abort();
+    served?;
+    tracing::info!("sharing stopped");
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The formats of the ids the catalog keeps: image ids (`img-` + 8 lowercase alphanumerics) and
+//! account ids (12 digits), and the checks that turn a malformed one into `INVALID_ARGUMENT`.
+
+use crate::error::CatalogError;
+
+/// True for `img-` followed by exactly 8 lowercase ASCII letters or digits.
+pub fn is_image_id(value: &str) -> bool {
+    value.strip_prefix("img-").is_some_and(|rest| {
+        rest.len() == 8
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    })
+}
+
+/// True for exactly 12 ASCII digits.
+pub fn is_account_id(value: &str) -> bool {
+    value.len() == 12 && value.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `INVALID_ARGUMENT` (`InvalidImageId.Malformed`) naming `field` unless `value` is an image id.
+pub fn check_image_id(field: &'static str, value: &str) -> Result<(), CatalogError> {
+    if is_image_id(value) {
+        Ok(())
+    } else {
+        Err(CatalogError::invalid(
+            field,
+            "InvalidImageId.Malformed",
+            format!(
+                "{value:?} is not an image id (img- followed by 8 lowercase letters or digits)"
+            ),
+        ))
+    }
+}
+
+/// `INVALID_ARGUMENT` (`InvalidAccountId.Malformed`) naming `field` unless `value` is an account
+/// id.
+pub fn check_account_id(field: &'static str, value: &str) -> Result<(), CatalogError> {
+    if is_account_id(value) {
+        Ok(())
+    } else {
+        Err(CatalogError::invalid(
+            field,
+            "InvalidAccountId.Malformed",
+            format!("{value:?} is not an account id (12 digits)"),
+        ))
+    }
+}
+
+/// `INVALID_ARGUMENT` naming `field` if `value` is longer than `max` characters or holds control
+/// characters.
+pub fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), CatalogError> {
+    if value.chars().count() > max {
+        return Err(CatalogError::invalid(
+            field,
+            "InvalidParameterValue.TooLong",
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(CatalogError::invalid(
+            field,
+            "InvalidParameterValue",
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_ids() {
+        assert!(is_image_id("img-0a1b2c3d"));
+        assert!(!is_image_id("img-0A1b2c3d"));
+        assert!(!is_image_id("img-0a1b2c3"));
+        assert!(!is_image_id("img-0a1b2c3de"));
+        assert!(!is_image_id("ins-0a1b2c3d"));
+        assert!(!is_image_id("img-0a1b2c3é"));
+    }
+
+    #[test]
+    fn account_ids() {
+        assert!(is_account_id("100000000001"));
+        assert!(!is_account_id("10000000001"));
+        assert!(!is_account_id("1000000000012"));
+        assert!(!is_account_id("10000000000a"));
+    }
+}

@@ -1,0 +1,528 @@
+//! The command line: global flags, command groups and their arguments (clap derive).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Where `imagectl` looks for the cluster file when neither `--cluster` nor
+/// `IMAGEFLEET_CLUSTER` says.
+pub const DEFAULT_CLUSTER_FILE: &str = "./imagefleet-data/cluster.json";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imagectl",
+    version,
+    about = "Command-line client of imagefleet: regions, images and instances"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command accepts, before or after the subcommand.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// The cluster file (endpoints and accounts) of the cluster to talk to.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "IMAGEFLEET_CLUSTER",
+        default_value = DEFAULT_CLUSTER_FILE
+    )]
+    pub cluster: PathBuf,
+    /// The account to act as; default: the first account in the cluster file.
+    #[arg(long, global = true, value_name = "ID")]
+    pub account: Option<String>,
+    /// How to print results: aligned tables for people, or proto3 JSON.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Regions of the cluster.
+    #[command(subcommand)]
+    Regions(RegionsCommand),
+    /// Images of a region.
+    #[command(subcommand)]
+    Images(ImagesCommand),
+    /// Instances of a region.
+    #[command(subcommand)]
+    Instances(InstancesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegionsCommand {
+    /// List the regions the catalog knows, with their endpoints.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct RegionArg {
+    /// The region, e.g. ap-guangzhou.
+    #[arg(long, value_name = "REGION")]
+    pub region: String,
+}
+
+/// Offset/limit paging, or every page with `--all`.
+#[derive(Debug, Args)]
+pub struct PageArgs {
+    /// Results per page (server default 20, at most 100).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u32>,
+    /// Results to skip.
+    #[arg(long, value_name = "N")]
+    pub offset: Option<u32>,
+    /// Follow the page tokens until every result is fetched.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// List the images the account sees in a region.
+    List(ImagesList),
+    /// Show every field of one image.
+    Describe(ImagesDescribe),
+    /// Create a custom image from an instance.
+    Create(ImagesCreate),
+    /// Delete custom images.
+    Delete(ImagesDelete),
+    /// Change an image's name, description or deprecated flag.
+    Modify(ImagesModify),
+    /// Export an image's content to a local file.
+    Export(ImagesExport),
+    /// Show the account's custom-image quota in a region.
+    Quota(RegionArg),
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesList {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// Only images of this type.
+    #[arg(
+        long = "type",
+        value_name = "TYPE",
+        value_parser = ["PUBLIC_IMAGE", "PRIVATE_IMAGE", "SHARED_IMAGE"]
+    )]
+    pub image_type: Option<String>,
+    /// Only images with this name.
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    /// Only images of this platform (e.g. Ubuntu).
+    #[arg(long, value_name = "P")]
+    pub platform: Option<String>,
+    /// Only images in this state (e.g. NORMAL).
+    #[arg(long, value_name = "S")]
+    pub state: Option<String>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesDescribe {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The image id.
+    #[arg(long, value_name = "ID")]
+    pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesCreate {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The instance whose system disk becomes the image.
+    #[arg(long, value_name = "ID")]
+    pub instance: String,
+    /// The new image's name (unique per account and region).
+    #[arg(long, value_name = "N")]
+    pub name: String,
+    #[arg(long, value_name = "D")]
+    pub description: Option<String>,
+    /// Wait until the image is NORMAL (or failed), then print it.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesDelete {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The image ids, separated by commas.
+    #[arg(
+        long,
+        value_name = "ID[,ID...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub image: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesModify {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The image id.
+    #[arg(long, value_name = "ID")]
+    pub image: String,
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    #[arg(long, value_name = "D")]
+    pub description: Option<String>,
+    /// Mark the image deprecated (true) or not (false).
+    #[arg(long, value_name = "true|false")]
+    pub deprecated: Option<bool>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesExport {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The image id.
+    #[arg(long, value_name = "ID")]
+    pub image: String,
+    /// The file format written.
+    #[arg(long, value_name = "FORMAT", value_parser = ["raw"], default_value = "raw")]
+    pub format: String,
+    /// The file to write (created or truncated).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstancesCommand {
+    /// Launch instances from an image.
+    Run(InstancesRun),
+    /// List the account's instances in a region.
+    List(InstancesList),
+    /// Terminate instances.
+    Terminate(InstancesTerminate),
+    /// Reinstall an instance's system disk from an image.
+    Reset(InstancesReset),
+    /// Write a local file into an instance's system disk.
+    Write(InstancesWrite),
+    /// Read a range of an instance's system disk into a local file.
+    Read(InstancesRead),
+}
+
+#[derive(Debug, Args)]
+pub struct InstancesRun {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The image id.
+    #[arg(long, value_name = "ID")]
+    pub image: String,
+    /// The instance type, e.g. S5.MEDIUM4.
+    #[arg(long = "type", value_name = "T")]
+    pub instance_type: String,
+    /// How many instances (1 to 100).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u32>,
+    /// System disk size; default 50 GiB, at least the image's size.
+    #[arg(long, value_name = "G")]
+    pub disk_size_gib: Option<u64>,
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InstancesList {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// Only these instances (ids separated by commas).
+    #[arg(long, value_name = "ID[,ID...]", value_delimiter = ',')]
+    pub instance: Vec<String>,
+    /// Only instances launched from this image.
+    #[arg(long, value_name = "ID")]
+    pub image: Option<String>,
+    /// Only instances in this state (e.g. RUNNING).
+    #[arg(long, value_name = "S")]
+    pub state: Option<String>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InstancesTerminate {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The instance ids, separated by commas.
+    #[arg(
+        long,
+        value_name = "ID[,ID...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub instance: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InstancesReset {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The instance id.
+    #[arg(long, value_name = "ID")]
+    pub instance: String,
+    /// The image to reinstall from; default: the instance's current image.
+    #[arg(long, value_name = "ID")]
+    pub image: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InstancesWrite {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The instance id.
+    #[arg(long, value_name = "ID")]
+    pub instance: String,
+    /// Byte offset on the disk where the file's first byte goes.
+    #[arg(long, value_name = "N")]
+    pub offset: u64,
+    /// The local file to write.
+    #[arg(long, value_name = "F")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InstancesRead {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The instance id.
+    #[arg(long, value_name = "ID")]
+    pub instance: String,
+    /// Byte offset on the disk of the first byte read.
+    #[arg(long, value_name = "N")]
+    pub offset: u64,
+    /// How many bytes to read.
+    #[arg(long, value_name = "L")]
+    pub length: u64,
+    /// The local file to write (created or truncated).
+    #[arg(long, value_name = "F")]
+    pub out: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("imagectl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_before_or_after_the_subcommand() {
+        let before = parse(&[
+            "--cluster",
+            "/tmp/c.json",
+            "--account",
+            "100000000002",
+            "--output",
+            "json",
+            "images",
+            "list",
+            "--region",
+            "ap-guangzhou",
+        ])
+        .expect("parses");
+        let after = parse(&[
+            "images",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--output",
+            "json",
+            "--account",
+            "100000000002",
+            "--cluster",
+            "/tmp/c.json",
+        ])
+        .expect("parses");
+        for cli in [before, after] {
+            assert_eq!(cli.global.cluster, PathBuf::from("/tmp/c.json"));
+            assert_eq!(cli.global.account.as_deref(), Some("100000000002"));
+            assert_eq!(cli.global.output, OutputFormat::Json);
+        }
+    }
+
+    #[test]
+    fn output_defaults_to_table() {
+        let cli = parse(&["regions", "list"]).expect("parses");
+        assert_eq!(cli.global.output, OutputFormat::Table);
+        assert_eq!(cli.global.account, None);
+    }
+
+    #[test]
+    fn images_list_takes_filters_and_paging() {
+        let cli = parse(&[
+            "images",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--type",
+            "PRIVATE_IMAGE",
+            "--name",
+            "web",
+            "--platform",
+            "Ubuntu",
+            "--state",
+            "NORMAL",
+            "--limit",
+            "5",
+            "--offset",
+            "10",
+            "--all",
+        ])
+        .expect("parses");
+        let Command::Images(ImagesCommand::List(list)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(list.region.region, "ap-guangzhou");
+        assert_eq!(list.image_type.as_deref(), Some("PRIVATE_IMAGE"));
+        assert_eq!(list.name.as_deref(), Some("web"));
+        assert_eq!(list.platform.as_deref(), Some("Ubuntu"));
+        assert_eq!(list.state.as_deref(), Some("NORMAL"));
+        assert_eq!(list.page.limit, Some(5));
+        assert_eq!(list.page.offset, Some(10));
+        assert!(list.page.all);
+    }
+
+    #[test]
+    fn unknown_image_types_are_usage_errors() {
+        let err = parse(&[
+            "images",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--type",
+            "OTHER",
+        ])
+        .expect_err("rejected");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn id_lists_split_on_commas() {
+        let cli = parse(&[
+            "images",
+            "delete",
+            "--region",
+            "ap-guangzhou",
+            "--image",
+            "img-aaaaaaaa,img-bbbbbbbb",
+        ])
+        .expect("parses");
+        let Command::Images(ImagesCommand::Delete(delete)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(delete.image, ["img-aaaaaaaa", "img-bbbbbbbb"]);
+    }
+
+    #[test]
+    fn delete_needs_an_image() {
+        let err = parse(&["images", "delete", "--region", "ap-guangzhou"]).expect_err("rejected");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn deprecated_takes_true_or_false() {
+        for (value, expected) in [("true", true), ("false", false)] {
+            let cli = parse(&[
+                "images",
+                "modify",
+                "--region",
+                "ap-guangzhou",
+                "--image",
+                "img-aaaaaaaa",
+                "--deprecated",
+                value,
+            ])
+            .expect("parses");
+            let Command::Images(ImagesCommand::Modify(modify)) = cli.command else {
+                panic!("wrong command: {:?}", cli.command);
+            };
+            assert_eq!(modify.deprecated, Some(expected));
+            assert_eq!(modify.name, None);
+        }
+        assert!(parse(&[
+            "images",
+            "modify",
+            "--region",
+            "r",
+            "--image",
+            "img-aaaaaaaa",
+            "--deprecated",
+            "maybe",
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn instances_run_takes_its_sizes() {
+        let cli = parse(&[
+            "instances",
+            "run",
+            "--region",
+            "ap-guangzhou",
+            "--image",
+            "img-aaaaaaaa",
+            "--type",
+            "S5.MEDIUM4",
+            "--count",
+            "3",
+            "--disk-size-gib",
+            "60",
+            "--name",
+            "web",
+        ])
+        .expect("parses");
+        let Command::Instances(InstancesCommand::Run(run)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(run.instance_type, "S5.MEDIUM4");
+        assert_eq!(run.count, Some(3));
+        assert_eq!(run.disk_size_gib, Some(60));
+        assert_eq!(run.name.as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn export_accepts_raw_only() {
+        let args = |format: &'static str| {
+            [
+                "images",
+                "export",
+                "--region",
+                "ap-guangzhou",
+                "--image",
+                "img-aaaaaaaa",
+                "--format",
+                format,
+                "--out",
+                "/tmp/x.raw",
+            ]
+        };
+        assert!(parse(&args("raw")).is_ok());
+        assert!(parse(&args("qcow2")).is_err());
+    }
+
+    #[test]
+    fn a_missing_region_is_a_usage_error() {
+        let err = parse(&["images", "quota"]).expect_err("rejected");
+        assert_eq!(err.exit_code(), 2);
+    }
+}

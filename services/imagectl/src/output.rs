@@ -1,0 +1,245 @@
+//! How results are printed: aligned tables for people, proto3 JSON for programs.
+
+use crate::error::{CliError, Result};
+use prost_reflect::{DynamicMessage, SerializeOptions};
+
+/// A prost message that knows its full proto name, so it can be rendered as proto3 JSON
+/// through the descriptor pool.
+pub trait ProtoMessage: prost::Message {
+    const FULL_NAME: &'static str;
+}
+
+macro_rules! proto_messages {
+    ($package:literal, $module:ident: $($message:ident),* $(,)?) => {
+        $(
+            impl ProtoMessage for $module::$message {
+                const FULL_NAME: &'static str = concat!($package, ".", stringify!($message));
+            }
+        )*
+    };
+}
+
+use imagefleet_proto::catalog::v1 as catalog;
+use imagefleet_proto::region::v1 as region;
+
+proto_messages!("imagefleet.catalog.v1", catalog: DescribeRegionsResponse);
+proto_messages!(
+    "imagefleet.region.v1",
+    region: Image,
+    DescribeImagesResponse,
+    DescribeImageQuotaResponse,
+    ModifyImageAttributeResponse,
+    DeleteImagesResponse,
+    CreateImageResponse,
+    RunInstancesResponse,
+    DescribeInstancesResponse,
+    TerminateInstancesResponse,
+    ResetInstanceResponse,
+);
+
+/// A message as proto3 JSON: enum values by name, every field present (defaults included).
+pub fn json_value<M: ProtoMessage>(message: &M) -> Result<serde_json::Value> {
+    let descriptor = imagefleet_proto::descriptor_pool()
+        .get_message_by_name(M::FULL_NAME)
+        .ok_or_else(|| {
+            CliError::Failed(format!("no descriptor for {} in the pool", M::FULL_NAME))
+        })?;
+    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .map_err(|e| CliError::Failed(format!("cannot re-decode {}: {e}", M::FULL_NAME)))?;
+    let options = SerializeOptions::new().skip_default_fields(false);
+    dynamic
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| CliError::Failed(format!("cannot render {} as JSON: {e}", M::FULL_NAME)))
+}
+
+/// A JSON value as the one document printed on stdout.
+pub fn json_document(value: &serde_json::Value) -> String {
+    // Serializing a `Value` to a string cannot fail (its map keys are strings).
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    text.push('\n');
+    text
+}
+
+/// A message as the one JSON document printed on stdout.
+pub fn json<M: ProtoMessage>(message: &M) -> Result<String> {
+    Ok(json_document(&json_value(message)?))
+}
+
+/// A table with a header row and columns padded to their widest cell. Empty cells print as
+/// `-` so that every row splits into the same number of words.
+#[derive(Debug)]
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Self {
+        Table {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let columns = self
+            .rows
+            .iter()
+            .map(Vec::len)
+            .chain(std::iter::once(self.header.len()))
+            .max()
+            .unwrap_or(0);
+        let cell = |row: &[String], i: usize| -> String {
+            match row.get(i).map(|c| c.as_str()) {
+                None | Some("") => "-".to_string(),
+                Some(text) => text.to_string(),
+            }
+        };
+        let all_rows = std::iter::once(&self.header).chain(self.rows.iter());
+        let mut widths = vec![0usize; columns];
+        for row in all_rows.clone() {
+            for (i, width) in widths.iter_mut().enumerate() {
+                *width = (*width).max(cell(row, i).chars().count());
+            }
+        }
+        let mut out = String::new();
+        for row in all_rows {
+            let mut line = String::new();
+            for (i, width) in widths.iter().enumerate() {
+                let text = cell(row, i);
+                if i + 1 == columns {
+                    line.push_str(&text);
+                } else {
+                    line.push_str(&text);
+                    let pad = width - text.chars().count() + 2;
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Fields shown one per line (`NAME  value`), for a single object's every field.
+pub fn fields(pairs: &[(&str, String)]) -> String {
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (key, value) in pairs {
+        let value = if value.is_empty() { "-" } else { value };
+        out.push_str(&format!("{key:<width$}  {value}\n"));
+    }
+    out
+}
+
+/// The name of an enum value (`NORMAL`), or its number if this client does not know it.
+pub fn enum_name<E>(value: i32, name: impl Fn(&E) -> &'static str) -> String
+where
+    E: TryFrom<i32>,
+{
+    E::try_from(value)
+        .map(|e| name(&e).to_string())
+        .unwrap_or_else(|_| value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use region::{DescribeImagesResponse, Image, ImageState, ImageType};
+
+    #[test]
+    fn tables_align_their_columns() {
+        let mut table = Table::new(&["IMAGE_ID", "NAME", "STATE"]);
+        table.row(vec!["img-aaaaaaaa".into(), "a".into(), "NORMAL".into()]);
+        table.row(vec!["img-b".into(), "".into(), "CREATING".into()]);
+        assert_eq!(
+            table.render(),
+            "IMAGE_ID      NAME  STATE\n\
+             img-aaaaaaaa  a     NORMAL\n\
+             img-b         -     CREATING\n"
+        );
+    }
+
+    #[test]
+    fn an_empty_table_is_its_header() {
+        let table = Table::new(&["A", "BB"]);
+        assert_eq!(table.render(), "A  BB\n");
+    }
+
+    #[test]
+    fn fields_align_their_values() {
+        assert_eq!(
+            fields(&[("ID", "img-1".into()), ("STATE", String::new())]),
+            "ID     img-1\nSTATE  -\n"
+        );
+    }
+
+    #[test]
+    fn json_uses_enum_names_and_keeps_defaults() {
+        let response = DescribeImagesResponse {
+            image_set: vec![Image {
+                image_id: "img-aaaaaaaa".into(),
+                image_state: ImageState::Normal as i32,
+                image_type: ImageType::PrivateImage as i32,
+                virtual_size_bytes: 1 << 30,
+                ..Default::default()
+            }],
+            total_count: 1,
+            next_page_token: String::new(),
+        };
+        let value = json_value(&response).expect("renders");
+        let image = &value["imageSet"][0];
+        assert_eq!(image["imageId"], "img-aaaaaaaa");
+        assert_eq!(image["imageState"], "NORMAL");
+        assert_eq!(image["imageType"], "PRIVATE_IMAGE");
+        assert_eq!(image["imageSource"], "IMAGE_SOURCE_UNSPECIFIED");
+        assert_eq!(image["imageName"], "");
+        assert_eq!(image["syncPercent"], 0);
+        assert_eq!(image["virtualSizeBytes"], "1073741824");
+        assert_eq!(value["totalCount"], 1);
+        assert_eq!(value["nextPageToken"], "");
+    }
+
+    #[test]
+    fn json_is_one_document() {
+        let text = json(&region::DeleteImagesResponse {}).expect("renders");
+        assert_eq!(text, "{}\n");
+        let parsed: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert!(parsed.is_object());
+    }
+
+    #[test]
+    fn every_named_message_is_in_the_pool() {
+        fn check<M: ProtoMessage>() {
+            assert!(
+                imagefleet_proto::descriptor_pool()
+                    .get_message_by_name(M::FULL_NAME)
+                    .is_some(),
+                "{}",
+                M::FULL_NAME
+            );
+        }
+        check::<catalog::DescribeRegionsResponse>();
+        check::<Image>();
+        check::<DescribeImagesResponse>();
+        check::<region::DescribeImageQuotaResponse>();
+        check::<region::ModifyImageAttributeResponse>();
+        check::<region::DeleteImagesResponse>();
+        check::<region::CreateImageResponse>();
+        check::<region::RunInstancesResponse>();
+        check::<region::DescribeInstancesResponse>();
+        check::<region::TerminateInstancesResponse>();
+        check::<region::ResetInstanceResponse>();
+    }
+
+    #[test]
+    fn unknown_enum_numbers_print_as_numbers() {
+        assert_eq!(enum_name(2, ImageState::as_str_name), "NORMAL");
+        assert_eq!(enum_name(99, ImageState::as_str_name), "99");
+    }
+}

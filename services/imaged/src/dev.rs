@@ -1,0 +1,334 @@
+//! `imaged dev`: a whole local cluster in one process. Each service gets its own 127.0.0.1
+//! listener; Redis is the one given, else a `redis-server` child process (AOF on, files in the
+//! data directory), else the embedded fallback. Writes `cluster.json` and prints a `ready` line
+//! once every service answers health checks.
+
+use clap::Args;
+use imagefleet_rpc::cluster::{AccountEntry, ClusterFile, RegionEndpoint, ServiceEndpoint};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Where every service keeps its data, and where cluster.json is written.
+    #[arg(long, env = "IMAGEFLEET_DATA_DIR", default_value = "./imagefleet-data")]
+    data_dir: PathBuf,
+    /// First port: catalog on N, sharing on N+1, Redis on N+9, regions on N+10, N+11, ...
+    /// 0 picks free ports.
+    #[arg(long, default_value_t = 7100)]
+    base_port: u16,
+    /// Regions to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ap-guangzhou,ap-shanghai,ap-singapore"
+    )]
+    regions: Vec<String>,
+    /// Use this Redis instead of starting one.
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+}
+
+fn port(base: u16, offset: u16) -> u16 {
+    if base == 0 {
+        0
+    } else {
+        base.saturating_add(offset)
+    }
+}
+
+async fn bind(port: u16) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+fn url(listener: &TcpListener) -> anyhow::Result<String> {
+    Ok(format!("http://{}", listener.local_addr()?))
+}
+
+/// The cluster's service key, made once and kept in the data directory.
+fn service_key(dir: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let path = dir.join("service.key");
+    if let Ok(key) = std::fs::read_to_string(&path) {
+        let key = key.trim().to_string();
+        if !key.is_empty() {
+            return Ok((key, path));
+        }
+    }
+    let key = hex::encode(rand::random::<[u8; 32]>());
+    imagefleet_rpc::fsutil::write_durably(&path, key.as_bytes())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok((key, path))
+}
+
+/// A Redis child process; stopped when dropped.
+struct RedisChild {
+    child: tokio::process::Child,
+}
+
+impl RedisChild {
+    async fn start(dir: &Path, port: u16) -> anyhow::Result<(RedisChild, String)> {
+        let port = if port == 0 {
+            // Let the kernel pick, then hand the port to redis-server.
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        } else {
+            port
+        };
+        std::fs::create_dir_all(dir)?;
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"])
+            .arg(dir)
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--protected-mode",
+                "yes",
+            ])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let url = format!("redis://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                tracing::info!(%url, dir = %dir.display(), "redis-server started (AOF, appendfsync always)");
+                return Ok((RedisChild { child }, url));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("redis-server did not start listening on port {port}")
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SIGTERM lets Redis flush its AOF and exit cleanly.
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+            if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// Waits until every endpoint answers gRPC health with SERVING.
+async fn wait_healthy(endpoints: &[String]) -> anyhow::Result<()> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    for endpoint in endpoints {
+        let channel = imagefleet_rpc::client::endpoint(endpoint)?.connect_lazy();
+        let mut client = HealthClient::new(channel);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let serving = client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| {
+                    r.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                })
+                .unwrap_or(false);
+            if serving {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("{endpoint} did not become healthy");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if args.regions.is_empty() {
+        anyhow::bail!("give at least one region");
+    }
+    let dir = args.data_dir.clone();
+    std::fs::create_dir_all(&dir)?;
+    let (key, key_file) = service_key(&dir)?;
+
+    let catalog_listener = bind(port(args.base_port, 0)).await?;
+    let sharing_listener = bind(port(args.base_port, 1)).await?;
+    let mut region_listeners = Vec::new();
+    for (i, _) in args.regions.iter().enumerate() {
+        region_listeners.push(bind(port(args.base_port, 10 + i as u16)).await?);
+    }
+    let catalog_url = url(&catalog_listener)?;
+    let sharing_url = url(&sharing_listener)?;
+
+    let (redis_child, backend, redis_url) = match args.redis_url.clone() {
+        Some(url) => (
+            None,
+            imagefleet_sharing::MapsBackend::Redis { url: url.clone() },
+            url,
+        ),
+        None if on_path("redis-server") => {
+            let (child, url) =
+                RedisChild::start(&dir.join("redis"), port(args.base_port, 9)).await?;
+            (
+                Some(child),
+                imagefleet_sharing::MapsBackend::Redis { url: url.clone() },
+                url,
+            )
+        }
+        None => {
+            tracing::warn!("no redis-server on PATH: using the embedded ownership maps (install Redis for the real thing)");
+            let maps = dir.join("maps");
+            (
+                None,
+                imagefleet_sharing::MapsBackend::Embedded { dir: maps },
+                "embedded".to_string(),
+            )
+        }
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let catalog = imagefleet_catalog::Catalog::open(imagefleet_catalog::CatalogConfig {
+        data_dir: dir.join("catalog"),
+        service_key: key.clone(),
+    })?;
+    let mut accounts = catalog.accounts()?;
+    if accounts.is_empty() {
+        for name in ["demo-a", "demo-b"] {
+            catalog.create_account(None, name)?;
+        }
+        accounts = catalog.accounts()?;
+    }
+    tasks.spawn(imagefleet_catalog::run(
+        catalog,
+        catalog_listener,
+        stopped(stop_rx.clone()),
+    ));
+    tasks.spawn(imagefleet_sharing::run(
+        imagefleet_sharing::SharingConfig {
+            backend,
+            service_key: key.clone(),
+            catalog_url: catalog_url.clone(),
+        },
+        sharing_listener,
+        stopped(stop_rx.clone()),
+    ));
+    let mut region_endpoints = Vec::new();
+    for (name, listener) in args.regions.iter().zip(region_listeners) {
+        let endpoint = url(&listener)?;
+        let region = imagefleet_region::Region::open(imagefleet_region::RegionConfig {
+            region: name.clone(),
+            data_dir: dir.join("regions").join(name),
+            advertise_url: endpoint.clone(),
+            catalog_url: catalog_url.clone(),
+            sharing_url: sharing_url.clone(),
+            service_key: key.clone(),
+            image_quota: 500,
+        })?;
+        tasks.spawn(imagefleet_region::run(
+            region,
+            listener,
+            stopped(stop_rx.clone()),
+        ));
+        region_endpoints.push(RegionEndpoint {
+            region: name.clone(),
+            endpoint,
+        });
+    }
+
+    let cluster = ClusterFile {
+        catalog: ServiceEndpoint {
+            endpoint: catalog_url.clone(),
+        },
+        sharing: ServiceEndpoint {
+            endpoint: sharing_url.clone(),
+        },
+        regions: region_endpoints.clone(),
+        accounts: accounts
+            .iter()
+            .map(|a| AccountEntry {
+                account_id: a.account_id.clone(),
+                name: a.name.clone(),
+                secret_id: a.secret_id.clone(),
+                secret_key: a.secret_key.clone(),
+            })
+            .collect(),
+        redis_url,
+        service_key_file: key_file.display().to_string(),
+    };
+    let cluster_path = dir.join("cluster.json");
+    cluster.store(&cluster_path)?;
+
+    let mut endpoints = vec![catalog_url.clone(), sharing_url.clone()];
+    endpoints.extend(region_endpoints.iter().map(|r| r.endpoint.clone()));
+    let shutdown = imagefleet_rpc::server::shutdown_signal();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        ready = wait_healthy(&endpoints) => {
+            ready?;
+            let regions: Vec<String> = region_endpoints.iter().map(|r| format!("{}={}", r.region, r.endpoint)).collect();
+            println!(
+                "imagefleet cluster ready: catalog={catalog_url} sharing={sharing_url} {} cluster={}",
+                regions.join(" "),
+                cluster_path.display()
+            );
+            tracing::info!(cluster = %cluster_path.display(), "cluster ready");
+        }
+        _ = &mut shutdown => {}
+        Some(done) = tasks.join_next() => {
+            anyhow::bail!("a service stopped during start-up: {:?}", done.map(|r| r.map_err(|e| e.to_string())));
+        }
+    }
+
+    let mut failure = None;
+    tokio::select! {
+        _ = &mut shutdown => {}
+        Some(done) = tasks.join_next() => {
+            failure = Some(format!("{:?}", done.map(|r| r.map_err(|e| format!("{e:#}")))));
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(e)) = done {
+            tracing::warn!(error = format!("{e:#}"), "service stopped with an error");
+        }
+    }
+    if let Some(redis) = redis_child {
+        redis.stop().await;
+    }
+    tracing::info!("cluster stopped");
+    match failure {
+        Some(f) => anyhow::bail!("a service stopped unexpectedly: {f}"),
+        None => Ok(()),
+    }
+}

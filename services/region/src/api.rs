@@ -1,0 +1,690 @@
+//! The account-facing `RegionService` handlers: check the input (`validate`), check what the
+//! caller may see and do, then act on the store. Another account's private image or instance
+//! does not exist for the caller (`NOT_FOUND`).
+
+use crate::store::{ImageChanges, ImageRow, InstanceRow};
+use crate::{blocking, catalogue, disk, validate, Region};
+use imagefleet_chunkstore::CHUNK_SIZE;
+use imagefleet_proto::error::{self, invalid_argument};
+use imagefleet_proto::region::v1::region_service_server::RegionService;
+use imagefleet_proto::region::v1::*;
+use imagefleet_rpc::auth::account_id;
+use imagefleet_rpc::time::{rfc3339, unix_now};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status};
+
+const GIB: u64 = 1 << 30;
+const DEFAULT_SYSTEM_DISK_GIB: u64 = 50;
+const MAX_SYSTEM_DISK_GIB: u64 = 2048;
+const MAX_INSTANCES_PER_CALL: u32 = 100;
+
+pub struct RegionApi {
+    region: Arc<Region>,
+}
+
+impl RegionApi {
+    pub fn new(region: Arc<Region>) -> Self {
+        RegionApi { region }
+    }
+}
+
+fn random_id(prefix: &str) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let suffix: String = (0..8)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}-{suffix}")
+}
+
+fn not_found(reason: &str, id: &str) -> Status {
+    error::status(Code::NotFound, reason, format!("{id} does not exist"))
+}
+
+fn enum_name<E: Into<i32>>(value: E, name: impl Fn(i32) -> Option<&'static str>) -> String {
+    name(value.into()).unwrap_or_default().to_string()
+}
+
+fn image_state(state: &str) -> ImageState {
+    ImageState::from_str_name(state).unwrap_or(ImageState::Unspecified)
+}
+
+/// The image as `caller` sees it.
+fn image_message(row: &ImageRow, caller: &str, region: &str) -> Image {
+    let image_type = if row.owner.is_empty() {
+        ImageType::PublicImage
+    } else if row.owner == caller {
+        ImageType::PrivateImage
+    } else {
+        ImageType::SharedImage
+    };
+    Image {
+        image_id: row.image_id.clone(),
+        image_name: row.name.clone(),
+        image_description: row.description.clone(),
+        image_type: image_type.into(),
+        image_source: ImageSource::from_str_name(&row.source)
+            .unwrap_or(ImageSource::Unspecified)
+            .into(),
+        image_state: image_state(&row.state).into(),
+        state_reason: row.state_reason.clone(),
+        os_name: row.os_name.clone(),
+        platform: row.platform.clone(),
+        architecture: row.architecture.clone(),
+        image_size_gib: row.virtual_size.div_ceil(GIB),
+        virtual_size_bytes: row.virtual_size,
+        created_time: rfc3339(row.created_at),
+        image_creator: row.owner.clone(),
+        snapshot_set: row
+            .snapshot_id
+            .iter()
+            .map(|id| Snapshot {
+                snapshot_id: id.clone(),
+                disk_size_bytes: row.virtual_size,
+                stored_bytes: row.stored_bytes,
+            })
+            .collect(),
+        license_type: row.license_type.clone(),
+        sync_percent: row.sync_percent,
+        lineage: Some(Lineage {
+            parent_image_id: row.parent_image_id.clone(),
+            parent_region: row.parent_region.clone(),
+            ultimate_source_image_id: row.root_image_id.clone(),
+            ultimate_source_paid: row.root_paid,
+        }),
+        content_digest: row.content_digest.clone(),
+        is_deprecated: row.deprecated,
+        region: region.to_string(),
+    }
+}
+
+fn instance_message(row: &InstanceRow, region: &str) -> Instance {
+    Instance {
+        instance_id: row.instance_id.clone(),
+        instance_name: row.name.clone(),
+        instance_type: row.instance_type.clone(),
+        cpu: row.cpu,
+        memory_gib: row.memory_gib,
+        image_id: row.image_id.clone(),
+        instance_state: InstanceState::from_str_name(&row.state)
+            .unwrap_or(InstanceState::Unspecified)
+            .into(),
+        system_disk: Some(SystemDisk {
+            disk_size_gib: row.disk_size / GIB,
+        }),
+        created_time: rfc3339(row.created_at),
+        region: region.to_string(),
+        owner: row.owner.clone(),
+    }
+}
+
+const IMAGE_FILTERS: &[&str] = &[
+    "image-id",
+    "image-type",
+    "image-name",
+    "platform",
+    "image-state",
+];
+const INSTANCE_FILTERS: &[&str] = &["instance-id", "instance-name", "instance-state", "image-id"];
+
+impl RegionApi {
+    /// An image the caller can see, or `NOT_FOUND`.
+    async fn visible_image(&self, image_id: &str, caller: &str) -> Result<ImageRow, Status> {
+        let store = self.region.store.clone();
+        let id = image_id.to_string();
+        let image = blocking(move || store.image(&id)).await?;
+        image
+            .filter(|i| i.owner.is_empty() || i.owner == caller)
+            .ok_or_else(|| not_found("InvalidImageId.NotFound", image_id))
+    }
+
+    /// An instance of the caller, or `NOT_FOUND`.
+    async fn own_instance(&self, instance_id: &str, caller: &str) -> Result<InstanceRow, Status> {
+        let store = self.region.store.clone();
+        let id = instance_id.to_string();
+        let instance = blocking(move || store.instance(&id)).await?;
+        instance
+            .filter(|i| i.owner == caller)
+            .ok_or_else(|| not_found("InvalidInstanceId.NotFound", instance_id))
+    }
+
+    fn disk_lock(&self, instance_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .region
+            .disk_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if locks.len() > 10_000 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(instance_id.to_string()).or_default().clone()
+    }
+}
+
+type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportImageChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RegionService for RegionApi {
+    async fn describe_images(
+        &self,
+        request: Request<DescribeImagesRequest>,
+    ) -> Result<Response<DescribeImagesResponse>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        if !req.image_ids.is_empty() && !req.filters.is_empty() {
+            return Err(invalid_argument(
+                "image_ids",
+                "InvalidParameter.InvalidParameterCoexistImageIdsFilters",
+                "give image_ids or filters, not both",
+            ));
+        }
+        validate::id_list("image_ids", &req.image_ids, validate::image_id)?;
+        validate::filters(&req.filters, IMAGE_FILTERS)?;
+        let (offset, limit) = validate::page(req.offset, req.limit, &req.page_token)?;
+        let store = self.region.store.clone();
+        let owner = caller.clone();
+        let rows = blocking(move || store.visible_images(&owner)).await?;
+        let region = self.region.name().to_string();
+        let matching: Vec<Image> = if req.image_ids.is_empty() {
+            rows.iter()
+                .map(|r| image_message(r, &caller, &region))
+                .filter(|image| {
+                    validate::matches(&req.filters, |name| match name {
+                        "image-id" => image.image_id.clone(),
+                        "image-type" => enum_name(image.image_type, |v| {
+                            ImageType::try_from(v).ok().map(|t| t.as_str_name())
+                        }),
+                        "image-name" => image.image_name.clone(),
+                        "platform" => image.platform.clone(),
+                        "image-state" => enum_name(image.image_state, |v| {
+                            ImageState::try_from(v).ok().map(|t| t.as_str_name())
+                        }),
+                        _ => String::new(),
+                    })
+                })
+                .collect()
+        } else {
+            let mut found = Vec::with_capacity(req.image_ids.len());
+            for id in &req.image_ids {
+                let row = rows
+                    .iter()
+                    .find(|r| &r.image_id == id)
+                    .ok_or_else(|| not_found("InvalidImageId.NotFound", id))?;
+                found.push(image_message(row, &caller, &region));
+            }
+            found
+        };
+        let total = matching.len();
+        let image_set = matching.into_iter().skip(offset).take(limit).collect();
+        Ok(Response::new(DescribeImagesResponse {
+            image_set,
+            total_count: total as u32,
+            next_page_token: validate::next_page_token(offset, limit, total),
+        }))
+    }
+
+    async fn describe_image_quota(
+        &self,
+        request: Request<DescribeImageQuotaRequest>,
+    ) -> Result<Response<DescribeImageQuotaResponse>, Status> {
+        let caller = account_id(&request)?;
+        let store = self.region.store.clone();
+        let used = blocking(move || store.custom_image_count(&caller)).await?;
+        Ok(Response::new(DescribeImageQuotaResponse {
+            image_num_quota: self.region.config.image_quota,
+            image_num_used: used,
+        }))
+    }
+
+    async fn modify_image_attribute(
+        &self,
+        request: Request<ModifyImageAttributeRequest>,
+    ) -> Result<Response<ModifyImageAttributeResponse>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        validate::image_id("image_id", &req.image_id)?;
+        if let Some(name) = &req.image_name {
+            validate::image_name("image_name", name)?;
+        }
+        if let Some(text) = &req.image_description {
+            validate::description("image_description", text)?;
+        }
+        if req.image_name.is_none()
+            && req.image_description.is_none()
+            && req.is_deprecated.is_none()
+        {
+            return Err(invalid_argument(
+                "image_name",
+                "MissingParameter",
+                "give at least one of image_name, image_description, is_deprecated",
+            ));
+        }
+        let changes = ImageChanges {
+            name: req.image_name,
+            description: req.image_description,
+            deprecated: req.is_deprecated,
+        };
+        let store = self.region.store.clone();
+        blocking(move || store.modify_image(&req.image_id, &caller, &changes)).await?;
+        Ok(Response::new(ModifyImageAttributeResponse {}))
+    }
+
+    async fn delete_images(
+        &self,
+        request: Request<DeleteImagesRequest>,
+    ) -> Result<Response<DeleteImagesResponse>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        if req.image_ids.is_empty() {
+            return Err(invalid_argument(
+                "image_ids",
+                "MissingParameter",
+                "give at least one image id",
+            ));
+        }
+        validate::id_list("image_ids", &req.image_ids, validate::image_id)?;
+        let store = self.region.store.clone();
+        let ids = req.image_ids.clone();
+        let images = blocking(move || store.begin_delete(&ids, &caller)).await?;
+        for image in images {
+            if let Err(status) = self.region.finish_delete(&image.image_id).await {
+                tracing::warn!(image = %image.image_id, error = %status.message(), "delete continues in the background");
+                let region = self.region.clone();
+                tokio::spawn(async move {
+                    region
+                        .retry("finish image deletion", || {
+                            region.finish_delete(&image.image_id)
+                        })
+                        .await
+                });
+            }
+        }
+        Ok(Response::new(DeleteImagesResponse {}))
+    }
+
+    async fn create_image(
+        &self,
+        request: Request<CreateImageRequest>,
+    ) -> Result<Response<CreateImageResponse>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        validate::instance_id("instance_id", &req.instance_id)?;
+        validate::image_name("image_name", &req.image_name)?;
+        validate::description("image_description", &req.image_description)?;
+        let image_id = random_id("img");
+        let row = ImageRow {
+            image_id: image_id.clone(),
+            owner: caller.clone(),
+            name: req.image_name,
+            description: req.image_description,
+            image_type: "PRIVATE_IMAGE".into(),
+            source: "CREATE_IMAGE".into(),
+            state: "CREATING".into(),
+            created_at: unix_now(),
+            snapshot_id: Some(random_id("snap")),
+            parent_region: self.region.name().to_string(),
+            ..Default::default()
+        };
+        let store = self.region.store.clone();
+        let quota = self.region.config.image_quota;
+        let instance_id = req.instance_id.clone();
+        blocking(move || store.create_image_from_instance(&instance_id, &caller, row, quota))
+            .await?;
+        let region = self.region.clone();
+        let id = image_id.clone();
+        tokio::spawn(async move {
+            region
+                .retry("finish image creation", || region.finish_create(&id))
+                .await
+        });
+        Ok(Response::new(CreateImageResponse { image_id }))
+    }
+
+    type ExportImageStream = ExportStream;
+
+    async fn export_image(
+        &self,
+        request: Request<ExportImageRequest>,
+    ) -> Result<Response<Self::ExportImageStream>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        validate::image_id("image_id", &req.image_id)?;
+        match ExportFormat::try_from(req.format) {
+            Ok(ExportFormat::Raw | ExportFormat::Unspecified) => {}
+            _ => {
+                return Err(invalid_argument(
+                    "format",
+                    "InvalidParameterValue.Format",
+                    "only RAW export is supported",
+                ))
+            }
+        }
+        let image = self.visible_image(&req.image_id, &caller).await?;
+        if image.owner.is_empty() {
+            return Err(error::status(
+                Code::FailedPrecondition,
+                "UnsupportedOperation.PublicImageExportUnsupported",
+                "public images cannot be exported",
+            ));
+        }
+        if image.platform == "Windows" {
+            return Err(error::status(
+                Code::FailedPrecondition,
+                "UnsupportedOperation.WindowsImageExportUnsupported",
+                "Windows images cannot be exported",
+            ));
+        }
+        if image.state != "NORMAL" {
+            return Err(crate::store::incorrect_state(&image));
+        }
+        let store = self.region.store.clone();
+        let chunks = self.region.chunks.clone();
+        let snapshot = image.snapshot_id.clone().unwrap_or_default();
+        let manifest = blocking(move || store.snapshot_manifest(&snapshot)).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            for (idx, digest) in manifest {
+                let offset = idx * CHUNK_SIZE as u64;
+                let message = chunks.get(&digest).map_err(disk::io_error).map(|mut data| {
+                    data.truncate(
+                        image
+                            .virtual_size
+                            .saturating_sub(offset)
+                            .min(CHUNK_SIZE as u64) as usize,
+                    );
+                    ExportImageChunk {
+                        offset,
+                        data,
+                        virtual_size_bytes: image.virtual_size,
+                        content_digest: image.content_digest.clone(),
+                    }
+                });
+                let failed = message.is_err();
+                if tx.blocking_send(message).is_err() || failed {
+                    return;
+                }
+            }
+            // An image of zeros still tells the client its size.
+            let _ = tx.blocking_send(Ok(ExportImageChunk {
+                offset: image.virtual_size,
+                data: Default::default(),
+                virtual_size_bytes: image.virtual_size,
+                content_digest: image.content_digest.clone(),
+            }));
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn run_instances(
+        &self,
+        request: Request<RunInstancesRequest>,
+    ) -> Result<Response<RunInstancesResponse>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        validate::image_id("image_id", &req.image_id)?;
+        let instance_type = catalogue::instance_type(&req.instance_type).ok_or_else(|| {
+            invalid_argument(
+                "instance_type",
+                "InvalidInstanceType.Malformed",
+                format!("unknown instance type {:?}", req.instance_type),
+            )
+        })?;
+        let count = if req.instance_count == 0 {
+            1
+        } else {
+            req.instance_count
+        };
+        if count > MAX_INSTANCES_PER_CALL {
+            return Err(invalid_argument(
+                "instance_count",
+                "InvalidParameterValue.LimitExceeded",
+                format!("at most {MAX_INSTANCES_PER_CALL} instances per call"),
+            ));
+        }
+        if req.instance_name.chars().count() > validate::MAX_NAME_CHARS {
+            return Err(invalid_argument(
+                "instance_name",
+                "InvalidParameterValue.TooLong",
+                format!(
+                    "instance names are at most {} characters",
+                    validate::MAX_NAME_CHARS
+                ),
+            ));
+        }
+        if req.system_disk_size_gib > MAX_SYSTEM_DISK_GIB {
+            return Err(invalid_argument(
+                "system_disk_size_gib",
+                "InvalidParameterValue.DiskSizeTooLarge",
+                format!("system disks are at most {MAX_SYSTEM_DISK_GIB} GiB"),
+            ));
+        }
+        let image = self.visible_image(&req.image_id, &caller).await?;
+        if image.state != "NORMAL" {
+            return Err(crate::store::incorrect_state(&image));
+        }
+        let image_gib = image.virtual_size.div_ceil(GIB);
+        let disk_gib = match req.system_disk_size_gib {
+            0 => DEFAULT_SYSTEM_DISK_GIB.max(image_gib),
+            g if g < image_gib => {
+                return Err(invalid_argument(
+                    "system_disk_size_gib",
+                    "InvalidParameterValue.InsufficientSystemDiskSize",
+                    format!("the image needs a system disk of at least {image_gib} GiB"),
+                ))
+            }
+            g => g,
+        };
+        let now = unix_now();
+        let base_name = if req.instance_name.is_empty() {
+            "unnamed".to_string()
+        } else {
+            req.instance_name.clone()
+        };
+        let instances: Vec<InstanceRow> = (0..count)
+            .map(|i| InstanceRow {
+                instance_id: random_id("ins"),
+                owner: caller.clone(),
+                name: if count == 1 {
+                    base_name.clone()
+                } else {
+                    format!("{base_name}-{}", i + 1)
+                },
+                instance_type: instance_type.name.to_string(),
+                cpu: instance_type.cpu,
+                memory_gib: instance_type.memory_gib,
+                image_id: image.image_id.clone(),
+                base_snapshot_id: image.snapshot_id.clone(),
+                disk_size: disk_gib * GIB,
+                state: "PENDING".into(),
+                created_at: now,
+                root_image_id: image.root_image_id.clone(),
+                root_paid: image.root_paid,
+            })
+            .collect();
+        let ids: Vec<String> = instances.iter().map(|i| i.instance_id.clone()).collect();
+        let store = self.region.store.clone();
+        let image_id = image.image_id.clone();
+        blocking(move || store.insert_instances(&image_id, &instances)).await?;
+        // The disk is ready when the rows are: boot is immediate.
+        let store = self.region.store.clone();
+        let booting = ids.clone();
+        tokio::spawn(async move {
+            if let Err(status) =
+                blocking(move || store.set_instances_state(&booting, "PENDING", "RUNNING")).await
+            {
+                tracing::warn!(error = %status.message(), "instances stay PENDING until restart");
+            }
+        });
+        tracing::info!(image = %image.image_id, count, "instances launched");
+        Ok(Response::new(RunInstancesResponse {
+            instance_id_set: ids,
+        }))
+    }
+
+    async fn describe_instances(
+        &self,
+        request: Request<DescribeInstancesRequest>,
+    ) -> Result<Response<DescribeInstancesResponse>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        if !req.instance_ids.is_empty() && !req.filters.is_empty() {
+            return Err(invalid_argument(
+                "instance_ids",
+                "InvalidParameter.InvalidParameterCoexistInstanceIdsFilters",
+                "give instance_ids or filters, not both",
+            ));
+        }
+        validate::id_list("instance_ids", &req.instance_ids, validate::instance_id)?;
+        validate::filters(&req.filters, INSTANCE_FILTERS)?;
+        let (offset, limit) = validate::page(req.offset, req.limit, &req.page_token)?;
+        let store = self.region.store.clone();
+        let rows = blocking(move || store.instances_of(&caller)).await?;
+        let region = self.region.name().to_string();
+        let matching: Vec<Instance> = if req.instance_ids.is_empty() {
+            rows.iter()
+                .filter(|r| {
+                    validate::matches(&req.filters, |name| match name {
+                        "instance-id" => r.instance_id.clone(),
+                        "instance-name" => r.name.clone(),
+                        "instance-state" => r.state.clone(),
+                        "image-id" => r.image_id.clone(),
+                        _ => String::new(),
+                    })
+                })
+                .map(|r| instance_message(r, &region))
+                .collect()
+        } else {
+            let mut found = Vec::new();
+            for id in &req.instance_ids {
+                let row = rows
+                    .iter()
+                    .find(|r| &r.instance_id == id)
+                    .ok_or_else(|| not_found("InvalidInstanceId.NotFound", id))?;
+                found.push(instance_message(row, &region));
+            }
+            found
+        };
+        let total = matching.len();
+        Ok(Response::new(DescribeInstancesResponse {
+            instance_set: matching.into_iter().skip(offset).take(limit).collect(),
+            total_count: total as u32,
+            next_page_token: validate::next_page_token(offset, limit, total),
+        }))
+    }
+
+    async fn terminate_instances(
+        &self,
+        request: Request<TerminateInstancesRequest>,
+    ) -> Result<Response<TerminateInstancesResponse>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        if req.instance_ids.is_empty() {
+            return Err(invalid_argument(
+                "instance_ids",
+                "MissingParameter",
+                "give at least one instance id",
+            ));
+        }
+        validate::id_list("instance_ids", &req.instance_ids, validate::instance_id)?;
+        let store = self.region.store.clone();
+        let dropped = blocking(move || store.terminate(&req.instance_ids, &caller)).await?;
+        self.region.reclaim(dropped).await?;
+        Ok(Response::new(TerminateInstancesResponse {}))
+    }
+
+    async fn reset_instance(
+        &self,
+        request: Request<ResetInstanceRequest>,
+    ) -> Result<Response<ResetInstanceResponse>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        validate::instance_id("instance_id", &req.instance_id)?;
+        if !req.image_id.is_empty() {
+            validate::image_id("image_id", &req.image_id)?;
+        }
+        let instance = self.own_instance(&req.instance_id, &caller).await?;
+        let image_id = if req.image_id.is_empty() {
+            instance.image_id.clone()
+        } else {
+            req.image_id.clone()
+        };
+        let image = self.visible_image(&image_id, &caller).await?;
+        if image.state != "NORMAL" {
+            return Err(crate::store::incorrect_state(&image));
+        }
+        let lock = self.disk_lock(&instance.instance_id);
+        let _guard = lock.lock().await;
+        let store = self.region.store.clone();
+        let dropped = blocking(move || store.reset(&req.instance_id, &caller, &image)).await?;
+        self.region.reclaim(dropped).await?;
+        Ok(Response::new(ResetInstanceResponse {}))
+    }
+
+    async fn write_instance_disk(
+        &self,
+        request: Request<WriteInstanceDiskRequest>,
+    ) -> Result<Response<WriteInstanceDiskResponse>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        validate::instance_id("instance_id", &req.instance_id)?;
+        if req.data.len() as u64 > validate::MAX_IO_BYTES {
+            return Err(invalid_argument(
+                "data",
+                "InvalidParameterValue.TooLarge",
+                format!("at most {} bytes per call", validate::MAX_IO_BYTES),
+            ));
+        }
+        let instance = self.own_instance(&req.instance_id, &caller).await?;
+        disk::check_range(&instance, req.offset, req.data.len() as u64)?;
+        let lock = self.disk_lock(&instance.instance_id);
+        let _guard = lock.lock().await;
+        // Re-read under the lock: a reset may have changed the base.
+        let instance = self.own_instance(&req.instance_id, &caller).await?;
+        let store = self.region.store.clone();
+        let chunks = self.region.chunks.clone();
+        let refs = self.region.chunk_refs.clone();
+        let written = req.data.len() as u64;
+        let dropped = blocking(move || {
+            let _shared = refs.read().unwrap_or_else(|e| e.into_inner());
+            let updates = disk::prepare_write(&store, &chunks, &instance, req.offset, &req.data)?;
+            store.write_instance_chunks(&instance.instance_id, &updates)
+        })
+        .await?;
+        self.region.reclaim(dropped).await?;
+        Ok(Response::new(WriteInstanceDiskResponse {
+            bytes_written: written,
+        }))
+    }
+
+    async fn read_instance_disk(
+        &self,
+        request: Request<ReadInstanceDiskRequest>,
+    ) -> Result<Response<ReadInstanceDiskResponse>, Status> {
+        let caller = account_id(&request)?;
+        let req = request.into_inner();
+        validate::instance_id("instance_id", &req.instance_id)?;
+        if req.length > validate::MAX_IO_BYTES {
+            return Err(invalid_argument(
+                "length",
+                "InvalidParameterValue.TooLarge",
+                format!("at most {} bytes per call", validate::MAX_IO_BYTES),
+            ));
+        }
+        let instance = self.own_instance(&req.instance_id, &caller).await?;
+        if instance.state == "TERMINATED" {
+            return Err(error::status(
+                Code::FailedPrecondition,
+                "UnsupportedOperation.InstanceStateTerminated",
+                "the instance is terminated",
+            ));
+        }
+        let store = self.region.store.clone();
+        let chunks = self.region.chunks.clone();
+        let data = blocking(move || disk::read(&store, &chunks, &instance, req.offset, req.length))
+            .await?;
+        Ok(Response::new(ReadInstanceDiskResponse { data }))
+    }
+}

@@ -1,0 +1,169 @@
+//! Fixed catalogues of the region: instance types, and the public images every region is
+//! seeded with.
+
+/// An instance type: family and size, e.g. `S5.MEDIUM4` is 2 vCPU and 4 GiB.
+#[derive(Clone, Copy, Debug)]
+pub struct InstanceType {
+    pub name: &'static str,
+    pub cpu: u32,
+    pub memory_gib: u32,
+}
+
+pub const INSTANCE_TYPES: &[InstanceType] = &[
+    InstanceType {
+        name: "S5.SMALL1",
+        cpu: 1,
+        memory_gib: 1,
+    },
+    InstanceType {
+        name: "S5.SMALL2",
+        cpu: 1,
+        memory_gib: 2,
+    },
+    InstanceType {
+        name: "S5.MEDIUM2",
+        cpu: 2,
+        memory_gib: 2,
+    },
+    InstanceType {
+        name: "S5.MEDIUM4",
+        cpu: 2,
+        memory_gib: 4,
+    },
+    InstanceType {
+        name: "S5.LARGE8",
+        cpu: 4,
+        memory_gib: 8,
+    },
+    InstanceType {
+        name: "S5.2XLARGE16",
+        cpu: 8,
+        memory_gib: 16,
+    },
+    InstanceType {
+        name: "S5.4XLARGE32",
+        cpu: 16,
+        memory_gib: 32,
+    },
+    InstanceType {
+        name: "SA2.MEDIUM4",
+        cpu: 2,
+        memory_gib: 4,
+    },
+    InstanceType {
+        name: "SA2.LARGE8",
+        cpu: 4,
+        memory_gib: 8,
+    },
+    InstanceType {
+        name: "M5.LARGE32",
+        cpu: 4,
+        memory_gib: 32,
+    },
+    InstanceType {
+        name: "C5.LARGE8",
+        cpu: 4,
+        memory_gib: 8,
+    },
+];
+
+pub fn instance_type(name: &str) -> Option<InstanceType> {
+    INSTANCE_TYPES.iter().copied().find(|t| t.name == name)
+}
+
+/// A public image definition. Content is generated from `name`, so every region holds the
+/// same bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct PublicImage {
+    pub name: &'static str,
+    pub os_name: &'static str,
+    pub platform: &'static str,
+    pub architecture: &'static str,
+    pub virtual_size_mib: u64,
+    /// MBR partition type of the root partition (0x83 Linux, 0x07 NTFS).
+    pub partition_type: u8,
+    /// A commercial licence billed by the hour (RHEL).
+    pub licensed: bool,
+}
+
+impl PublicImage {
+    pub fn is_windows(&self) -> bool {
+        self.platform == "Windows"
+    }
+
+    /// Whether launching it is billed in a region: commercial licences everywhere, Windows
+    /// outside mainland China.
+    pub fn paid_in(&self, mainland: bool) -> bool {
+        self.licensed || (self.is_windows() && !mainland)
+    }
+}
+
+pub const PUBLIC_IMAGES: &[PublicImage] = &[
+    PublicImage {
+        name: "TencentOS Server 3.1 (TK4)",
+        os_name: "TencentOS Server 3.1 (TK4)",
+        platform: "TencentOS",
+        architecture: "x86_64",
+        virtual_size_mib: 128,
+        partition_type: 0x83,
+        licensed: false,
+    },
+    PublicImage {
+        name: "CentOS 7.9 64bit",
+        os_name: "CentOS 7.9 64bit",
+        platform: "CentOS",
+        architecture: "x86_64",
+        virtual_size_mib: 128,
+        partition_type: 0x83,
+        licensed: false,
+    },
+    PublicImage {
+        name: "Ubuntu Server 22.04 LTS 64bit",
+        os_name: "Ubuntu Server 22.04 LTS 64bit",
+        platform: "Ubuntu",
+        architecture: "x86_64",
+        virtual_size_mib: 128,
+        partition_type: 0x83,
+        licensed: false,
+    },
+    PublicImage {
+        name: "Debian 12.0 64bit",
+        os_name: "Debian 12.0 64bit",
+        platform: "Debian",
+        architecture: "x86_64",
+        virtual_size_mib: 64,
+        partition_type: 0x83,
+        licensed: false,
+    },
+    PublicImage {
+        name: "Windows Server 2022 DataCenter 64bit",
+        os_name: "Windows Server 2022 DataCenter 64bit",
+        platform: "Windows",
+        architecture: "x86_64",
+        virtual_size_mib: 256,
+        partition_type: 0x07,
+        licensed: false,
+    },
+    PublicImage {
+        name: "Red Hat Enterprise Linux 8.8 64bit",
+        os_name: "Red Hat Enterprise Linux 8.8 64bit",
+        platform: "RedHat",
+        architecture: "x86_64",
+        virtual_size_mib: 128,
+        partition_type: 0x83,
+        licensed: true,
+    },
+];
+
+/// Regions in mainland China; copies stay on one side of this line.
+pub fn is_mainland(region: &str) -> bool {
+    matches!(
+        region,
+        "ap-guangzhou"
+            | "ap-shanghai"
+            | "ap-beijing"
+            | "ap-nanjing"
+            | "ap-chengdu"
+            | "ap-chongqing"
+    )
+}

@@ -1,0 +1,231 @@
+//! The embedded fallback for the ownership maps, for the one-command quick start when no
+//! redis-server is around: the maps live in memory and every change is first appended to a log
+//! of JSON lines and fsynced, so an acknowledged change survives a crash. The log is replayed
+//! at start and then rewritten compactly (one line per entry still in the maps).
+
+use crate::maps::MapsError;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// The log file inside the backend's directory.
+pub const LOG_FILE: &str = "sharing-maps.jsonl";
+
+/// One change to the maps: a line of the log. One entry is applied as a whole, so a change to
+/// several maps (removing an image with its shares) is atomic. Share operations will add their
+/// own variants (and lines in `Maps::snapshot`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Change {
+    SetOwner { image_id: String, owner: String },
+    RemoveImage { image_id: String },
+}
+
+/// The maps themselves (the same shape as the Redis keys).
+#[derive(Default)]
+struct Maps {
+    /// image id -> owner account id
+    owners: HashMap<String, String>,
+    /// image id -> (account id -> unix time shared)
+    image_shares: HashMap<String, BTreeMap<String, i64>>,
+    /// account id -> (image id -> unix time shared)
+    account_shares: HashMap<String, BTreeMap<String, i64>>,
+}
+
+impl Maps {
+    fn apply(&mut self, change: &Change) {
+        match change {
+            Change::SetOwner { image_id, owner } => {
+                self.owners.insert(image_id.clone(), owner.clone());
+            }
+            Change::RemoveImage { image_id } => {
+                self.owners.remove(image_id);
+                for account in self
+                    .image_shares
+                    .remove(image_id)
+                    .unwrap_or_default()
+                    .keys()
+                {
+                    if let Some(images) = self.account_shares.get_mut(account) {
+                        images.remove(image_id);
+                        if images.is_empty() {
+                            self.account_shares.remove(account);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The changes that rebuild these maps from nothing, in a stable order.
+    fn snapshot(&self) -> Vec<Change> {
+        let mut owners: Vec<_> = self.owners.iter().collect();
+        owners.sort();
+        owners
+            .into_iter()
+            .map(|(image_id, owner)| Change::SetOwner {
+                image_id: image_id.clone(),
+                owner: owner.clone(),
+            })
+            .collect()
+    }
+}
+
+struct Log {
+    file: File,
+    /// Length of the log up to its last complete line; a failed append is cut back to it.
+    len: u64,
+}
+
+pub struct EmbeddedMaps {
+    /// A std mutex: held on a blocking thread for one append, fsync and in-memory update, so
+    /// the order of the log is the order of the changes; never across an await.
+    inner: Arc<Mutex<(Maps, Log)>>,
+}
+
+fn encode(changes: &[Change]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for change in changes {
+        serde_json::to_writer(&mut out, change).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+/// Replays the log text. A torn last line (a crash in the middle of an append that was never
+/// acknowledged) is dropped; a bad line anywhere else is corruption.
+fn replay(text: &str) -> std::io::Result<Maps> {
+    let mut maps = Maps::default();
+    let (complete, torn) = text.split_at(text.rfind('\n').map_or(0, |end| end + 1));
+    if !torn.is_empty() {
+        tracing::warn!("dropping a torn last line of the sharing maps log");
+    }
+    for (number, line) in complete.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let change: Change = serde_json::from_str(line).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("sharing maps log line {}: {e}", number + 1),
+            )
+        })?;
+        maps.apply(&change);
+    }
+    Ok(maps)
+}
+
+impl EmbeddedMaps {
+    /// Replays `dir/sharing-maps.jsonl` (if any), rewrites it compactly and opens it for
+    /// appending.
+    pub fn open(dir: &Path) -> std::io::Result<EmbeddedMaps> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(LOG_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => String::from_utf8(bytes)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let maps = replay(&text)?;
+        let compact = encode(&maps.snapshot())?;
+        imagefleet_rpc::fsutil::write_durably(&path, &compact)?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        tracing::info!(images = maps.owners.len(), "sharing maps log replayed");
+        Ok(EmbeddedMaps {
+            inner: Arc::new(Mutex::new((
+                maps,
+                Log {
+                    file,
+                    len: compact.len() as u64,
+                },
+            ))),
+        })
+    }
+
+    /// Appends `change` to the log, fsyncs it, then applies it to the maps.
+    async fn commit(&self, change: Change) -> Result<(), MapsError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let line = encode(std::slice::from_ref(&change))?;
+            let mut guard = inner.lock().unwrap_or_else(|e| e.into_inner());
+            let (maps, log) = &mut *guard;
+            let written = log
+                .file
+                .write_all(&line)
+                .and_then(|()| log.file.sync_data());
+            if let Err(e) = written {
+                // Cut a partly written line so that later appends stay readable.
+                let _ = log.file.set_len(log.len);
+                return Err(MapsError::Log(e));
+            }
+            log.len += line.len() as u64;
+            maps.apply(&change);
+            Ok(())
+        })
+        .await
+        .map_err(|e| MapsError::Task(e.to_string()))?
+    }
+
+    pub async fn set_owner(&self, image_id: &str, owner: &str) -> Result<(), MapsError> {
+        self.commit(Change::SetOwner {
+            image_id: image_id.to_string(),
+            owner: owner.to_string(),
+        })
+        .await
+    }
+
+    pub async fn remove_image(&self, image_id: &str) -> Result<(), MapsError> {
+        self.commit(Change::RemoveImage {
+            image_id: image_id.to_string(),
+        })
+        .await
+    }
+
+    pub fn owner(&self, image_id: &str) -> Option<String> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0.owners.get(image_id).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_drops_a_torn_last_line_only() {
+        let good = r#"{"op":"set_owner","image_id":"img-aaaaaaaa","owner":"100000000001"}"#;
+        let maps = replay(&format!("{good}\n{{\"op\":\"set_ow")).unwrap();
+        assert_eq!(
+            maps.owners.get("img-aaaaaaaa").map(String::as_str),
+            Some("100000000001")
+        );
+        assert!(replay(&format!("garbage\n{good}\n")).is_err());
+    }
+
+    #[test]
+    fn remove_image_clears_shares_both_ways() {
+        let mut maps = Maps::default();
+        maps.apply(&Change::SetOwner {
+            image_id: "img-aaaaaaaa".into(),
+            owner: "100000000001".into(),
+        });
+        maps.image_shares.insert(
+            "img-aaaaaaaa".into(),
+            BTreeMap::from([("100000000002".to_string(), 1)]),
+        );
+        maps.account_shares.insert(
+            "100000000002".into(),
+            BTreeMap::from([("img-aaaaaaaa".to_string(), 1)]),
+        );
+        maps.apply(&Change::RemoveImage {
+            image_id: "img-aaaaaaaa".into(),
+        });
+        assert!(maps.owners.is_empty());
+        assert!(maps.image_shares.is_empty());
+        assert!(maps.account_shares.is_empty());
+    }
+}

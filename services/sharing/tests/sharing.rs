@@ -1,0 +1,390 @@
+//! The sharing service served in-process on 127.0.0.1:0 and called over gRPC with signed
+//! service clients, over a real redis-server (a child process) and over the embedded backend.
+
+use imagefleet_proto::error;
+use imagefleet_proto::sharing::v1::sharing_internal_service_client::SharingInternalServiceClient;
+use imagefleet_proto::sharing::v1::*;
+use imagefleet_rpc::client::{signed_channel, SignedChannel, SHARING_SCOPE};
+use imagefleet_rpc::Credentials;
+use imagefleet_sharing::{run, MapsBackend, SharingConfig};
+use redis::AsyncCommands;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const SERVICE_KEY: &str = "test-service-key";
+/// How long a test waits for something that should happen within a few seconds.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A redis-server child process with its own data directory.
+struct RedisServer {
+    child: Child,
+}
+
+impl RedisServer {
+    /// Starts redis-server on `port` with durable AOF in `dir`, and waits until it answers.
+    async fn start(port: u16, dir: &Path) -> RedisServer {
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", "always", "--dir"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "this test needs redis-server on PATH and could not start it ({e}); \
+                     install it (e.g. apt-get install redis-server)"
+                )
+            });
+        let server = RedisServer { child };
+        let client = redis::Client::open(redis_url(port)).unwrap();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+                {
+                    return server;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server on port {port} did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, like a crash.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redis_url(port: u16) -> String {
+    format!("redis://127.0.0.1:{port}")
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The sharing service, served until stopped.
+struct Served {
+    url: String,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Served {
+    async fn start(backend: MapsBackend) -> Served {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = SharingConfig {
+            backend,
+            service_key: SERVICE_KEY.into(),
+            // Never contacted: service credentials are checked locally.
+            catalog_url: "http://127.0.0.1:1".into(),
+        };
+        let task = tokio::spawn(run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        Served { url, stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+
+    fn client(&self) -> SharingInternalServiceClient<SignedChannel> {
+        let creds = Credentials::service("test", SERVICE_KEY);
+        SharingInternalServiceClient::new(signed_channel(&self.url, creds, SHARING_SCOPE).unwrap())
+    }
+
+    async fn health(&self) -> (i32, i32) {
+        let channel = tonic::transport::Endpoint::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        let mut status = Vec::new();
+        for service in ["", "imagefleet.sharing.v1.SharingInternalService"] {
+            let request = HealthCheckRequest {
+                service: service.into(),
+            };
+            status.push(client.check(request).await.unwrap().into_inner().status);
+        }
+        (status[0], status[1])
+    }
+
+    /// Waits until both the server and the service report `want`.
+    async fn wait_health(&self, want: ServingStatus) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let (server, service) = self.health().await;
+            if server == want as i32 && service == want as i32 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "health stayed ({server}, {service}), wanted {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn set_owner(
+    client: &mut SharingInternalServiceClient<SignedChannel>,
+    image: &str,
+    owner: &str,
+) -> Result<(), tonic::Status> {
+    client
+        .set_image_owner(SetImageOwnerRequest {
+            image_id: image.into(),
+            owner_account_id: owner.into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn owner(
+    client: &mut SharingInternalServiceClient<SignedChannel>,
+    image: &str,
+) -> Result<String, tonic::Status> {
+    client
+        .get_image_owner(GetImageOwnerRequest {
+            image_id: image.into(),
+        })
+        .await
+        .map(|r| r.into_inner().owner_account_id)
+}
+
+async fn remove(
+    client: &mut SharingInternalServiceClient<SignedChannel>,
+    image: &str,
+) -> Result<(), tonic::Status> {
+    client
+        .remove_image(RemoveImageRequest {
+            image_id: image.into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+fn assert_unavailable(result: Result<impl std::fmt::Debug, tonic::Status>) {
+    let err = result.expect_err("the call must fail while redis is down");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(error::reason(&err).as_deref(), Some("ServiceUnavailable"));
+}
+
+/// Checks set, get, remove and input validation against a serving backend.
+async fn exercise_owner_map(client: &mut SharingInternalServiceClient<SignedChannel>) {
+    set_owner(client, "img-aaaaaaaa", "100000000001")
+        .await
+        .unwrap();
+    set_owner(client, "img-bbbbbbbb", "100000000001")
+        .await
+        .unwrap();
+    set_owner(client, "img-bbbbbbbb", "100000000002")
+        .await
+        .unwrap();
+    assert_eq!(owner(client, "img-aaaaaaaa").await.unwrap(), "100000000001");
+    assert_eq!(owner(client, "img-bbbbbbbb").await.unwrap(), "100000000002");
+    assert_eq!(owner(client, "img-cccccccc").await.unwrap(), "");
+
+    remove(client, "img-bbbbbbbb").await.unwrap();
+    assert_eq!(owner(client, "img-bbbbbbbb").await.unwrap(), "");
+    // Removing an image that is not there succeeds.
+    remove(client, "img-bbbbbbbb").await.unwrap();
+
+    let err = set_owner(client, "img-BAD", "100000000001")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(error::field(&err).as_deref(), Some("image_id"));
+    let err = set_owner(client, "img-dddddddd", "42").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(error::field(&err).as_deref(), Some("owner_account_id"));
+    assert_eq!(owner(client, "img-dddddddd").await.unwrap(), "");
+    let err = owner(client, "").await.unwrap_err();
+    assert_eq!(error::field(&err).as_deref(), Some("image_id"));
+    let err = remove(client, "ins-aaaaaaaa").await.unwrap_err();
+    assert_eq!(error::field(&err).as_deref(), Some("image_id"));
+}
+
+#[tokio::test]
+async fn redis_backend_serves_and_recovers_from_redis_restarts() {
+    let port = free_port();
+    let redis_dir = tempfile::tempdir().unwrap();
+
+    // Redis is not up yet: the service starts anyway, NOT_SERVING, and refuses calls.
+    let served = Served::start(MapsBackend::Redis {
+        url: redis_url(port),
+    })
+    .await;
+    let mut client = served.client();
+    served.wait_health(ServingStatus::NotServing).await;
+    assert_unavailable(owner(&mut client, "img-aaaaaaaa").await);
+
+    let redis = RedisServer::start(port, redis_dir.path()).await;
+    served.wait_health(ServingStatus::Serving).await;
+    exercise_owner_map(&mut client).await;
+
+    // Removing an image clears its shares in both directions, and nothing else.
+    let raw = redis::Client::open(redis_url(port)).unwrap();
+    let mut raw = raw.get_multiplexed_async_connection().await.unwrap();
+    set_owner(&mut client, "img-shared01", "100000000001")
+        .await
+        .unwrap();
+    let _: () = raw
+        .hset(
+            "imagefleet:image-shares:img-shared01",
+            "100000000002",
+            1700000000,
+        )
+        .await
+        .unwrap();
+    let _: () = raw
+        .hset(
+            "imagefleet:account-shares:100000000002",
+            "img-shared01",
+            1700000000,
+        )
+        .await
+        .unwrap();
+    let _: () = raw
+        .hset(
+            "imagefleet:account-shares:100000000002",
+            "img-other001",
+            1700000000,
+        )
+        .await
+        .unwrap();
+    let stored: Option<String> = raw
+        .hget("imagefleet:image-owner", "img-shared01")
+        .await
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some("100000000001"));
+    remove(&mut client, "img-shared01").await.unwrap();
+    let shares: i64 = raw
+        .exists("imagefleet:image-shares:img-shared01")
+        .await
+        .unwrap();
+    assert_eq!(shares, 0);
+    let received: Vec<String> = raw
+        .hkeys("imagefleet:account-shares:100000000002")
+        .await
+        .unwrap();
+    assert_eq!(received, ["img-other001"]);
+    assert_eq!(owner(&mut client, "img-shared01").await.unwrap(), "");
+
+    // Redis dies: calls fail UNAVAILABLE (never "no owner"), health goes NOT_SERVING.
+    redis.kill();
+    assert_unavailable(owner(&mut client, "img-aaaaaaaa").await);
+    assert_unavailable(set_owner(&mut client, "img-eeeeeeee", "100000000003").await);
+    served.wait_health(ServingStatus::NotServing).await;
+    assert_unavailable(remove(&mut client, "img-aaaaaaaa").await);
+
+    // Redis comes back on the same port: the service recovers by itself, with the data that
+    // Redis made durable.
+    let redis = RedisServer::start(port, redis_dir.path()).await;
+    served.wait_health(ServingStatus::Serving).await;
+    assert_eq!(
+        owner(&mut client, "img-aaaaaaaa").await.unwrap(),
+        "100000000001"
+    );
+    set_owner(&mut client, "img-eeeeeeee", "100000000003")
+        .await
+        .unwrap();
+    assert_eq!(
+        owner(&mut client, "img-eeeeeeee").await.unwrap(),
+        "100000000003"
+    );
+
+    served.stop().await;
+    drop(redis);
+}
+
+fn embedded(dir: &Path) -> MapsBackend {
+    MapsBackend::Embedded {
+        dir: PathBuf::from(dir),
+    }
+}
+
+#[tokio::test]
+async fn embedded_backend_persists_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = Served::start(embedded(dir.path())).await;
+    served.wait_health(ServingStatus::Serving).await;
+    let mut client = served.client();
+    exercise_owner_map(&mut client).await;
+    set_owner(&mut client, "img-ffffffff", "100000000004")
+        .await
+        .unwrap();
+    served.stop().await;
+
+    let served = Served::start(embedded(dir.path())).await;
+    served.wait_health(ServingStatus::Serving).await;
+    let mut client = served.client();
+    assert_eq!(
+        owner(&mut client, "img-aaaaaaaa").await.unwrap(),
+        "100000000001"
+    );
+    assert_eq!(
+        owner(&mut client, "img-ffffffff").await.unwrap(),
+        "100000000004"
+    );
+    assert_eq!(owner(&mut client, "img-bbbbbbbb").await.unwrap(), "");
+    remove(&mut client, "img-aaaaaaaa").await.unwrap();
+    served.stop().await;
+
+    // A change acknowledged just before a crash survives, and a torn last line (a crash in
+    // the middle of an unacknowledged append) is dropped, not fatal.
+    let log = dir.path().join(imagefleet_sharing::embedded::LOG_FILE);
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text.push_str("{\"op\":\"set_owner\",\"image_id\":\"img-gggg");
+    std::fs::write(&log, text).unwrap();
+    let served = Served::start(embedded(dir.path())).await;
+    let mut client = served.client();
+    assert_eq!(owner(&mut client, "img-aaaaaaaa").await.unwrap(), "");
+    assert_eq!(
+        owner(&mut client, "img-ffffffff").await.unwrap(),
+        "100000000004"
+    );
+    assert_eq!(owner(&mut client, "img-gggggggg").await.unwrap(), "");
+    set_owner(&mut client, "img-hhhhhhhh", "100000000005")
+        .await
+        .unwrap();
+    served.stop().await;
+    let served = Served::start(embedded(dir.path())).await;
+    let mut client = served.client();
+    assert_eq!(
+        owner(&mut client, "img-hhhhhhhh").await.unwrap(),
+        "100000000005"
+    );
+    served.stop().await;
+}

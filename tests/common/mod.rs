@@ -1,0 +1,498 @@
+//! A cluster of real processes for integration tests: `redis-server` (AOF, `appendfsync
+//! always`), `imaged catalog`, `imaged sharing` and one `imaged region` per region, each with
+//! its own port, data directory and log file under a temporary directory. Processes can be
+//! killed with SIGKILL and restarted on the same port and data.
+
+#![allow(dead_code)]
+
+use imagefleet_proto::catalog::v1::catalog_internal_service_client::CatalogInternalServiceClient;
+use imagefleet_proto::catalog::v1::CreateAccountRequest;
+use imagefleet_proto::region::v1::region_service_client::RegionServiceClient;
+use imagefleet_proto::region::v1::*;
+use imagefleet_rpc::auth::Credentials;
+use imagefleet_rpc::client::{region_scope, signed_channel, SignedChannel, CATALOG_SCOPE};
+use imagefleet_rpc::cluster::AccountEntry;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+pub const IMAGED: &str = env!("CARGO_BIN_EXE_imaged");
+pub const IMAGECTL: &str = env!("CARGO_BIN_EXE_imagectl");
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// One child process and how to start it again.
+pub struct Proc {
+    pub name: String,
+    pub port: u16,
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.env.iter().cloned())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {} ({}): {e}", self.name, self.program));
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill").arg(child.id().to_string()).status();
+        for _ in 0..200 {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub service_key: String,
+    pub redis: Proc,
+    pub catalog: Proc,
+    pub sharing: Proc,
+    pub regions: BTreeMap<String, Proc>,
+    pub accounts: Vec<AccountEntry>,
+}
+
+fn require_redis() {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()));
+    assert!(found, "redis-server is not installed: the integration tests need a real Redis (apt-get install redis-server)");
+}
+
+pub async fn wait_serving(url: &str) {
+    let channel = imagefleet_rpc::client::endpoint(url)
+        .unwrap()
+        .connect_lazy();
+    let mut client = HealthClient::new(channel);
+    for _ in 0..600 {
+        if let Ok(r) = client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        {
+            if r.into_inner().status == 1 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never became SERVING");
+}
+
+impl Cluster {
+    /// Starts Redis, catalog, sharing and the given regions, and creates two accounts.
+    pub async fn start(regions: &[&str]) -> Cluster {
+        require_redis();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let service_key = hex::encode(rand::random::<[u8; 16]>());
+        let root = dir.path().to_path_buf();
+        let key_env = vec![("IMAGEFLEET_SERVICE_KEY".to_string(), service_key.clone())];
+        let log = |name: &str| root.join(format!("{name}.log"));
+
+        let redis_port = free_port();
+        std::fs::create_dir_all(root.join("redis")).unwrap();
+        let mut redis = Proc {
+            name: "redis".into(),
+            port: redis_port,
+            program: "redis-server".into(),
+            args: vec![
+                "--port".into(),
+                redis_port.to_string(),
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--dir".into(),
+                root.join("redis").display().to_string(),
+                "--appendonly".into(),
+                "yes".into(),
+                "--appendfsync".into(),
+                "always".into(),
+                "--save".into(),
+                "".into(),
+            ],
+            env: vec![],
+            log: log("redis"),
+            child: None,
+        };
+        redis.spawn();
+
+        let catalog_port = free_port();
+        let mut catalog = Proc {
+            name: "catalog".into(),
+            port: catalog_port,
+            program: IMAGED.into(),
+            args: vec![
+                "catalog".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{catalog_port}"),
+                "--data-dir".into(),
+                root.join("catalog").display().to_string(),
+            ],
+            env: key_env.clone(),
+            log: log("catalog"),
+            child: None,
+        };
+        catalog.spawn();
+        let catalog_url = catalog.url();
+
+        let sharing_port = free_port();
+        let mut sharing = Proc {
+            name: "sharing".into(),
+            port: sharing_port,
+            program: IMAGED.into(),
+            args: vec![
+                "sharing".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{sharing_port}"),
+                "--redis-url".into(),
+                format!("redis://127.0.0.1:{redis_port}"),
+                "--catalog-url".into(),
+                catalog_url.clone(),
+            ],
+            env: key_env.clone(),
+            log: log("sharing"),
+            child: None,
+        };
+        sharing.spawn();
+
+        let mut region_procs = BTreeMap::new();
+        for region in regions {
+            let port = free_port();
+            let mut proc = Proc {
+                name: region.to_string(),
+                port,
+                program: IMAGED.into(),
+                args: vec![
+                    "region".into(),
+                    "--region".into(),
+                    region.to_string(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{port}"),
+                    "--data-dir".into(),
+                    root.join("regions").join(region).display().to_string(),
+                    "--catalog-url".into(),
+                    catalog_url.clone(),
+                    "--sharing-url".into(),
+                    format!("http://127.0.0.1:{sharing_port}"),
+                ],
+                env: key_env.clone(),
+                log: log(region),
+                child: None,
+            };
+            proc.spawn();
+            region_procs.insert(region.to_string(), proc);
+        }
+
+        let mut cluster = Cluster {
+            dir,
+            service_key,
+            redis,
+            catalog,
+            sharing,
+            regions: region_procs,
+            accounts: Vec::new(),
+        };
+        wait_serving(&cluster.catalog.url()).await;
+        wait_serving(&cluster.sharing.url()).await;
+        for proc in cluster.regions.values() {
+            wait_serving(&proc.url()).await;
+        }
+        for name in ["alice", "bob"] {
+            let account = cluster.create_account(name).await;
+            cluster.accounts.push(account);
+        }
+        cluster
+    }
+
+    pub fn service_credentials(&self) -> Credentials {
+        Credentials::service("test-admin", &self.service_key)
+    }
+
+    pub fn catalog_internal(&self) -> CatalogInternalServiceClient<SignedChannel> {
+        CatalogInternalServiceClient::new(
+            signed_channel(
+                &self.catalog.url(),
+                self.service_credentials(),
+                CATALOG_SCOPE,
+            )
+            .unwrap(),
+        )
+    }
+
+    pub async fn create_account(&self, name: &str) -> AccountEntry {
+        let account = self
+            .catalog_internal()
+            .create_account(CreateAccountRequest {
+                account_id: String::new(),
+                name: name.into(),
+            })
+            .await
+            .expect("create account")
+            .into_inner()
+            .account
+            .expect("account in response");
+        AccountEntry {
+            account_id: account.account_id,
+            name: account.name,
+            secret_id: account.secret_id,
+            secret_key: account.secret_key,
+        }
+    }
+
+    pub fn region_url(&self, region: &str) -> String {
+        self.regions[region].url()
+    }
+
+    /// A region client signing as account `who` (0 = alice, 1 = bob).
+    pub fn region(&self, region: &str, who: usize) -> RegionServiceClient<SignedChannel> {
+        let account = &self.accounts[who];
+        let credentials = Credentials {
+            secret_id: account.secret_id.clone(),
+            secret_key: account.secret_key.clone(),
+        };
+        RegionServiceClient::new(
+            signed_channel(&self.region_url(region), credentials, &region_scope(region)).unwrap(),
+        )
+        .max_decoding_message_size(imagefleet_rpc::client::MAX_MESSAGE_BYTES)
+    }
+
+    pub fn region_dir(&self, region: &str) -> PathBuf {
+        self.dir.path().join("regions").join(region)
+    }
+
+    pub fn kill9_region(&mut self, region: &str) {
+        self.regions.get_mut(region).unwrap().kill9();
+    }
+
+    pub async fn restart_region(&mut self, region: &str) {
+        let proc = self.regions.get_mut(region).unwrap();
+        proc.kill9();
+        proc.spawn();
+        let url = proc.url();
+        wait_serving(&url).await;
+    }
+}
+
+/// Number of chunk files a region holds.
+pub fn chunk_files(region_dir: &Path) -> usize {
+    let chunks = region_dir.join("chunks");
+    std::fs::read_dir(&chunks)
+        .map(|subs| {
+            subs.filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .map(|e| std::fs::read_dir(e.path()).map(|f| f.count()).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+pub type Region = RegionServiceClient<SignedChannel>;
+
+pub fn reason(status: &tonic::Status) -> String {
+    imagefleet_proto::error::reason(status).unwrap_or_default()
+}
+
+/// Asserts a call failed with `code` and `reason`.
+#[track_caller]
+pub fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    expected: &str,
+) {
+    match result {
+        Ok(v) => panic!("expected {code:?} {expected}, got Ok({v:?})"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{status:?}");
+            assert_eq!(reason(&status), expected, "{status:?}");
+        }
+    }
+}
+
+pub async fn public_image(region: &mut Region, platform: &str) -> Image {
+    region
+        .describe_images(DescribeImagesRequest {
+            filters: vec![Filter {
+                name: "platform".into(),
+                values: vec![platform.into()],
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_set
+        .into_iter()
+        .find(|i| i.image_type == ImageType::PublicImage as i32)
+        .unwrap_or_else(|| panic!("no public {platform} image"))
+}
+
+pub async fn image(region: &mut Region, image_id: &str) -> Image {
+    region
+        .describe_images(DescribeImagesRequest {
+            image_ids: vec![image_id.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_set
+        .remove(0)
+}
+
+pub async fn wait_image_state(region: &mut Region, image_id: &str, state: ImageState) -> Image {
+    for _ in 0..600 {
+        let image = image(region, image_id).await;
+        if image.image_state == state as i32 {
+            return image;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{image_id} never reached {state:?}");
+}
+
+pub async fn run(region: &mut Region, image_id: &str, count: u32) -> Vec<String> {
+    let ids = region
+        .run_instances(RunInstancesRequest {
+            image_id: image_id.into(),
+            instance_type: "S5.MEDIUM4".into(),
+            instance_count: count,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instance_id_set;
+    for _ in 0..600 {
+        let instances = region
+            .describe_instances(DescribeInstancesRequest {
+                instance_ids: ids.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .instance_set;
+        if instances
+            .iter()
+            .all(|i| i.instance_state == InstanceState::Running as i32)
+        {
+            return ids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("instances never reached RUNNING");
+}
+
+pub async fn write(region: &mut Region, instance_id: &str, offset: u64, data: &[u8]) {
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        region
+            .write_instance_disk(WriteInstanceDiskRequest {
+                instance_id: instance_id.into(),
+                offset: offset + (i as u64) * (1 << 20),
+                data: piece.to_vec(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+pub async fn read(region: &mut Region, instance_id: &str, offset: u64, length: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < offset + length {
+        let take = (offset + length - pos).min(1 << 20);
+        let data = region
+            .read_instance_disk(ReadInstanceDiskRequest {
+                instance_id: instance_id.into(),
+                offset: pos,
+                length: take,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .data;
+        out.extend_from_slice(&data);
+        pos += take;
+    }
+    out
+}
+
+/// Exports an image and returns (virtual size, the non-zero ranges as (offset, bytes)).
+pub async fn export(region: &mut Region, image_id: &str) -> (u64, Vec<(u64, Vec<u8>)>) {
+    use futures::StreamExt;
+    let mut stream = region
+        .export_image(ExportImageRequest {
+            image_id: image_id.into(),
+            format: ExportFormat::Raw as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut size = 0;
+    let mut pieces = Vec::new();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.unwrap();
+        size = piece.virtual_size_bytes;
+        if !piece.data.is_empty() {
+            pieces.push((piece.offset, piece.data));
+        }
+    }
+    (size, pieces)
+}
+
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|_| rand::random::<u8>()).collect()
+}
