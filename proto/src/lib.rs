@@ -2,6 +2,7 @@
 //! encoded descriptor set, and the error model shared by all services (`error`).
 
 pub mod error;
+pub mod ids;
 
 /// The encoded `FileDescriptorSet` of every imagefleet proto (reflection, JSON output, signing).
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -3,20 +3,7 @@
 
 use crate::error::CatalogError;
 
-/// True for `img-` followed by exactly 8 lowercase ASCII letters or digits.
-pub fn is_image_id(value: &str) -> bool {
-    value.strip_prefix("img-").is_some_and(|rest| {
-        rest.len() == 8
-            && rest
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    })
-}
-
-/// True for exactly 12 ASCII digits.
-pub fn is_account_id(value: &str) -> bool {
-    value.len() == 12 && value.bytes().all(|b| b.is_ascii_digit())
-}
+pub use imagefleet_proto::ids::{is_account_id, is_image_id};
 
 /// `INVALID_ARGUMENT` (`InvalidImageId.Malformed`) naming `field` unless `value` is an image id.
 pub fn check_image_id(field: &'static str, value: &str) -> Result<(), CatalogError> {
@@ -65,27 +52,4 @@ pub fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), Ca
         ));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn image_ids() {
-        assert!(is_image_id("img-0a1b2c3d"));
-        assert!(!is_image_id("img-0A1b2c3d"));
-        assert!(!is_image_id("img-0a1b2c3"));
-        assert!(!is_image_id("img-0a1b2c3de"));
-        assert!(!is_image_id("ins-0a1b2c3d"));
-        assert!(!is_image_id("img-0a1b2c3é"));
-    }
-
-    #[test]
-    fn account_ids() {
-        assert!(is_account_id("100000000001"));
-        assert!(!is_account_id("10000000001"));
-        assert!(!is_account_id("1000000000012"));
-        assert!(!is_account_id("10000000000a"));
-    }
 }

@@ -11,38 +11,7 @@ pub const MAX_NAME_CHARS: usize = 60;
 pub const MAX_DESCRIPTION_CHARS: usize = 256;
 pub const MAX_IO_BYTES: u64 = 4 * 1024 * 1024;
 
-fn well_formed(id: &str, prefix: &str) -> bool {
-    id.strip_prefix(prefix).is_some_and(|rest| {
-        rest.len() == 8
-            && rest
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    })
-}
-
-pub fn image_id(field: &str, id: &str) -> Result<(), Status> {
-    if well_formed(id, "img-") {
-        Ok(())
-    } else {
-        Err(invalid_argument(
-            field,
-            "InvalidImageId.Malformed",
-            format!("{id:?} is not an image id (img- and 8 lowercase letters or digits)"),
-        ))
-    }
-}
-
-pub fn instance_id(field: &str, id: &str) -> Result<(), Status> {
-    if well_formed(id, "ins-") {
-        Ok(())
-    } else {
-        Err(invalid_argument(
-            field,
-            "InvalidInstanceId.Malformed",
-            format!("{id:?} is not an instance id (ins- and 8 lowercase letters or digits)"),
-        ))
-    }
-}
+pub use imagefleet_proto::ids::{check_image_id as image_id, check_instance_id as instance_id};
 
 /// A list of ids: at most `MAX_PAGE`, each well-formed, no repeats.
 pub fn id_list(

@@ -2,7 +2,7 @@
 //! ownership maps.
 
 use crate::maps::OwnershipMaps;
-use imagefleet_catalog::ids;
+use imagefleet_proto::ids;
 use imagefleet_proto::sharing::v1::sharing_internal_service_server::SharingInternalService;
 use imagefleet_proto::sharing::v1::*;
 use tonic::{Request, Response, Status};
