@@ -23,8 +23,10 @@ fn write_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/io"))
         .ok()
         .and_then(|io| {
-            io.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:").map(|v| v.trim().parse().unwrap_or(0)))
+            io.lines().find_map(|l| {
+                l.strip_prefix("write_bytes:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
         })
         .unwrap_or(0)
 }
@@ -124,7 +126,13 @@ async fn launch(cluster: &Cluster, region: &mut Region, image_id: &str) {
         times[ROUNDS - 1],
         ROUNDS
     );
-    report("launch_100", median, &format!("{median:.3}s"), "1s", "<= 1.0");
+    report(
+        "launch_100",
+        median,
+        &format!("{median:.3}s"),
+        "1s",
+        "<= 1.0",
+    );
     let median_bytes = bytes[ROUNDS / 2];
     report(
         "launch_bytes",
@@ -137,7 +145,10 @@ async fn launch(cluster: &Cluster, region: &mut Region, image_id: &str) {
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects figures.
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

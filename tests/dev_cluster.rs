@@ -31,23 +31,21 @@ fn json(output: &std::process::Output) -> serde_json::Value {
     })
 }
 
-#[test]
-fn imaged_dev_runs_a_cluster_that_imagectl_drives() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(IMAGED)
-        .args([
-            "dev",
-            "--base-port",
-            "0",
-            "--regions",
-            "ap-guangzhou,ap-singapore",
-        ])
+/// Starts `imaged dev` and waits for its ready line.
+fn start_dev(dir: &std::path::Path, regions: &str, path_env: Option<&str>) -> std::process::Child {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut command = Command::new(IMAGED);
+    command
+        .args(["dev", "--base-port", "0", "--regions", regions])
         .arg("--data-dir")
-        .arg(dir.path())
+        .arg(dir)
+        .env_remove("REDIS_URL")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(std::fs::File::create(dir.join("imaged-dev.log")).unwrap());
+    if let Some(path) = path_env {
+        command.env("PATH", path);
+    }
+    let mut child = command.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -64,6 +62,117 @@ fn imaged_dev_runs_a_cluster_that_imagectl_drives() {
             break;
         }
     }
+    child
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "imaged dev did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "imaged dev exited with {status}");
+}
+
+#[test]
+fn without_redis_the_embedded_fallback_keeps_the_maps_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // No redis-server on PATH.
+    let child = start_dev(&data, "ap-guangzhou", Some("/nonexistent"));
+    let cluster_file = data.join("cluster.json");
+    let cluster = imagefleet_rpc::cluster::ClusterFile::load(&cluster_file).unwrap();
+    assert_eq!(cluster.redis_url, "embedded");
+    let log = std::fs::read_to_string(data.join("imaged-dev.log")).unwrap();
+    assert!(
+        log.contains("embedded"),
+        "the fallback is announced in the log"
+    );
+    let images = json(&imagectl(
+        &cluster_file,
+        &[
+            "images",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--platform",
+            "Debian",
+            "--output",
+            "json",
+        ],
+    ));
+    let debian = images["imageSet"][0]["imageId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let launched = json(&imagectl(
+        &cluster_file,
+        &[
+            "instances",
+            "run",
+            "--region",
+            "ap-guangzhou",
+            "--image",
+            &debian,
+            "--type",
+            "S5.SMALL1",
+            "--output",
+            "json",
+        ],
+    ));
+    let instance = launched["instanceIdSet"][0].as_str().unwrap().to_string();
+    let created = json(&imagectl(
+        &cluster_file,
+        &[
+            "images",
+            "create",
+            "--region",
+            "ap-guangzhou",
+            "--instance",
+            &instance,
+            "--name",
+            "embedded",
+            "--wait",
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(created["imageState"], "NORMAL");
+    stop(child);
+    assert!(
+        data.join("maps").is_dir(),
+        "the embedded maps live in the data directory"
+    );
+    // Restarted on the same directory, everything is still there.
+    let child = start_dev(&data, "ap-guangzhou", Some("/nonexistent"));
+    let listed = json(&imagectl(
+        &cluster_file,
+        &[
+            "images",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--name",
+            "embedded",
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(listed["imageSet"][0]["imageState"], "NORMAL");
+    stop(child);
+}
+
+#[test]
+fn imaged_dev_runs_a_cluster_that_imagectl_drives() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = start_dev(dir.path(), "ap-guangzhou,ap-singapore", None);
     let cluster_file = dir.path().join("cluster.json");
     let cluster = imagefleet_rpc::cluster::ClusterFile::load(&cluster_file).unwrap();
     assert!(cluster.accounts.len() >= 2);
@@ -302,18 +411,11 @@ fn imaged_dev_runs_a_cluster_that_imagectl_drives() {
     ));
     assert_eq!(quota["imageNumUsed"], 1);
 
-    // SIGTERM: every service drains and the process exits cleanly.
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "imaged dev did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "imaged dev exited with {status}");
+    // SIGTERM: every service drains and the process exits cleanly (Redis with it).
+    stop(child);
+    let redis_addr = cluster.redis_url.trim_start_matches("redis://").to_string();
+    assert!(
+        std::net::TcpStream::connect(&redis_addr).is_err(),
+        "the Redis child stops with the cluster"
+    );
 }
