@@ -157,6 +157,61 @@ async fn launch_write_create_launch_read_export_reset_delete() {
         "InvalidImageName.Duplicate",
     );
 
+    // ModifyImageAttribute: owner only, names stay unique, public images are not the caller's.
+    let other = gz
+        .create_image(CreateImageRequest {
+            instance_id: ids[1].clone(),
+            image_name: "other".into(),
+            image_description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_id;
+    wait_image_state(&mut gz, &other, ImageState::Normal).await;
+    assert_refused(
+        gz.modify_image_attribute(ModifyImageAttributeRequest {
+            image_id: other.clone(),
+            image_name: Some("web-server".into()),
+            ..Default::default()
+        })
+        .await,
+        Code::AlreadyExists,
+        "InvalidImageName.Duplicate",
+    );
+    gz.modify_image_attribute(ModifyImageAttributeRequest {
+        image_id: other.clone(),
+        image_name: Some("other-renamed".into()),
+        image_description: Some("now described".into()),
+        is_deprecated: Some(true),
+    })
+    .await
+    .unwrap();
+    let renamed = common::image(&mut gz, &other).await;
+    assert_eq!(
+        (
+            renamed.image_name.as_str(),
+            renamed.image_description.as_str(),
+            renamed.is_deprecated
+        ),
+        ("other-renamed", "now described", true)
+    );
+    assert_refused(
+        gz.modify_image_attribute(ModifyImageAttributeRequest {
+            image_id: ubuntu.image_id.clone(),
+            image_name: Some("mine".into()),
+            ..Default::default()
+        })
+        .await,
+        Code::PermissionDenied,
+        "UnauthorizedOperation.ImageNotBelongToAccount",
+    );
+    gz.delete_images(DeleteImagesRequest {
+        image_ids: vec![other],
+    })
+    .await
+    .unwrap();
+
     // Launch from the new image and read the written bytes back.
     let from_image = run(&mut gz, &created.image_id, 2).await;
     assert_eq!(
