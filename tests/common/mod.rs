@@ -322,11 +322,27 @@ impl Cluster {
     }
 
     pub async fn restart_region(&mut self, region: &str) {
+        self.restart_region_with_env(region, &[]).await;
+    }
+
+    /// Kills a region with SIGKILL and starts it again on the same port and data, with extra
+    /// environment (e.g. a different quota).
+    pub async fn restart_region_with_env(&mut self, region: &str, env: &[(&str, &str)]) {
         let proc = self.regions.get_mut(region).unwrap();
         proc.kill9();
+        for (k, v) in env {
+            proc.env.push((k.to_string(), v.to_string()));
+        }
         proc.spawn();
         let url = proc.url();
         wait_serving(&url).await;
+    }
+
+    /// Starts a killed region again without waiting for it.
+    pub fn respawn_region(&mut self, region: &str) {
+        let proc = self.regions.get_mut(region).unwrap();
+        proc.kill9();
+        proc.spawn();
     }
 }
 
@@ -397,7 +413,7 @@ pub async fn image(region: &mut Region, image_id: &str) -> Image {
 }
 
 pub async fn wait_image_state(region: &mut Region, image_id: &str, state: ImageState) -> Image {
-    for _ in 0..600 {
+    for _ in 0..2400 {
         let image = image(region, image_id).await;
         if image.image_state == state as i32 {
             return image;

@@ -102,6 +102,20 @@ pub enum ImagesCommand {
     Export(ImagesExport),
     /// Show the account's custom-image quota in a region.
     Quota(RegionArg),
+    /// Copy custom images of --region to the --to regions (SyncImages).
+    ///
+    /// Without `--wait` it prints the destination images it started: a table SOURCE_IMAGE_ID
+    /// REGION IMAGE_ID, or the `SyncImagesResponse` as proto3 JSON.
+    ///
+    /// With `--wait` it then polls every destination image (every 250 ms, for at most 2 hours)
+    /// until all are NORMAL or CREATEFAILED, showing each one's progress on stderr: redrawn
+    /// progress bars on a terminal, otherwise a plain line whenever a destination's percent
+    /// moves by 10 points or it finishes. It exits 1 if any destination ended CREATEFAILED
+    /// (naming each with its state reason). On success, `--output json` prints one document
+    /// `{"imageSet": [Image, ...]}`: each destination's final Image as proto3 JSON, in the order
+    /// SyncImages returned them, with one field added, `sourceImageId` (the image it copies);
+    /// the table has SOURCE_IMAGE_ID REGION IMAGE_ID STATE.
+    Sync(ImagesSync),
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +211,41 @@ pub struct ImagesExport {
     /// The file to write (created or truncated).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesSync {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The images to copy (own NORMAL custom images, at most 10), separated by commas.
+    #[arg(
+        long,
+        value_name = "ID[,ID...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub image: Vec<String>,
+    /// The destination regions (at most 10), separated by commas.
+    #[arg(
+        long,
+        value_name = "REGION[,REGION...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub to: Vec<String>,
+    /// The copies' name; default: each source image's name.
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    /// Makes retries safe: a repeated call with the same token (and the same images and
+    /// regions) returns the same destination images instead of starting new copies.
+    #[arg(long, value_name = "T")]
+    pub client_token: Option<String>,
+    /// Check every rule at every destination, start nothing.
+    #[arg(long, conflicts_with = "wait")]
+    pub dry_run: bool,
+    /// Wait until every copy is NORMAL (or failed), showing progress on stderr.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -518,6 +567,68 @@ mod tests {
         };
         assert!(parse(&args("raw")).is_ok());
         assert!(parse(&args("qcow2")).is_err());
+    }
+
+    #[test]
+    fn sync_takes_image_and_region_lists() {
+        let cli = parse(&[
+            "images",
+            "sync",
+            "--region",
+            "ap-guangzhou",
+            "--image",
+            "img-aaaaaaaa,img-bbbbbbbb",
+            "--to",
+            "ap-shanghai,ap-beijing",
+            "--name",
+            "copy",
+            "--client-token",
+            "tok-1",
+            "--wait",
+        ])
+        .expect("parses");
+        let Command::Images(ImagesCommand::Sync(sync)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(sync.region.region, "ap-guangzhou");
+        assert_eq!(sync.image, ["img-aaaaaaaa", "img-bbbbbbbb"]);
+        assert_eq!(sync.to, ["ap-shanghai", "ap-beijing"]);
+        assert_eq!(sync.name.as_deref(), Some("copy"));
+        assert_eq!(sync.client_token.as_deref(), Some("tok-1"));
+        assert!(sync.wait && !sync.dry_run);
+    }
+
+    #[test]
+    fn sync_needs_images_and_destinations_and_cannot_wait_for_a_dry_run() {
+        let base = ["images", "sync", "--region", "ap-guangzhou"];
+        let with = |extra: &[&'static str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args)
+        };
+        assert!(with(&["--image", "img-aaaaaaaa", "--to", "ap-shanghai"]).is_ok());
+        assert!(with(&[
+            "--image",
+            "img-aaaaaaaa",
+            "--to",
+            "ap-shanghai",
+            "--dry-run"
+        ])
+        .is_ok());
+        for bad in [
+            &["--to", "ap-shanghai"][..],
+            &["--image", "img-aaaaaaaa"][..],
+            &[
+                "--image",
+                "img-aaaaaaaa",
+                "--to",
+                "ap-shanghai",
+                "--dry-run",
+                "--wait",
+            ][..],
+        ] {
+            assert_eq!(with(bad).expect_err("rejected").exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,23 +1,25 @@
-//! `imagectl images ...`: list, describe, create, delete, modify, export, quota.
+//! `imagectl images ...`: list, describe, create, delete, modify, export, quota, sync.
 
 use crate::cli::{
     ImagesCommand, ImagesCreate, ImagesDelete, ImagesDescribe, ImagesExport, ImagesList,
-    ImagesModify, OutputFormat, RegionArg,
+    ImagesModify, ImagesSync, OutputFormat, RegionArg,
 };
 use crate::error::{CliError, Result};
 use crate::output::{self, enum_name, Table};
 use crate::paging::{self, Page};
+use crate::progress::{self, ProgressSink, SyncProgressView};
 use crate::session::Session;
 use imagefleet_proto::region::v1::region_service_client::RegionServiceClient;
 use imagefleet_proto::region::v1::{
     CreateImageRequest, DeleteImagesRequest, DescribeImageQuotaRequest, DescribeImagesRequest,
     DescribeImagesResponse, ExportFormat, ExportImageRequest, Filter, Image, ImageSource,
-    ImageState, ImageType, ModifyImageAttributeRequest,
+    ImageState, ImageType, ModifyImageAttributeRequest, SyncImagesRequest, SyncedImage,
 };
 use imagefleet_rpc::client::SignedChannel;
+use std::collections::HashMap;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 type RegionClient = RegionServiceClient<SignedChannel>;
 
@@ -25,11 +27,23 @@ type RegionClient = RegionServiceClient<SignedChannel>;
 const WAIT_POLL: Duration = Duration::from_millis(200);
 /// How long `images create --wait` waits for the image to leave `CREATING`.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// How often `images sync --wait` asks for the destination images' state.
+const SYNC_POLL: Duration = Duration::from_millis(250);
+/// How long `images sync --wait` waits for every destination to finish.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(2 * 60 * 60);
+/// How long one poll of a destination region may take.
+const SYNC_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a destination region may keep failing with transient errors (unavailable,
+/// deadline exceeded, resource exhausted) before `images sync --wait` gives up.
+const SYNC_OUTAGE_GRACE: Duration = Duration::from_secs(60);
+/// The most image ids one `DescribeImages` call may name.
+const MAX_IDS_PER_CALL: usize = 100;
 
 pub async fn run(
     session: &Session,
     command: ImagesCommand,
     format: OutputFormat,
+    progress: ProgressSink<'_>,
 ) -> Result<String> {
     match command {
         ImagesCommand::List(args) => list(session, args, format).await,
@@ -39,6 +53,7 @@ pub async fn run(
         ImagesCommand::Modify(args) => modify(session, args, format).await,
         ImagesCommand::Export(args) => export(session, args, format).await,
         ImagesCommand::Quota(args) => quota(session, args, format).await,
+        ImagesCommand::Sync(args) => sync(session, args, format, progress).await,
     }
 }
 
@@ -133,7 +148,7 @@ pub fn image_fields(image: &Image) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ");
-    output::fields(&[
+    let mut fields = vec![
         ("IMAGE_ID", image.image_id.clone()),
         ("NAME", image.image_name.clone()),
         ("DESCRIPTION", image.image_description.clone()),
@@ -158,6 +173,38 @@ pub fn image_fields(image: &Image) -> String {
         ("SNAPSHOTS", snapshots),
         ("LICENSE_TYPE", image.license_type.clone()),
         ("SYNC_PERCENT", image.sync_percent.to_string()),
+    ];
+    if let Some(sync) = &image.sync_progress {
+        fields.extend([
+            (
+                "SYNC_SOURCE",
+                format!("{}/{}", sync.source_region, sync.source_image_id),
+            ),
+            (
+                "SYNC_BYTES",
+                format!(
+                    "{}/{} ({}%)",
+                    sync.bytes_done,
+                    sync.bytes_total,
+                    progress::percent(sync.bytes_done, sync.bytes_total)
+                ),
+            ),
+            (
+                "SYNC_CHUNKS",
+                format!("{}/{}", sync.chunks_done, sync.chunks_total),
+            ),
+            (
+                "SYNC_TRANSFERRED",
+                format!(
+                    "{} chunks, {} bytes",
+                    sync.chunks_transferred, sync.bytes_transferred
+                ),
+            ),
+            ("SYNC_ATTEMPTS", sync.attempts.to_string()),
+            ("SYNC_LAST_ERROR", sync.last_error.clone()),
+        ]);
+    }
+    fields.extend([
         ("PARENT_IMAGE_ID", lineage.parent_image_id),
         ("PARENT_REGION", lineage.parent_region),
         ("ULTIMATE_SOURCE_IMAGE_ID", lineage.ultimate_source_image_id),
@@ -167,7 +214,8 @@ pub fn image_fields(image: &Image) -> String {
         ),
         ("CONTENT_DIGEST", image.content_digest.clone()),
         ("DEPRECATED", image.is_deprecated.to_string()),
-    ])
+    ]);
+    output::fields(&fields)
 }
 
 /// The image `image_id` of the region, by id.
@@ -390,6 +438,266 @@ async fn export_into(
     Ok(exported)
 }
 
+/// Destination images as a table: SOURCE_IMAGE_ID REGION IMAGE_ID.
+pub fn synced_table(image_set: &[SyncedImage]) -> String {
+    let mut table = Table::new(&["SOURCE_IMAGE_ID", "REGION", "IMAGE_ID"]);
+    for synced in image_set {
+        table.row(vec![
+            synced.source_image_id.clone(),
+            synced.region.clone(),
+            synced.image_id.clone(),
+        ]);
+    }
+    table.render()
+}
+
+/// Finished destination images as a table: SOURCE_IMAGE_ID REGION IMAGE_ID STATE.
+pub fn synced_images_table(finished: &[(SyncedImage, Image)]) -> String {
+    let mut table = Table::new(&["SOURCE_IMAGE_ID", "REGION", "IMAGE_ID", "STATE"]);
+    for (synced, image) in finished {
+        table.row(vec![
+            synced.source_image_id.clone(),
+            synced.region.clone(),
+            image.image_id.clone(),
+            enum_name(image.image_state, ImageState::as_str_name),
+        ]);
+    }
+    table.render()
+}
+
+/// The `--wait --output json` document: `{"imageSet": [...]}`, each destination's final
+/// Image as proto3 JSON with `sourceImageId` added.
+pub fn synced_images_json(finished: &[(SyncedImage, Image)]) -> Result<serde_json::Value> {
+    let mut image_set = Vec::with_capacity(finished.len());
+    for (synced, image) in finished {
+        let mut value = output::json_value(image)?;
+        if let Some(object) = value.as_object_mut() {
+            object.insert(
+                "sourceImageId".to_string(),
+                serde_json::Value::String(synced.source_image_id.clone()),
+            );
+        }
+        image_set.push(value);
+    }
+    Ok(serde_json::json!({ "imageSet": image_set }))
+}
+
+async fn sync(
+    session: &Session,
+    args: ImagesSync,
+    format: OutputFormat,
+    progress: ProgressSink<'_>,
+) -> Result<String> {
+    let mut client = session.region(&args.region.region).await?;
+    let response = client
+        .sync_images(SyncImagesRequest {
+            image_ids: args.image,
+            destination_regions: args.to,
+            image_name: args.name.unwrap_or_default(),
+            dry_run: args.dry_run,
+            client_token: args.client_token.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    if !args.wait || args.dry_run {
+        return match format {
+            OutputFormat::Json => output::json(&response),
+            OutputFormat::Table => Ok(synced_table(&response.image_set)),
+        };
+    }
+    let finished = wait_until_synced(session, &response.image_set, progress).await?;
+    match format {
+        OutputFormat::Json => Ok(output::json_document(&synced_images_json(&finished)?)),
+        OutputFormat::Table => Ok(synced_images_table(&finished)),
+    }
+}
+
+/// Whether a failed poll may be retried: the region may be back in a moment.
+fn transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted
+    )
+}
+
+/// Polls every destination image in its region (one `DescribeImages` per region and round)
+/// until each is `NORMAL` or `CREATEFAILED`, for at most `SYNC_TIMEOUT`, showing progress.
+/// Returns each destination with its final image, in the order given; an error naming every
+/// `CREATEFAILED` destination with its reason if any failed.
+async fn wait_until_synced(
+    session: &Session,
+    image_set: &[SyncedImage],
+    progress: ProgressSink<'_>,
+) -> Result<Vec<(SyncedImage, Image)>> {
+    if let Some(missing) = image_set.iter().find(|s| s.image_id.is_empty()) {
+        return Err(CliError::Failed(format!(
+            "the server named no destination image for {} in {}",
+            missing.source_image_id, missing.region
+        )));
+    }
+    // A client per destination region, and the destinations of each region.
+    let mut clients: HashMap<&str, RegionClient> = HashMap::new();
+    let mut by_region: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (index, synced) in image_set.iter().enumerate() {
+        let region = synced.region.as_str();
+        if !clients.contains_key(region) {
+            clients.insert(region, session.region(region).await?);
+        }
+        match by_region.iter_mut().find(|(r, _)| *r == region) {
+            Some((_, indices)) => indices.push(index),
+            None => by_region.push((region, vec![index])),
+        }
+    }
+    let names: Vec<(String, String)> = image_set
+        .iter()
+        .map(|s| (s.region.clone(), s.image_id.clone()))
+        .collect();
+    let mut view = SyncProgressView::new(progress, &names);
+    let mut last: Vec<Option<Image>> = vec![None; image_set.len()];
+    let mut outage_since: HashMap<&str, Instant> = HashMap::new();
+    let deadline = Instant::now() + SYNC_TIMEOUT;
+    loop {
+        let now = Instant::now();
+        for (region, indices) in &by_region {
+            let pending: Vec<usize> = indices
+                .iter()
+                .copied()
+                .filter(|&i| !last[i].as_ref().is_some_and(finished))
+                .collect();
+            if pending.is_empty() {
+                continue;
+            }
+            let client = clients.get_mut(region).expect("a client per region");
+            let mut found = Vec::with_capacity(pending.len());
+            let mut failure = None;
+            for batch in pending.chunks(MAX_IDS_PER_CALL) {
+                let ids: Vec<String> = batch
+                    .iter()
+                    .map(|&i| image_set[i].image_id.clone())
+                    .collect();
+                match describe_many(client, ids).await {
+                    Ok(images) => found.extend(images),
+                    Err(status) => {
+                        failure = Some(status);
+                        break;
+                    }
+                }
+            }
+            if let Some(status) = failure {
+                let since = *outage_since.entry(*region).or_insert(now);
+                if transient(&status) && now.duration_since(since) < SYNC_OUTAGE_GRACE {
+                    continue;
+                }
+                return Err(status.into());
+            }
+            outage_since.remove(region);
+            for &i in &pending {
+                let synced = &image_set[i];
+                let mut image = found
+                    .iter()
+                    .find(|image| image.image_id == synced.image_id)
+                    .cloned()
+                    .ok_or_else(|| {
+                        CliError::Failed(format!(
+                            "image {} not found in {}",
+                            synced.image_id, synced.region
+                        ))
+                    })?;
+                if image.region.is_empty() {
+                    image.region = synced.region.clone();
+                }
+                view.observe(i, now, &image);
+                last[i] = Some(image);
+            }
+        }
+        view.render();
+        if last
+            .iter()
+            .all(|image| image.as_ref().is_some_and(finished))
+        {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let waiting: Vec<String> = image_set
+                .iter()
+                .zip(&last)
+                .filter(|(_, image)| !image.as_ref().is_some_and(finished))
+                .map(|(synced, image)| {
+                    let state = image.as_ref().map_or_else(
+                        || "not seen".to_string(),
+                        |image| {
+                            let (done, total) = progress::image_bytes(image);
+                            format!(
+                                "{} {}%",
+                                enum_name(image.image_state, ImageState::as_str_name),
+                                progress::percent(done, total)
+                            )
+                        },
+                    );
+                    format!("{} in {} ({state})", synced.image_id, synced.region)
+                })
+                .collect();
+            return Err(CliError::Failed(format!(
+                "still waiting after {} hours for {}",
+                SYNC_TIMEOUT.as_secs() / 3600,
+                waiting.join(", ")
+            )));
+        }
+        tokio::time::sleep(SYNC_POLL).await;
+    }
+    let finished: Vec<(SyncedImage, Image)> = image_set
+        .iter()
+        .cloned()
+        .zip(last.into_iter().flatten())
+        .collect();
+    let failures: Vec<String> = finished
+        .iter()
+        .filter(|(_, image)| image.image_state == ImageState::Createfailed as i32)
+        .map(|(synced, image)| {
+            format!(
+                "image {} in {} is CREATEFAILED: {}",
+                image.image_id,
+                synced.region,
+                if image.state_reason.is_empty() {
+                    "no reason given"
+                } else {
+                    &image.state_reason
+                }
+            )
+        })
+        .collect();
+    if failures.is_empty() {
+        Ok(finished)
+    } else {
+        Err(CliError::Failed(failures.join("; ")))
+    }
+}
+
+/// Whether a destination image is done: `NORMAL` or `CREATEFAILED`.
+fn finished(image: &Image) -> bool {
+    image.image_state == ImageState::Normal as i32
+        || image.image_state == ImageState::Createfailed as i32
+}
+
+/// The images `ids` of a region (at most `MAX_IDS_PER_CALL`), within `SYNC_CALL_TIMEOUT`.
+async fn describe_many(
+    client: &mut RegionClient,
+    ids: Vec<String>,
+) -> Result<Vec<Image>, tonic::Status> {
+    let limit = ids.len() as u32;
+    let call = client.describe_images(DescribeImagesRequest {
+        image_ids: ids,
+        limit,
+        ..Default::default()
+    });
+    match tokio::time::timeout(SYNC_CALL_TIMEOUT, call).await {
+        Ok(response) => Ok(response?.into_inner().image_set),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {SYNC_CALL_TIMEOUT:?}"
+        ))),
+    }
+}
+
 async fn quota(session: &Session, args: RegionArg, format: OutputFormat) -> Result<String> {
     let mut client = session.region(&args.region).await?;
     let response = client
@@ -415,7 +723,7 @@ async fn quota(session: &Session, args: RegionArg, format: OutputFormat) -> Resu
 mod tests {
     use super::*;
     use crate::cli::PageArgs;
-    use imagefleet_proto::region::v1::{Lineage, Snapshot};
+    use imagefleet_proto::region::v1::{Lineage, Snapshot, SyncProgress};
 
     #[test]
     fn list_flags_become_filters() {
@@ -496,6 +804,63 @@ mod tests {
             ]
         );
         assert_eq!(lines[0].find("NAME"), lines[1].find("web-server"));
+    }
+
+    #[test]
+    fn image_fields_show_the_sync_progress_when_present() {
+        assert!(!image_fields(&image()).contains("SYNC_SOURCE"));
+        let mut copy = image();
+        copy.sync_progress = Some(SyncProgress {
+            source_region: "ap-guangzhou".into(),
+            source_image_id: "img-source01".into(),
+            chunks_total: 4,
+            bytes_total: 4096,
+            chunks_done: 1,
+            bytes_done: 1024,
+            chunks_transferred: 2,
+            bytes_transferred: 2048,
+            attempts: 3,
+            last_error: "reset by peer".into(),
+        });
+        let text = image_fields(&copy);
+        for expected in [
+            "SYNC_SOURCE               ap-guangzhou/img-source01\n",
+            "SYNC_BYTES                1024/4096 (25%)\n",
+            "SYNC_CHUNKS               1/4\n",
+            "SYNC_TRANSFERRED          2 chunks, 2048 bytes\n",
+            "SYNC_ATTEMPTS             3\n",
+            "SYNC_LAST_ERROR           reset by peer\n",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn synced_images_are_final_images_with_their_source() {
+        let synced = SyncedImage {
+            source_image_id: "img-source01".into(),
+            region: "ap-shanghai".into(),
+            image_id: "img-aaaaaaaa".into(),
+        };
+        let mut done = image();
+        done.image_state = ImageState::Normal as i32;
+        let value = synced_images_json(&[(synced.clone(), done.clone())]).expect("renders");
+        let images = value["imageSet"].as_array().expect("an array");
+        assert_eq!(images.len(), 1);
+        assert_eq!(images[0]["sourceImageId"], "img-source01");
+        assert_eq!(images[0]["imageId"], "img-aaaaaaaa");
+        assert_eq!(images[0]["imageState"], "NORMAL");
+        let table = synced_images_table(&[(synced.clone(), done)]);
+        assert_eq!(
+            table,
+            "SOURCE_IMAGE_ID  REGION       IMAGE_ID      STATE\n\
+             img-source01     ap-shanghai  img-aaaaaaaa  NORMAL\n"
+        );
+        assert_eq!(
+            synced_table(&[synced]),
+            "SOURCE_IMAGE_ID  REGION       IMAGE_ID\n\
+             img-source01     ap-shanghai  img-aaaaaaaa\n"
+        );
     }
 
     #[test]

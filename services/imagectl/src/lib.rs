@@ -6,6 +6,7 @@
 //! - `session`: the cluster file, the account, and signed catalog and region clients.
 //! - `regions`, `images`, `instances`: the commands of each group.
 //! - `output`: tables and proto3 JSON; `paging`: `--all`; `error`: how failures are reported.
+//! - `progress`: progress of long waits on stderr (bars on a terminal, plain lines otherwise).
 
 pub mod cli;
 pub mod error;
@@ -13,12 +14,14 @@ pub mod images;
 pub mod instances;
 pub mod output;
 pub mod paging;
+pub mod progress;
 pub mod regions;
 pub mod session;
 
 use clap::Parser;
 use cli::{Cli, Command};
 use error::{CliError, Result};
+use progress::ProgressSink;
 use session::Session;
 use std::io::Write;
 use std::process::ExitCode;
@@ -55,13 +58,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Runs one command; returns what it prints on stdout.
+/// Runs one command; returns what it prints on stdout. Progress goes to stderr.
 pub async fn run(cli: Cli) -> Result<String> {
+    let mut stderr = std::io::stderr();
+    run_with_progress(cli, ProgressSink::stderr(&mut stderr)).await
+}
+
+/// Runs one command with its progress (of `images sync --wait`) written to `progress`;
+/// returns what it prints on stdout.
+pub async fn run_with_progress(cli: Cli, progress: ProgressSink<'_>) -> Result<String> {
     let session = Session::open(&cli.global.cluster, cli.global.account.as_deref())?;
     let format = cli.global.output;
     match cli.command {
         Command::Regions(command) => regions::run(&session, command, format).await,
-        Command::Images(command) => images::run(&session, command, format).await,
+        Command::Images(command) => images::run(&session, command, format, progress).await,
         Command::Instances(command) => instances::run(&session, command, format).await,
     }
 }

@@ -35,6 +35,7 @@ proto_messages!(
     DescribeInstancesResponse,
     TerminateInstancesResponse,
     ResetInstanceResponse,
+    SyncImagesResponse,
 );
 
 /// A message as proto3 JSON: enum values by name, every field present (defaults included).
@@ -235,6 +236,7 @@ mod tests {
         check::<region::DescribeInstancesResponse>();
         check::<region::TerminateInstancesResponse>();
         check::<region::ResetInstanceResponse>();
+        check::<region::SyncImagesResponse>();
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! `imagectl` commands against an in-process fake catalog and region service: region lookup
 //! through the catalog, paging with `--all`, `create --wait`, sparse export, chunked disk
-//! writes and reads, and how server errors are reported.
+//! writes and reads, `sync` (with `--wait` polling each destination region, and its progress
+//! on stderr), and how server errors are reported.
 
 use clap::Parser;
 use imagefleet_imagectl::cli::Cli;
+use imagefleet_imagectl::progress::ProgressSink;
 use imagefleet_proto::catalog::v1 as catalog;
 use imagefleet_proto::region::v1 as region;
 use imagefleet_rpc::cluster::{AccountEntry, ClusterFile, RegionEndpoint, ServiceEndpoint};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tonic::{Request, Response, Status};
@@ -22,12 +25,78 @@ struct State {
     read_sizes: Vec<u64>,
     created_polls: u32,
     fail_create: bool,
+    /// `SyncImages` calls, as received by the region asked.
+    sync_requests: Vec<(String, region::SyncImagesRequest)>,
+    /// Polls of each destination image (by id).
+    sync_polls: HashMap<String, u32>,
+    /// `DescribeImages` calls for destination images: region asked, caller's secret id, ids.
+    sync_describes: Vec<(String, String, Vec<String>)>,
+    /// Whether the ap-beijing copy fails.
+    fail_sync: bool,
 }
 
+/// One region's fake service (and, in ap-guangzhou, the catalog). Every region shares the
+/// state.
 #[derive(Clone)]
 struct Fake {
+    region: String,
     endpoint: String,
+    /// (region, endpoint) of every fake region, as the catalog lists them.
+    regions: Arc<Vec<(String, String)>>,
     state: Arc<Mutex<State>>,
+}
+
+/// The source image the sync tests copy.
+const SYNC_SOURCE: &str = "img-list0001";
+/// The destination images `SyncImages` answers with: (region, image id).
+const SYNC_DESTINATIONS: [(&str, &str); 2] = [
+    ("ap-shanghai", "img-sync0001"),
+    ("ap-beijing", "img-sync0002"),
+];
+/// Bytes of the ap-shanghai copy (reported through `sync_progress`).
+const SYNC_BYTES: u64 = 100 * MIB as u64;
+/// Virtual size of the ap-beijing copy (reported through `sync_percent` only).
+const SYNC_VIRTUAL: u64 = 10 * MIB as u64;
+const SYNC_FAILURE: &str = "source image changed during the copy";
+
+/// Destination image `id` at its `poll`th poll. ap-shanghai's copy moves 30 MiB of 100 per
+/// poll and is NORMAL at the 5th poll; ap-beijing's has no `sync_progress`, moves 40% per
+/// poll and is NORMAL at the 4th (or CREATEFAILED at the 2nd if `fail`).
+fn synced_image(id: &str, poll: u32, fail: bool) -> region::Image {
+    let mut img = image(id, region::ImageState::Syncing);
+    img.image_source = region::ImageSource::Sync as i32;
+    if id == SYNC_DESTINATIONS[0].1 {
+        let done = (u64::from(poll) * 30 * MIB as u64).min(SYNC_BYTES);
+        img.region = SYNC_DESTINATIONS[0].0.into();
+        img.virtual_size_bytes = 1 << 30;
+        img.sync_percent = (done * 100 / SYNC_BYTES) as u32;
+        img.sync_progress = Some(region::SyncProgress {
+            source_region: "ap-guangzhou".into(),
+            source_image_id: SYNC_SOURCE.into(),
+            chunks_total: 100,
+            bytes_total: SYNC_BYTES,
+            chunks_done: done / MIB as u64,
+            bytes_done: done,
+            chunks_transferred: done / MIB as u64 + 2,
+            bytes_transferred: done + 2 * MIB as u64,
+            attempts: 2,
+            last_error: "connection reset".into(),
+        });
+        if poll >= 5 {
+            img.image_state = region::ImageState::Normal as i32;
+        }
+    } else {
+        // No region field: imagectl fills it in.
+        img.virtual_size_bytes = SYNC_VIRTUAL;
+        img.sync_percent = (poll * 40).min(100);
+        if fail && poll >= 2 {
+            img.image_state = region::ImageState::Createfailed as i32;
+            img.state_reason = SYNC_FAILURE.into();
+        } else if poll >= 4 {
+            img.image_state = region::ImageState::Normal as i32;
+        }
+    }
+    img
 }
 
 fn image(id: &str, state: region::ImageState) -> region::Image {
@@ -54,15 +123,20 @@ impl catalog::catalog_service_server::CatalogService for Fake {
         &self,
         _: Request<catalog::DescribeRegionsRequest>,
     ) -> Result<Response<catalog::DescribeRegionsResponse>, Status> {
-        Ok(Response::new(catalog::DescribeRegionsResponse {
-            region_set: vec![catalog::Region {
-                region: "ap-guangzhou".into(),
-                region_name: "Guangzhou".into(),
+        let region_set: Vec<catalog::Region> = self
+            .regions
+            .iter()
+            .map(|(region, endpoint)| catalog::Region {
+                region: region.clone(),
+                region_name: region.clone(),
                 area: catalog::Area::Mainland as i32,
-                endpoint: self.endpoint.clone(),
+                endpoint: endpoint.clone(),
                 registered_time: "2025-01-01T00:00:00Z".into(),
-            }],
-            total_count: 1,
+            })
+            .collect();
+        Ok(Response::new(catalog::DescribeRegionsResponse {
+            total_count: region_set.len() as u32,
+            region_set,
         }))
     }
 
@@ -83,7 +157,43 @@ impl region::region_service_server::RegionService for Fake {
         &self,
         request: Request<region::DescribeImagesRequest>,
     ) -> Result<Response<region::DescribeImagesResponse>, Status> {
+        let secret_id = request
+            .metadata()
+            .get("x-imagefleet-secret-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
         let request = request.into_inner();
+        if request
+            .image_ids
+            .iter()
+            .any(|id| SYNC_DESTINATIONS.iter().any(|(_, d)| d == id))
+        {
+            let mut state = self.state.lock().unwrap();
+            state
+                .sync_describes
+                .push((self.region.clone(), secret_id, request.image_ids.clone()));
+            let mut found = Vec::new();
+            for id in &request.image_ids {
+                // Each destination image exists in its own region only.
+                if !SYNC_DESTINATIONS.contains(&(self.region.as_str(), id.as_str())) {
+                    return Err(imagefleet_proto::error::status(
+                        tonic::Code::NotFound,
+                        "InvalidImageId.NotFound",
+                        format!("image {id} does not exist in {}", self.region),
+                    ));
+                }
+                let polls = state.sync_polls.entry(id.clone()).or_default();
+                *polls += 1;
+                let poll = *polls;
+                found.push(synced_image(id, poll, state.fail_sync));
+            }
+            return Ok(Response::new(region::DescribeImagesResponse {
+                total_count: found.len() as u32,
+                image_set: found,
+                next_page_token: String::new(),
+            }));
+        }
         if let Some(id) = request.image_ids.first() {
             let found = match id.as_str() {
                 "img-created1" => {
@@ -261,6 +371,33 @@ impl region::region_service_server::RegionService for Fake {
         }))
     }
 
+    async fn sync_images(
+        &self,
+        request: Request<region::SyncImagesRequest>,
+    ) -> Result<Response<region::SyncImagesResponse>, Status> {
+        let request = request.into_inner();
+        let dry_run = request.dry_run;
+        self.state
+            .lock()
+            .unwrap()
+            .sync_requests
+            .push((self.region.clone(), request));
+        Ok(Response::new(region::SyncImagesResponse {
+            image_set: SYNC_DESTINATIONS
+                .iter()
+                .map(|(region, id)| region::SyncedImage {
+                    source_image_id: SYNC_SOURCE.into(),
+                    region: region.to_string(),
+                    image_id: if dry_run {
+                        String::new()
+                    } else {
+                        id.to_string()
+                    },
+                })
+                .collect(),
+        }))
+    }
+
     async fn read_instance_disk(
         &self,
         request: Request<region::ReadInstanceDiskRequest>,
@@ -285,30 +422,50 @@ struct Harness {
     cluster: PathBuf,
 }
 
-/// Starts the fake on a free port and writes a cluster file whose catalog is the fake and
-/// whose region list is empty (so region endpoints must come from the catalog).
+/// Starts a fake region (ap-guangzhou, which also serves the catalog) and the two sync
+/// destinations (ap-shanghai, ap-beijing), each on a free port, and writes a cluster file
+/// whose catalog is the fake and whose region list is empty (so region endpoints must come
+/// from the catalog).
 async fn start() -> Harness {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let fake = Fake {
-        endpoint: endpoint.clone(),
-        state: Arc::new(Mutex::new(State {
-            disk: vec![0; DISK_SIZE],
-            ..Default::default()
-        })),
-    };
-    let server = tonic::transport::Server::builder()
-        .add_service(catalog::catalog_service_server::CatalogServiceServer::new(
-            fake.clone(),
-        ))
-        .add_service(region::region_service_server::RegionServiceServer::new(
-            fake.clone(),
-        ))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-    tokio::spawn(server);
+    let mut listeners = Vec::new();
+    for region in ["ap-guangzhou", "ap-shanghai", "ap-beijing"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        listeners.push((region.to_string(), endpoint, listener));
+    }
+    let regions: Arc<Vec<(String, String)>> = Arc::new(
+        listeners
+            .iter()
+            .map(|(region, endpoint, _)| (region.clone(), endpoint.clone()))
+            .collect(),
+    );
+    let state = Arc::new(Mutex::new(State {
+        disk: vec![0; DISK_SIZE],
+        ..Default::default()
+    }));
+    let mut fakes = Vec::new();
+    for (region, endpoint, listener) in listeners {
+        let fake = Fake {
+            region,
+            endpoint,
+            regions: regions.clone(),
+            state: state.clone(),
+        };
+        let server = tonic::transport::Server::builder()
+            .add_service(catalog::catalog_service_server::CatalogServiceServer::new(
+                fake.clone(),
+            ))
+            .add_service(region::region_service_server::RegionServiceServer::new(
+                fake.clone(),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        fakes.push(fake);
+    }
+    let fake = fakes.swap_remove(0);
     let dir = tempfile::tempdir().unwrap();
     let cluster = dir.path().join("cluster.json");
-    write_cluster(&cluster, &endpoint, vec![]);
+    write_cluster(&cluster, &fake.endpoint, vec![]);
     Harness { fake, dir, cluster }
 }
 
@@ -336,15 +493,26 @@ fn write_cluster(path: &Path, catalog: &str, regions: Vec<RegionEndpoint>) {
 
 impl Harness {
     async fn run(&self, args: &[&str]) -> Result<String, String> {
+        self.run_with_stderr(args).await.0
+    }
+
+    /// Runs a command with stderr (not a terminal) captured: (stdout or error, stderr).
+    async fn run_with_stderr(&self, args: &[&str]) -> (Result<String, String>, String) {
         let cluster = self.cluster.display().to_string();
         let argv = ["imagectl"]
             .into_iter()
             .chain(args.iter().copied())
             .chain(["--cluster", cluster.as_str()]);
-        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
-        imagefleet_imagectl::run(cli)
-            .await
-            .map_err(|e| e.to_string())
+        let cli = match Cli::try_parse_from(argv) {
+            Ok(cli) => cli,
+            Err(e) => return (Err(e.to_string()), String::new()),
+        };
+        let mut stderr: Vec<u8> = Vec::new();
+        let result =
+            imagefleet_imagectl::run_with_progress(cli, ProgressSink::new(&mut stderr, false))
+                .await
+                .map_err(|e| e.to_string());
+        (result, String::from_utf8(stderr).expect("UTF-8 stderr"))
     }
 
     async fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -600,4 +768,260 @@ async fn instance_commands_print_tables_and_json() {
         ])
         .await;
     assert_eq!(empty, serde_json::json!({}));
+}
+
+const SYNC_ARGS: [&str; 12] = [
+    "images",
+    "sync",
+    "--region",
+    "ap-guangzhou",
+    "--image",
+    SYNC_SOURCE,
+    "--to",
+    "ap-shanghai,ap-beijing",
+    "--name",
+    "copy",
+    "--client-token",
+    "tok-1",
+];
+
+fn sync_args(extra: &[&'static str]) -> Vec<&'static str> {
+    SYNC_ARGS.iter().chain(extra).copied().collect()
+}
+
+/// The percents of `destination`'s plain progress lines (`<region> <id> <pct>% ...`).
+fn percents(stderr: &str, region: &str, id: &str) -> Vec<u32> {
+    let prefix = format!("{region} {id} ");
+    stderr
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .map(|rest| {
+            let pct = rest.split_whitespace().next().unwrap();
+            pct.strip_suffix('%').unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn sync_wait_prints_the_final_images_and_plain_progress() {
+    let h = start().await;
+    let (result, stderr) = h
+        .run_with_stderr(&sync_args(&["--wait", "--output", "json"]))
+        .await;
+    let stdout = result.expect("sync succeeds");
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+
+    // stdout: {"imageSet": [final Image + sourceImageId, ...]}, in SyncImages' order.
+    let object = value.as_object().unwrap();
+    assert_eq!(object.keys().collect::<Vec<_>>(), ["imageSet"], "{value}");
+    let images = value["imageSet"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{value}");
+    let shanghai = &images[0];
+    assert_eq!(shanghai["sourceImageId"], SYNC_SOURCE);
+    assert_eq!(shanghai["imageId"], "img-sync0001");
+    assert_eq!(shanghai["region"], "ap-shanghai");
+    assert_eq!(shanghai["imageState"], "NORMAL");
+    assert_eq!(shanghai["imageSource"], "SYNC");
+    assert_eq!(shanghai["syncPercent"], 100);
+    assert_eq!(
+        shanghai["syncProgress"]["bytesDone"],
+        SYNC_BYTES.to_string()
+    );
+    assert_eq!(shanghai["syncProgress"]["sourceRegion"], "ap-guangzhou");
+    assert_eq!(shanghai["syncProgress"]["attempts"], 2);
+    let beijing = &images[1];
+    assert_eq!(beijing["sourceImageId"], SYNC_SOURCE);
+    assert_eq!(beijing["imageId"], "img-sync0002");
+    assert_eq!(beijing["region"], "ap-beijing");
+    assert_eq!(beijing["imageState"], "NORMAL");
+    assert_eq!(beijing["virtualSizeBytes"], SYNC_VIRTUAL.to_string());
+
+    // The call went to the source region with every flag; each destination was polled in
+    // its own region, by id, as the same account, until it finished.
+    {
+        let state = h.fake.state.lock().unwrap();
+        assert_eq!(state.sync_requests.len(), 1);
+        let (asked, request) = &state.sync_requests[0];
+        assert_eq!(asked, "ap-guangzhou");
+        assert_eq!(request.image_ids, [SYNC_SOURCE]);
+        assert_eq!(request.destination_regions, ["ap-shanghai", "ap-beijing"]);
+        assert_eq!(request.image_name, "copy");
+        assert_eq!(request.client_token, "tok-1");
+        assert!(!request.dry_run);
+        let mut polled: Vec<&str> = state
+            .sync_describes
+            .iter()
+            .map(|(region, _, _)| region.as_str())
+            .collect();
+        polled.sort();
+        polled.dedup();
+        assert_eq!(polled, ["ap-beijing", "ap-shanghai"]);
+        for (region, secret_id, ids) in &state.sync_describes {
+            assert_eq!(secret_id, "AKIDdev");
+            let expected = SYNC_DESTINATIONS
+                .iter()
+                .find(|(r, _)| r == region)
+                .unwrap()
+                .1;
+            assert_eq!(ids, &[expected], "{region}");
+        }
+        assert_eq!(state.sync_polls["img-sync0001"], 5);
+        assert_eq!(state.sync_polls["img-sync0002"], 4);
+    }
+
+    // stderr: plain lines (no terminal), one per 10 points and one at the end.
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    assert_eq!(
+        percents(&stderr, "ap-shanghai", "img-sync0001"),
+        [30, 60, 90, 100, 100],
+        "{stderr}"
+    );
+    assert_eq!(
+        percents(&stderr, "ap-beijing", "img-sync0002"),
+        [40, 80, 100, 100],
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 9, "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines[0].starts_with("ap-shanghai img-sync0001 30% 30 MiB/100 MiB --"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with("ap-beijing img-sync0002 40% 4096 KiB/10240 KiB --"),
+        "{stderr}"
+    );
+    // From the second poll on: a rate (since the first poll) and an ETA.
+    let second = lines
+        .iter()
+        .find(|l| l.starts_with("ap-shanghai img-sync0001 60% 60 MiB/100 MiB "))
+        .unwrap();
+    assert!(second.contains("B/s ETA "), "{second}");
+    for (region, id) in SYNC_DESTINATIONS {
+        let last = stderr
+            .lines()
+            .rfind(|l| l.starts_with(&format!("{region} {id} ")))
+            .unwrap();
+        assert!(last.ends_with(" NORMAL"), "{last}");
+        assert!(!last.contains("ETA"), "{last}");
+    }
+
+    // The table of the same wait.
+    let h = start().await;
+    let table = h.run(&sync_args(&["--wait"])).await.unwrap();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec!["SOURCE_IMAGE_ID", "REGION", "IMAGE_ID", "STATE"],
+            vec![SYNC_SOURCE, "ap-shanghai", "img-sync0001", "NORMAL"],
+            vec![SYNC_SOURCE, "ap-beijing", "img-sync0002", "NORMAL"],
+        ]
+    );
+}
+
+#[tokio::test]
+async fn sync_wait_fails_when_a_destination_fails() {
+    let h = start().await;
+    h.fake.state.lock().unwrap().fail_sync = true;
+    let (result, stderr) = h
+        .run_with_stderr(&sync_args(&["--wait", "--output", "json"]))
+        .await;
+    let err = result.expect_err("a destination failed");
+    assert_eq!(
+        err,
+        format!("image img-sync0002 in ap-beijing is CREATEFAILED: {SYNC_FAILURE}")
+    );
+    // The other destination was still waited for.
+    assert_eq!(h.fake.state.lock().unwrap().sync_polls["img-sync0001"], 5);
+    let failed = stderr
+        .lines()
+        .rfind(|l| l.starts_with("ap-beijing img-sync0002 "))
+        .unwrap();
+    assert!(failed.ends_with(" CREATEFAILED"), "{stderr}");
+    assert!(stderr
+        .lines()
+        .any(|l| l.starts_with("ap-shanghai img-sync0001 100%") && l.ends_with(" NORMAL")));
+}
+
+#[tokio::test]
+async fn sync_without_wait_prints_the_response() {
+    let h = start().await;
+    let (result, stderr) = h.run_with_stderr(&sync_args(&["--output", "json"])).await;
+    let value: serde_json::Value = serde_json::from_str(&result.unwrap()).unwrap();
+    assert_eq!(
+        value,
+        serde_json::json!({
+            "imageSet": [
+                {"sourceImageId": SYNC_SOURCE, "region": "ap-shanghai", "imageId": "img-sync0001"},
+                {"sourceImageId": SYNC_SOURCE, "region": "ap-beijing", "imageId": "img-sync0002"},
+            ]
+        })
+    );
+    assert_eq!(stderr, "");
+    assert!(h.fake.state.lock().unwrap().sync_polls.is_empty());
+
+    let table = h.run(&sync_args(&[])).await.unwrap();
+    assert_eq!(
+        table,
+        "SOURCE_IMAGE_ID  REGION       IMAGE_ID\n\
+         img-list0001     ap-shanghai  img-sync0001\n\
+         img-list0001     ap-beijing   img-sync0002\n"
+    );
+
+    let dry = h.json(&sync_args(&["--dry-run"])).await;
+    assert_eq!(dry["imageSet"][0]["imageId"], "");
+    let state = h.fake.state.lock().unwrap();
+    assert_eq!(state.sync_requests.len(), 3);
+    assert!(state.sync_requests[2].1.dry_run);
+    assert!(state.sync_polls.is_empty());
+}
+
+#[tokio::test]
+async fn describe_shows_the_sync_progress() {
+    let h = start().await;
+    let text = h
+        .run(&[
+            "images",
+            "describe",
+            "--region",
+            "ap-shanghai",
+            "--image",
+            "img-sync0001",
+        ])
+        .await
+        .unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                let (key, value) = l.split_once(' ')?;
+                (key == name).then(|| value.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    assert_eq!(field("STATE"), "SYNCING");
+    assert_eq!(field("SYNC_PERCENT"), "30");
+    assert_eq!(field("SYNC_SOURCE"), "ap-guangzhou/img-list0001");
+    assert_eq!(field("SYNC_BYTES"), "31457280/104857600 (30%)");
+    assert_eq!(field("SYNC_CHUNKS"), "30/100");
+    assert_eq!(field("SYNC_TRANSFERRED"), "32 chunks, 33554432 bytes");
+    assert_eq!(field("SYNC_ATTEMPTS"), "2");
+    assert_eq!(field("SYNC_LAST_ERROR"), "connection reset");
+    // Images without a sync progress have no such rows.
+    let created = h
+        .run(&[
+            "images",
+            "describe",
+            "--region",
+            "ap-guangzhou",
+            "--image",
+            "img-export01",
+        ])
+        .await
+        .unwrap();
+    assert!(created.contains("SYNC_PERCENT"), "{created}");
+    assert!(!created.contains("SYNC_SOURCE"), "{created}");
 }

@@ -30,7 +30,7 @@ impl RegionApi {
     }
 }
 
-fn random_id(prefix: &str) -> String {
+pub(crate) fn random_id(prefix: &str) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let suffix: String = (0..8)
         .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
@@ -96,6 +96,22 @@ fn image_message(row: &ImageRow, caller: &str, region: &str) -> Image {
         content_digest: row.content_digest.clone(),
         is_deprecated: row.deprecated,
         region: region.to_string(),
+        sync_progress: None,
+    }
+}
+
+fn sync_progress(task: &crate::store::SyncTaskRow) -> SyncProgress {
+    SyncProgress {
+        source_region: task.source_region.clone(),
+        source_image_id: task.source_image_id.clone(),
+        chunks_total: task.chunks_total,
+        bytes_total: task.bytes_total,
+        chunks_done: task.chunks_done,
+        bytes_done: task.bytes_done,
+        chunks_transferred: task.chunks_transferred,
+        bytes_transferred: task.bytes_transferred,
+        attempts: task.attempts,
+        last_error: task.last_error.clone(),
     }
 }
 
@@ -216,7 +232,25 @@ impl RegionService for RegionApi {
             found
         };
         let total = matching.len();
-        let image_set = matching.into_iter().skip(offset).take(limit).collect();
+        let mut image_set: Vec<Image> = matching.into_iter().skip(offset).take(limit).collect();
+        let copied: Vec<String> = image_set
+            .iter()
+            .filter(|i| i.image_source == ImageSource::Sync as i32)
+            .map(|i| i.image_id.clone())
+            .collect();
+        if !copied.is_empty() {
+            let store = self.region.store.clone();
+            let tasks = blocking(move || {
+                let ids: Vec<&str> = copied.iter().map(String::as_str).collect();
+                store.sync_tasks_for(&ids)
+            })
+            .await?;
+            for image in &mut image_set {
+                if let Some(task) = tasks.get(&image.image_id) {
+                    image.sync_progress = Some(sync_progress(task));
+                }
+            }
+        }
         Ok(Response::new(DescribeImagesResponse {
             image_set,
             total_count: total as u32,
@@ -686,5 +720,15 @@ impl RegionService for RegionApi {
         let data = blocking(move || disk::read(&store, &chunks, &instance, req.offset, req.length))
             .await?;
         Ok(Response::new(ReadInstanceDiskResponse { data }))
+    }
+
+    async fn sync_images(
+        &self,
+        request: Request<SyncImagesRequest>,
+    ) -> Result<Response<SyncImagesResponse>, Status> {
+        let caller = account_id(&request)?;
+        let response =
+            crate::sync::sync_images(&self.region, &caller, request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 }

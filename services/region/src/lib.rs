@@ -13,6 +13,7 @@ pub mod catalogue;
 pub mod disk;
 pub mod seed;
 pub mod store;
+mod sync;
 pub mod validate;
 
 use imagefleet_chunkstore::{ChunkDigest, ChunkStore};
@@ -66,6 +67,10 @@ pub struct Region {
     chunk_refs: Arc<RwLock<()>>,
     /// One lock per instance disk: writes are read-modify-write of whole chunks.
     disk_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Region-to-region clients, by region.
+    peers: Mutex<HashMap<String, imagefleet_proto::region::v1::region_internal_service_client::RegionInternalServiceClient<SignedChannel>>>,
+    /// Images whose copy is running in this process.
+    syncing: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Runs a blocking store operation off the async threads.
@@ -107,6 +112,8 @@ impl Region {
             sharing,
             chunk_refs: Arc::new(RwLock::new(())),
             disk_locks: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            syncing: Mutex::new(std::collections::HashSet::new()),
         });
         region.sweep_orphan_chunks()?;
         region.seed_public_images()?;
@@ -330,6 +337,9 @@ impl Region {
                     .await
             });
         }
+        for image in self.store.images_in_state("SYNCING")? {
+            self.spawn_sync(image.image_id);
+        }
         for image in self.store.images_in_state("DELETING")? {
             let region = self.clone();
             tokio::spawn(async move {
@@ -374,7 +384,13 @@ pub async fn run(
     let service = RegionServiceServer::new(api::RegionApi::new(region.clone()))
         .max_decoding_message_size(imagefleet_rpc::client::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(imagefleet_rpc::client::MAX_MESSAGE_BYTES);
-    let routes = routes.routes.add_service(service);
+    let peer_service =
+        imagefleet_proto::region::v1::region_internal_service_server::RegionInternalServiceServer::new(
+            sync::RegionPeerApi::new(region.clone()),
+        )
+        .max_decoding_message_size(imagefleet_rpc::client::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(imagefleet_rpc::client::MAX_MESSAGE_BYTES);
+    let routes = routes.routes.add_service(service).add_service(peer_service);
 
     region.resume()?;
     let registering = {

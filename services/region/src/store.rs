@@ -81,6 +81,29 @@ CREATE TABLE IF NOT EXISTS instance_chunks (
     PRIMARY KEY (instance_id, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS instance_chunks_digest ON instance_chunks(digest);
+CREATE TABLE IF NOT EXISTS sync_tasks (
+    image_id TEXT PRIMARY KEY,
+    request_key TEXT NOT NULL UNIQUE,
+    source_region TEXT NOT NULL,
+    source_image_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    manifest_loaded INTEGER NOT NULL,
+    chunks_total INTEGER NOT NULL,
+    bytes_total INTEGER NOT NULL,
+    chunks_done INTEGER NOT NULL,
+    bytes_done INTEGER NOT NULL,
+    chunks_transferred INTEGER NOT NULL,
+    bytes_transferred INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_error TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sync_chunks (
+    image_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY (image_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sync_chunks_digest ON sync_chunks(digest);
 "#;
 
 /// One image row.
@@ -658,6 +681,8 @@ impl Store {
             };
             tx.execute("DELETE FROM images WHERE image_id = ?1", [image_id])
                 .map_err(db)?;
+            tx.execute("DELETE FROM sync_tasks WHERE image_id = ?1", [image_id])
+                .map_err(db)?;
             let Some(snapshot_id) = image.snapshot_id else {
                 return Ok(Vec::new());
             };
@@ -933,7 +958,8 @@ impl Store {
                 let used: bool = c
                     .prepare_cached(
                         "SELECT EXISTS(SELECT 1 FROM snapshot_chunks WHERE digest = ?1) \
-                         OR EXISTS(SELECT 1 FROM instance_chunks WHERE digest = ?1)",
+                         OR EXISTS(SELECT 1 FROM instance_chunks WHERE digest = ?1) \
+                         OR EXISTS(SELECT 1 FROM sync_chunks WHERE digest = ?1)",
                     )
                     .and_then(|mut s| s.query_row([&d.0[..]], |r| r.get(0)))
                     .map_err(db)?;
@@ -952,6 +978,7 @@ impl Store {
             for sql in [
                 "SELECT DISTINCT digest FROM snapshot_chunks",
                 "SELECT DISTINCT digest FROM instance_chunks WHERE digest IS NOT NULL",
+                "SELECT DISTINCT digest FROM sync_chunks",
             ] {
                 let mut stmt = c.prepare(sql).map_err(db)?;
                 let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).map_err(db)?;
@@ -995,5 +1022,316 @@ fn check_name_free(
             format!("an image named {name:?} already exists in this region"),
         )),
         _ => Ok(()),
+    }
+}
+
+/// The state of a copy into this region (the destination side of `SyncImages`).
+#[derive(Clone, Debug, Default)]
+pub struct SyncTaskRow {
+    pub image_id: String,
+    pub request_key: String,
+    pub source_region: String,
+    pub source_image_id: String,
+    /// `RUNNING`, `DONE` (all chunks in; registering) or `FAILED`.
+    pub state: String,
+    pub manifest_loaded: bool,
+    pub chunks_total: u64,
+    pub bytes_total: u64,
+    pub chunks_done: u64,
+    pub bytes_done: u64,
+    pub chunks_transferred: u64,
+    pub bytes_transferred: u64,
+    pub attempts: u32,
+    pub last_error: String,
+}
+
+const SYNC_COLUMNS: &str = "image_id, request_key, source_region, source_image_id, state, manifest_loaded, \
+    chunks_total, bytes_total, chunks_done, bytes_done, chunks_transferred, bytes_transferred, attempts, last_error";
+
+fn sync_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SyncTaskRow> {
+    Ok(SyncTaskRow {
+        image_id: r.get(0)?,
+        request_key: r.get(1)?,
+        source_region: r.get(2)?,
+        source_image_id: r.get(3)?,
+        state: r.get(4)?,
+        manifest_loaded: r.get(5)?,
+        chunks_total: r.get::<_, i64>(6)? as u64,
+        bytes_total: r.get::<_, i64>(7)? as u64,
+        chunks_done: r.get::<_, i64>(8)? as u64,
+        bytes_done: r.get::<_, i64>(9)? as u64,
+        chunks_transferred: r.get::<_, i64>(10)? as u64,
+        bytes_transferred: r.get::<_, i64>(11)? as u64,
+        attempts: r.get::<_, i64>(12)? as u32,
+        last_error: r.get(13)?,
+    })
+}
+
+/// Progress of a copy, as last recorded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncCounters {
+    pub chunks_done: u64,
+    pub bytes_done: u64,
+    pub chunks_transferred: u64,
+    pub bytes_transferred: u64,
+}
+
+impl Store {
+    /// Creates the `SYNCING` image and its copy task, unless `request_key` already made one (then
+    /// returns that image's id). Quota and name are checked in the same transaction; with
+    /// `dry_run` nothing is written.
+    pub fn create_sync_image(
+        &self,
+        image: ImageRow,
+        task: &SyncTaskRow,
+        quota: u32,
+        dry_run: bool,
+    ) -> Result<String, Status> {
+        self.tx(|tx| {
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT image_id FROM sync_tasks WHERE request_key = ?1",
+                    [&task.request_key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            if let Some(id) = existing {
+                return Ok(id);
+            }
+            check_name_free(tx, &image.owner, &image.name, None)?;
+            let used: i64 = tx
+                .query_row("SELECT COUNT(*) FROM images WHERE owner = ?1", [&image.owner], |r| r.get(0))
+                .map_err(db)?;
+            if used as u32 >= quota {
+                return Err(error::status(
+                    Code::ResourceExhausted,
+                    "ImageQuotaLimitExceeded",
+                    format!("the custom image quota of {quota} in the destination region is used up"),
+                ));
+            }
+            if dry_run {
+                return Ok(String::new());
+            }
+            let snapshot_id = image.snapshot_id.clone().unwrap_or_default();
+            insert_manifest(tx, &snapshot_id, &image.image_id, image.virtual_size, &[], image.created_at)
+                .map_err(db)?;
+            insert_image(tx, &image).map_err(db)?;
+            tx.execute(
+                &format!("INSERT INTO sync_tasks ({SYNC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, 'RUNNING', 0, 0, 0, 0, 0, 0, 0, 0, '')"),
+                params![image.image_id, task.request_key, task.source_region, task.source_image_id],
+            )
+            .map_err(db)?;
+            Ok(image.image_id.clone())
+        })
+    }
+
+    pub fn sync_task(&self, image_id: &str) -> Result<Option<SyncTaskRow>, Status> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {SYNC_COLUMNS} FROM sync_tasks WHERE image_id = ?1"),
+                [image_id],
+                sync_from_row,
+            )
+            .optional()
+            .map_err(db)
+        })
+    }
+
+    /// Records the manifest a copy must reproduce (once: a NORMAL source never changes).
+    /// From then on its chunks count as referenced, so none that arrives is reclaimed.
+    pub fn set_sync_manifest(
+        &self,
+        image_id: &str,
+        manifest: &[(u64, ChunkDigest)],
+    ) -> Result<(), Status> {
+        self.tx(|tx| {
+            let loaded: bool = tx
+                .query_row("SELECT manifest_loaded FROM sync_tasks WHERE image_id = ?1", [image_id], |r| r.get(0))
+                .map_err(db)?;
+            if loaded {
+                return Ok(());
+            }
+            let mut stmt = tx
+                .prepare("INSERT OR REPLACE INTO sync_chunks (image_id, idx, digest) VALUES (?1, ?2, ?3)")
+                .map_err(db)?;
+            for (idx, digest) in manifest {
+                stmt.execute(params![image_id, *idx as i64, &digest.0[..]]).map_err(db)?;
+            }
+            let bytes = manifest.len() as u64 * imagefleet_chunkstore::CHUNK_SIZE as u64;
+            tx.execute(
+                "UPDATE sync_tasks SET manifest_loaded = 1, chunks_total = ?2, bytes_total = ?3 WHERE image_id = ?1",
+                params![image_id, manifest.len() as i64, bytes as i64],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// The manifest a copy must reproduce.
+    pub fn sync_manifest(&self, image_id: &str) -> Result<Vec<(u64, ChunkDigest)>, Status> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare("SELECT idx, digest FROM sync_chunks WHERE image_id = ?1 ORDER BY idx")
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([image_id], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (idx, d) = row.map_err(db)?;
+                if let Some(d) = digest_of(d) {
+                    out.push((idx as u64, d));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Records a copy's progress (and the image's `sync_percent`, which reaches 100 only with
+    /// `finish_sync`).
+    pub fn record_sync_progress(
+        &self,
+        image_id: &str,
+        counters: &SyncCounters,
+        bytes_total: u64,
+    ) -> Result<(), Status> {
+        let percent = (counters.bytes_done * 100)
+            .checked_div(bytes_total)
+            .unwrap_or(0)
+            .min(99);
+        self.tx(|tx| {
+            tx.execute(
+                "UPDATE sync_tasks SET chunks_done = ?2, bytes_done = ?3, chunks_transferred = ?4, bytes_transferred = ?5 \
+                 WHERE image_id = ?1",
+                params![
+                    image_id,
+                    counters.chunks_done as i64,
+                    counters.bytes_done as i64,
+                    counters.chunks_transferred as i64,
+                    counters.bytes_transferred as i64
+                ],
+            )
+            .map_err(db)?;
+            tx.execute(
+                "UPDATE images SET sync_percent = ?2 WHERE image_id = ?1 AND state = 'SYNCING'",
+                params![image_id, percent as i64],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Counts an attempt and remembers what interrupted the previous one.
+    pub fn record_sync_attempt(
+        &self,
+        image_id: &str,
+        last_error: Option<&str>,
+    ) -> Result<u32, Status> {
+        self.tx(|tx| {
+            if let Some(e) = last_error {
+                tx.execute(
+                    "UPDATE sync_tasks SET last_error = ?2 WHERE image_id = ?1",
+                    params![image_id, e],
+                )
+                .map_err(db)?;
+                return Ok(0);
+            }
+            tx.execute(
+                "UPDATE sync_tasks SET attempts = attempts + 1 WHERE image_id = ?1",
+                [image_id],
+            )
+            .map_err(db)?;
+            tx.query_row(
+                "SELECT attempts FROM sync_tasks WHERE image_id = ?1",
+                [image_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u32)
+            .map_err(db)
+        })
+    }
+
+    /// Every chunk has arrived: the copied manifest becomes the image's snapshot.
+    pub fn finish_sync(&self, image_id: &str) -> Result<(), Status> {
+        self.tx(|tx| {
+            let image = get_image(tx, image_id)
+                .map_err(db)?
+                .ok_or_else(|| not_found("InvalidImageId.NotFound", image_id))?;
+            let snapshot_id = image.snapshot_id.unwrap_or_default();
+            let moved = tx
+                .execute(
+                    "INSERT OR REPLACE INTO snapshot_chunks (snapshot_id, idx, digest) \
+                     SELECT ?2, idx, digest FROM sync_chunks WHERE image_id = ?1",
+                    params![image_id, snapshot_id],
+                )
+                .map_err(db)?;
+            tx.execute("DELETE FROM sync_chunks WHERE image_id = ?1", [image_id]).map_err(db)?;
+            tx.execute(
+                "UPDATE snapshots SET stored_bytes = ?2 WHERE snapshot_id = ?1",
+                params![snapshot_id, (moved as u64 * imagefleet_chunkstore::CHUNK_SIZE as u64) as i64],
+            )
+            .map_err(db)?;
+            tx.execute(
+                "UPDATE sync_tasks SET state = 'DONE', chunks_done = chunks_total, bytes_done = bytes_total \
+                 WHERE image_id = ?1",
+                [image_id],
+            )
+            .map_err(db)?;
+            tx.execute("UPDATE images SET sync_percent = 100 WHERE image_id = ?1", [image_id]).map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// A copy that cannot succeed: the image is `CREATEFAILED` with `reason`, and what had
+    /// arrived is released. Returns the digests released.
+    pub fn fail_sync(&self, image_id: &str, reason: &str) -> Result<Vec<ChunkDigest>, Status> {
+        self.tx(|tx| {
+            let digests = {
+                let mut stmt = tx
+                    .prepare("SELECT digest FROM sync_chunks WHERE image_id = ?1")
+                    .map_err(db)?;
+                let rows = stmt
+                    .query_map([image_id], |r| r.get::<_, Vec<u8>>(0))
+                    .map_err(db)?;
+                rows.filter_map(|r| r.ok().and_then(digest_of)).collect()
+            };
+            tx.execute("DELETE FROM sync_chunks WHERE image_id = ?1", [image_id])
+                .map_err(db)?;
+            tx.execute(
+                "UPDATE sync_tasks SET state = 'FAILED', last_error = ?2 WHERE image_id = ?1",
+                params![image_id, reason],
+            )
+            .map_err(db)?;
+            tx.execute(
+                "UPDATE images SET state = 'CREATEFAILED', state_reason = ?2 WHERE image_id = ?1",
+                params![image_id, reason],
+            )
+            .map_err(db)?;
+            Ok(digests)
+        })
+    }
+
+    /// Copy tasks of the given images, by image id.
+    pub fn sync_tasks_for(
+        &self,
+        image_ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, SyncTaskRow>, Status> {
+        self.with(|c| {
+            let mut out = std::collections::HashMap::new();
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {SYNC_COLUMNS} FROM sync_tasks WHERE image_id = ?1"
+                ))
+                .map_err(db)?;
+            for id in image_ids {
+                if let Some(task) = stmt.query_row([id], sync_from_row).optional().map_err(db)? {
+                    out.insert(task.image_id.clone(), task);
+                }
+            }
+            Ok(out)
+        })
     }
 }

@@ -1,0 +1,488 @@
+//! Cross-region copies (`SyncImages`) between region services running as separate processes:
+//! byte-for-byte equality, deduplication, several destinations at once, every rule, the client
+//! token, and `kill -9` of either side in the middle of a copy.
+
+mod common;
+
+use common::*;
+use imagefleet_proto::region::v1::*;
+use tonic::Code;
+
+const MIB: u64 = 1 << 20;
+
+/// Makes an image in `region` from `platform`'s public image with `data` written at `offset`.
+async fn image_with(
+    region: &mut Region,
+    platform: &str,
+    writes: &[(u64, Vec<u8>)],
+    name: &str,
+) -> (String, String) {
+    let public = public_image(region, platform).await;
+    let instance = run(region, &public.image_id, 1).await.remove(0);
+    for (offset, data) in writes {
+        write(region, &instance, *offset, data).await;
+    }
+    let image_id = region
+        .create_image(CreateImageRequest {
+            instance_id: instance.clone(),
+            image_name: name.into(),
+            image_description: format!("{name} for copying"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_id;
+    wait_image_state(region, &image_id, ImageState::Normal).await;
+    (image_id, instance)
+}
+
+async fn sync(
+    region: &mut Region,
+    image_id: &str,
+    to: &[&str],
+    token: &str,
+) -> Result<Vec<SyncedImage>, tonic::Status> {
+    region
+        .sync_images(SyncImagesRequest {
+            image_ids: vec![image_id.into()],
+            destination_regions: to.iter().map(|r| r.to_string()).collect(),
+            client_token: token.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().image_set)
+}
+
+/// The exported bytes of an image as a map offset -> data (non-zero pieces only).
+async fn exported(
+    region: &mut Region,
+    image_id: &str,
+) -> (u64, std::collections::BTreeMap<u64, Vec<u8>>) {
+    let (size, pieces) = export(region, image_id).await;
+    (size, pieces.into_iter().collect())
+}
+
+fn progress(image: &Image) -> SyncProgress {
+    image
+        .sync_progress
+        .clone()
+        .expect("a copied image reports its transfer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_are_byte_for_byte_run_concurrently_and_can_be_copied_on() {
+    let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai", "ap-beijing"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let data = random_bytes(6 * MIB as usize + 777);
+    let (source, _) =
+        image_with(&mut gz, "Ubuntu", &[(33 * MIB + 5, data.clone())], "app-v1").await;
+    let source_image = image(&mut gz, &source).await;
+
+    // Two destinations in one call, running at the same time.
+    let copies = sync(&mut gz, &source, &["ap-shanghai", "ap-beijing"], "")
+        .await
+        .unwrap();
+    assert_eq!(copies.len(), 2);
+    let (size, source_bytes) = exported(&mut gz, &source).await;
+    for copy in &copies {
+        assert_eq!(copy.source_image_id, source);
+        assert!(copy.image_id.starts_with("img-") && copy.image_id != source);
+        let mut dest = cluster.region(&copy.region, 0);
+        let syncing = image(&mut dest, &copy.image_id).await;
+        assert!(matches!(
+            ImageState::try_from(syncing.image_state),
+            Ok(ImageState::Syncing | ImageState::Normal)
+        ));
+        let done = wait_image_state(&mut dest, &copy.image_id, ImageState::Normal).await;
+        assert_eq!(done.sync_percent, 100);
+        assert_eq!(done.image_source, ImageSource::Sync as i32);
+        assert_eq!(done.image_name, "app-v1");
+        assert_eq!(done.content_digest, source_image.content_digest);
+        assert_eq!(done.virtual_size_bytes, source_image.virtual_size_bytes);
+        let lineage = done.lineage.clone().unwrap();
+        assert_eq!(
+            (
+                lineage.parent_image_id.as_str(),
+                lineage.parent_region.as_str()
+            ),
+            (source.as_str(), "ap-guangzhou")
+        );
+        assert_eq!(
+            lineage.ultimate_source_image_id,
+            source_image
+                .lineage
+                .clone()
+                .unwrap()
+                .ultimate_source_image_id
+        );
+        // Public-image chunks were already there: only the 7 chunks the write touched travelled.
+        let p = progress(&done);
+        assert_eq!(p.chunks_transferred, 7, "{p:?}");
+        assert_eq!(
+            (p.chunks_done, p.bytes_done),
+            (p.chunks_total, p.bytes_total)
+        );
+        // Byte-for-byte equal exports.
+        let (dest_size, dest_bytes) = exported(&mut dest, &copy.image_id).await;
+        assert_eq!(dest_size, size);
+        assert_eq!(dest_bytes, source_bytes);
+        // The copy is an image of its own region: launch it and read the data.
+        let instance = run(&mut dest, &copy.image_id, 1).await.remove(0);
+        assert_eq!(
+            read(&mut dest, &instance, 33 * MIB + 5, data.len() as u64).await,
+            data
+        );
+    }
+
+    // Copied on from its new region (under a new name: the first copy has the old one there).
+    let in_shanghai = copies
+        .iter()
+        .find(|c| c.region == "ap-shanghai")
+        .unwrap()
+        .image_id
+        .clone();
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let onward = sh
+        .sync_images(SyncImagesRequest {
+            image_ids: vec![in_shanghai.clone()],
+            destination_regions: vec!["ap-beijing".into()],
+            image_name: "app-v1-onward".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_set;
+    let mut bj = cluster.region("ap-beijing", 0);
+    let onward_image = wait_image_state(&mut bj, &onward[0].image_id, ImageState::Normal).await;
+    assert_eq!(onward_image.content_digest, source_image.content_digest);
+    assert_eq!(onward_image.lineage.unwrap().parent_region, "ap-shanghai");
+    // Beijing already held every chunk (the first copy): nothing travelled.
+    assert_eq!(
+        progress(&image(&mut bj, &onward[0].image_id).await).chunks_transferred,
+        0
+    );
+    let (_, onward_bytes) = exported(&mut bj, &onward[0].image_id).await;
+    assert_eq!(onward_bytes, source_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_slightly_changed_image_sends_only_the_changed_chunks() {
+    let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    // 100 chunks of random data over the start of a Debian disk.
+    let base = random_bytes(100 * MIB as usize);
+    let (v1, instance) = image_with(&mut gz, "Debian", &[(0, base)], "data-v1").await;
+    let first = sync(&mut gz, &v1, &["ap-shanghai"], "").await.unwrap();
+    let first = wait_image_state(&mut sh, &first[0].image_id, ImageState::Normal).await;
+    let p = progress(&first);
+    assert_eq!(p.chunks_total, 100);
+    assert_eq!(p.chunks_transferred, 100);
+    assert_eq!(p.bytes_transferred, 100 * MIB);
+
+    // Change 1% of it (one chunk) and copy the new version: one chunk travels.
+    write(&mut gz, &instance, 42 * MIB + 100, &random_bytes(4096)).await;
+    let v2 = gz
+        .create_image(CreateImageRequest {
+            instance_id: instance.clone(),
+            image_name: "data-v2".into(),
+            image_description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_id;
+    wait_image_state(&mut gz, &v2, ImageState::Normal).await;
+    let second = sync(&mut gz, &v2, &["ap-shanghai"], "").await.unwrap();
+    let second = wait_image_state(&mut sh, &second[0].image_id, ImageState::Normal).await;
+    let p = progress(&second);
+    assert_eq!(p.chunks_total, 100);
+    assert_eq!(p.chunks_transferred, 1, "{p:?}");
+    assert_eq!(p.bytes_transferred, MIB);
+    assert_eq!(
+        second.content_digest,
+        image(&mut gz, &v2).await.content_digest
+    );
+    assert_ne!(second.content_digest, first.content_digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rule_is_enforced_with_its_reason_and_refusals_start_nothing() {
+    let mut cluster =
+        Cluster::start(&["ap-guangzhou", "ap-shanghai", "ap-beijing", "ap-singapore"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, instance) = image_with(&mut gz, "CentOS", &[(0, random_bytes(4096))], "rules").await;
+    let public = public_image(&mut gz, "CentOS").await;
+    let count = |r: &str| {
+        let mut client = cluster.region(r, 0);
+        async move {
+            client
+                .describe_image_quota(DescribeImageQuotaRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .image_num_used
+        }
+    };
+
+    assert_refused(
+        sync(&mut gz, &public.image_id, &["ap-shanghai"], "").await,
+        Code::PermissionDenied,
+        "UnauthorizedOperation.ImageNotBelongToAccount",
+    );
+    assert_refused(
+        sync(&mut gz, &own, &["ap-guangzhou"], "").await,
+        Code::InvalidArgument,
+        "UnsupportedOperation.Region",
+    );
+    assert_refused(
+        sync(&mut gz, &own, &["ap-singapore"], "").await,
+        Code::InvalidArgument,
+        "UnsupportedOperation.Region",
+    );
+    assert_refused(
+        sync(&mut gz, &own, &["ap-shanghai", "ap-singapore"], "").await,
+        Code::InvalidArgument,
+        "UnsupportedOperation.Region",
+    );
+    assert_refused(
+        sync(&mut gz, &own, &["ap-nowhere"], "").await,
+        Code::InvalidArgument,
+        "InvalidRegion.NotFound",
+    );
+    assert_refused(
+        sync(&mut gz, &own, &[], "").await,
+        Code::InvalidArgument,
+        "MissingParameter",
+    );
+    assert_refused(
+        sync(&mut gz, "img-BAD", &["ap-shanghai"], "").await,
+        Code::InvalidArgument,
+        "InvalidImageId.Malformed",
+    );
+    // Another account's image does not exist for you.
+    let mut bob = cluster.region("ap-guangzhou", 1);
+    assert_refused(
+        sync(&mut bob, &own, &["ap-shanghai"], "").await,
+        Code::NotFound,
+        "InvalidImageId.NotFound",
+    );
+    // An overseas image goes overseas only.
+    let mut sg = cluster.region("ap-singapore", 0);
+    let (overseas, _) = image_with(&mut sg, "Debian", &[(0, random_bytes(10))], "overseas").await;
+    assert_refused(
+        sync(&mut sg, &overseas, &["ap-guangzhou"], "").await,
+        Code::InvalidArgument,
+        "UnsupportedOperation.Region",
+    );
+
+    // A name taken at one destination refuses the whole call: the other destination gets nothing.
+    let mut bj = cluster.region("ap-beijing", 0);
+    image_with(&mut bj, "Debian", &[], "rules").await;
+    let (sh_before, bj_before) = (count("ap-shanghai").await, count("ap-beijing").await);
+    assert_refused(
+        sync(&mut gz, &own, &["ap-shanghai", "ap-beijing"], "").await,
+        Code::AlreadyExists,
+        "InvalidImageName.Duplicate",
+    );
+    assert_eq!(
+        (count("ap-shanghai").await, count("ap-beijing").await),
+        (sh_before, bj_before)
+    );
+    // A dry run checks and starts nothing.
+    let dry = gz
+        .sync_images(SyncImagesRequest {
+            image_ids: vec![own.clone()],
+            destination_regions: vec!["ap-shanghai".into()],
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dry.image_set.len(), 1);
+    assert!(dry.image_set[0].image_id.is_empty());
+    assert_eq!(count("ap-shanghai").await, sh_before);
+
+    // Quota at the destination.
+    cluster
+        .restart_region_with_env("ap-beijing", &[("IMAGEFLEET_IMAGE_QUOTA", "1")])
+        .await;
+    assert_refused(
+        gz.sync_images(SyncImagesRequest {
+            image_ids: vec![own.clone()],
+            destination_regions: vec!["ap-beijing".into()],
+            image_name: "another-name".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::ResourceExhausted,
+        "ImageQuotaLimitExceeded",
+    );
+
+    // A copy in progress cannot be deleted or copied on; the source's instance is irrelevant.
+    let _ = instance;
+    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+        .await
+        .unwrap()
+        .remove(0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let state = image(&mut sh, &copy.image_id).await.image_state;
+    if state == ImageState::Syncing as i32 {
+        assert_refused(
+            sh.delete_images(DeleteImagesRequest {
+                image_ids: vec![copy.image_id.clone()],
+            })
+            .await,
+            Code::FailedPrecondition,
+            "InvalidImageId.IncorrectState",
+        );
+    }
+    wait_image_state(&mut sh, &copy.image_id, ImageState::Normal).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_token_makes_retries_return_the_same_copies() {
+    let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, _) = image_with(
+        &mut gz,
+        "TencentOS",
+        &[(0, random_bytes(MIB as usize))],
+        "tokened",
+    )
+    .await;
+    let first = sync(&mut gz, &own, &["ap-shanghai"], "retry-me-123")
+        .await
+        .unwrap();
+    let again = sync(&mut gz, &own, &["ap-shanghai"], "retry-me-123")
+        .await
+        .unwrap();
+    assert_eq!(first[0].image_id, again[0].image_id);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    wait_image_state(&mut sh, &first[0].image_id, ImageState::Normal).await;
+    let after = sync(&mut gz, &own, &["ap-shanghai"], "retry-me-123")
+        .await
+        .unwrap();
+    assert_eq!(after[0].image_id, first[0].image_id);
+    let quota = sh
+        .describe_image_quota(DescribeImageQuotaRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        quota.image_num_used, 1,
+        "one copy, however often the call is retried"
+    );
+    // Without a token (or with another), a new copy is made (which here needs a new name).
+    let other = gz
+        .sync_images(SyncImagesRequest {
+            image_ids: vec![own.clone()],
+            destination_regions: vec!["ap-shanghai".into()],
+            image_name: "tokened-2".into(),
+            client_token: "another-token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_set;
+    assert_ne!(other[0].image_id, first[0].image_id);
+}
+
+/// Waits until the copy has stored at least `fraction` of its chunks; returns its progress.
+async fn wait_partly_copied(region: &mut Region, image_id: &str, fraction: f64) -> SyncProgress {
+    for _ in 0..20_000 {
+        let image = image(region, image_id).await;
+        if let Some(p) = image.sync_progress.clone() {
+            if p.chunks_total > 0 && p.chunks_done as f64 >= fraction * p.chunks_total as f64 {
+                assert_eq!(
+                    image.image_state,
+                    ImageState::Syncing as i32,
+                    "caught too late: {p:?}"
+                );
+                return p;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("the copy never got going");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_destination_mid_copy_resumes_without_resending_what_was_stored() {
+    let mut cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, _) = image_with(
+        &mut gz,
+        "Debian",
+        &[(0, random_bytes(300 * MIB as usize))],
+        "big",
+    )
+    .await;
+    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+        .await
+        .unwrap()
+        .remove(0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let before = wait_partly_copied(&mut sh, &copy.image_id, 0.2).await;
+    cluster.kill9_region("ap-shanghai");
+    cluster.restart_region("ap-shanghai").await;
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let done = wait_image_state(&mut sh, &copy.image_id, ImageState::Normal).await;
+    let after = progress(&done);
+    assert!(after.attempts >= 2, "{after:?}");
+    // What had been stored before the kill did not travel again.
+    let resent_at_most = after.chunks_total - before.chunks_done;
+    assert!(
+        after.chunks_transferred - before.chunks_transferred <= resent_at_most,
+        "before {before:?} after {after:?}"
+    );
+    assert_eq!(
+        done.content_digest,
+        image(&mut gz, &own).await.content_digest
+    );
+    let (_, source_bytes) = exported(&mut gz, &own).await;
+    let (_, dest_bytes) = exported(&mut sh, &copy.image_id).await;
+    assert!(source_bytes == dest_bytes, "exports differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_source_mid_copy_is_survived() {
+    let mut cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, _) = image_with(
+        &mut gz,
+        "Debian",
+        &[(0, random_bytes(300 * MIB as usize))],
+        "big",
+    )
+    .await;
+    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+        .await
+        .unwrap()
+        .remove(0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let before = wait_partly_copied(&mut sh, &copy.image_id, 0.2).await;
+    cluster.kill9_region("ap-guangzhou");
+    // The destination keeps trying while the source is down...
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let waiting = image(&mut sh, &copy.image_id).await;
+    assert_eq!(waiting.image_state, ImageState::Syncing as i32);
+    // ...and finishes by itself once it is back.
+    cluster.restart_region("ap-guangzhou").await;
+    let done = wait_image_state(&mut sh, &copy.image_id, ImageState::Normal).await;
+    let after = progress(&done);
+    assert!(after.attempts >= 2, "{after:?}");
+    assert!(!after.last_error.is_empty());
+    assert!(
+        after.chunks_transferred - before.chunks_transferred
+            <= after.chunks_total - before.chunks_done,
+        "before {before:?} after {after:?}"
+    );
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (_, source_bytes) = exported(&mut gz, &own).await;
+    let (_, dest_bytes) = exported(&mut sh, &copy.image_id).await;
+    assert!(source_bytes == dest_bytes, "exports differ");
+}
