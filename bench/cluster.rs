@@ -8,6 +8,14 @@
 //!   are `RUNNING`, against 1 second.
 //! - launch_bytes: bytes the region process wrote to storage during those launches
 //!   (`/proc/<pid>/io` `write_bytes`), against 100 x 1 MiB.
+//! - copy_full: wall time of a cross-region copy of a 1 GiB image of random bytes, from the
+//!   call to the destination image being `NORMAL`, against `dd if=<same bytes> of=<file on the
+//!   same disk> bs=1M conv=fsync`.
+//! - copy_delta_bytes / copy_delta_time: bytes of chunk data sent, and wall time, copying an
+//!   image that differs in 1% of its chunks from one the destination holds, against the image's
+//!   size and copy_full's time.
+//! - copy_rss: peak RSS (VmHWM, reset before the copy) of either region service during
+//!   copy_full, against 100 MiB.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -61,28 +69,51 @@ async fn wait_running(region: &mut Region, ids: &[String]) {
     }
 }
 
-/// A 1 GiB custom image of random bytes, made the way a user would: launch, write, create.
-async fn one_gib_image(region: &mut Region) -> String {
+/// A 1 GiB custom image holding `content` (1 GiB), made the way a user would: launch with a
+/// 1 GiB system disk, write, create. Returns the image and the instance.
+async fn one_gib_image(
+    region: &mut Region,
+    content: &std::path::Path,
+    name: &str,
+) -> (String, String) {
+    use std::io::Read;
     let debian = public_image(region, "Debian").await;
-    let ids = run(region, &debian.image_id, 1).await;
-    let ids_clone = ids.clone();
-    let mut client = region.clone();
-    let data_start = 0;
+    let instance = region
+        .run_instances(RunInstancesRequest {
+            image_id: debian.image_id.clone(),
+            instance_type: "S5.MEDIUM4".into(),
+            instance_count: 1,
+            system_disk_size_gib: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("run")
+        .into_inner()
+        .instance_id_set
+        .remove(0);
+    wait_running(region, std::slice::from_ref(&instance)).await;
+    let mut file = std::fs::File::open(content).expect("content file");
+    let mut buf = vec![0u8; MIB as usize];
     for i in 0..1024u64 {
-        client
+        file.read_exact(&mut buf).expect("read content");
+        region
             .write_instance_disk(WriteInstanceDiskRequest {
-                instance_id: ids_clone[0].clone(),
-                offset: data_start + i * MIB,
-                data: random_bytes(MIB as usize),
+                instance_id: instance.clone(),
+                offset: i * MIB,
+                data: buf.clone(),
             })
             .await
             .expect("write");
     }
+    (create_image(region, &instance, name).await, instance)
+}
+
+async fn create_image(region: &mut Region, instance: &str, name: &str) -> String {
     let image_id = region
         .create_image(CreateImageRequest {
-            instance_id: ids[0].clone(),
-            image_name: "bench-1g".into(),
-            image_description: "1 GiB of random bytes".into(),
+            instance_id: instance.into(),
+            image_name: name.into(),
+            image_description: String::new(),
         })
         .await
         .expect("create image")
@@ -90,6 +121,207 @@ async fn one_gib_image(region: &mut Region) -> String {
         .image_id;
     wait_image_state(region, &image_id, ImageState::Normal).await;
     image_id
+}
+
+/// CPU seconds (user, system) a process has used.
+fn cpu_split(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) / 100.0, ticks(12) / 100.0)
+}
+
+fn vm_hwm(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:")
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Resets a process's peak RSS (VmHWM) to its current RSS.
+fn reset_hwm(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+const COPY_ROUNDS: usize = 3;
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// `dd if=<content> of=<target> bs=1M conv=fsync`: seconds.
+fn dd(content: &std::path::Path, target: &std::path::Path) -> f64 {
+    let start = Instant::now();
+    let status = std::process::Command::new("dd")
+        .arg(format!("if={}", content.display()))
+        .arg(format!("of={}", target.display()))
+        .args(["bs=1M", "conv=fsync", "status=none"])
+        .status()
+        .expect("dd runs");
+    let secs = start.elapsed().as_secs_f64();
+    assert!(status.success(), "dd failed");
+    let _ = std::fs::remove_file(target);
+    secs
+}
+
+/// Copies `image` from gz to sh and waits for NORMAL; returns (seconds, sync progress, copy).
+async fn timed_copy(cluster: &Cluster, image: &str) -> (f64, SyncProgress, String) {
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let start = Instant::now();
+    let copy = gz
+        .sync_images(SyncImagesRequest {
+            image_ids: vec![image.into()],
+            destination_regions: vec!["ap-shanghai".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("sync")
+        .into_inner()
+        .image_set
+        .remove(0);
+    loop {
+        let image = common::image(&mut sh, &copy.image_id).await;
+        if image.image_state == ImageState::Normal as i32 {
+            return (
+                start.elapsed().as_secs_f64(),
+                image.sync_progress.unwrap_or_default(),
+                copy.image_id,
+            );
+        }
+        assert_ne!(
+            image.image_state,
+            ImageState::Createfailed as i32,
+            "copy failed: {}",
+            image.state_reason
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn copy() {
+    let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let content = cluster.dir.path().join("content.bin");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&content).expect("content file");
+        for _ in 0..1024 {
+            file.write_all(&random_bytes(MIB as usize))
+                .expect("write content");
+        }
+    }
+    let (image, instance) = one_gib_image(&mut gz, &content, "bench-copy-1g").await;
+    let pids: Vec<u32> = ["ap-guangzhou", "ap-shanghai"]
+        .iter()
+        .filter_map(|r| cluster.regions[*r].pid())
+        .collect();
+    if std::env::var_os("IMAGEFLEET_BENCH_PAUSE").is_some() {
+        // Time to attach a profiler to the region processes.
+        println!("  region pids {pids:?}; copying in 5s");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    // Rounds of: the baseline (the same bytes written durably to the same disk), then a full
+    // copy, then the copy deleted so that the next round copies everything again.
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let mut dd_times = Vec::new();
+    let mut copy_times = Vec::new();
+    let mut rss = 0;
+    let mut full = SyncProgress::default();
+    for round in 0..COPY_ROUNDS {
+        dd_times.push(dd(&content, &cluster.dir.path().join("dd.out")));
+        pids.iter().copied().for_each(reset_hwm);
+        let split_before: Vec<(f64, f64)> = pids.iter().map(|p| cpu_split(*p)).collect();
+        let (secs, progress, copy_id) = timed_copy(&cluster, &image).await;
+        rss = rss.max(pids.iter().map(|p| vm_hwm(*p)).max().unwrap_or(0));
+        copy_times.push(secs);
+        println!(
+            "  round {}: dd {:.3}s, copy {secs:.3}s ({} chunks, {:.0} MiB/s)",
+            round + 1,
+            dd_times[round],
+            progress.chunks_transferred,
+            progress.bytes_transferred as f64 / MIB as f64 / secs
+        );
+        for ((name, p), (u, s)) in ["source", "destination"]
+            .iter()
+            .zip(&pids)
+            .zip(&split_before)
+        {
+            let (u2, s2) = cpu_split(*p);
+            println!("    {name} CPU: user {:.2}s system {:.2}s", u2 - u, s2 - s);
+        }
+        full = progress;
+        if round + 1 < COPY_ROUNDS {
+            sh.delete_images(DeleteImagesRequest {
+                image_ids: vec![copy_id],
+            })
+            .await
+            .expect("delete the copy");
+        }
+    }
+    let dd_secs = median(&mut dd_times);
+    let full_secs = median(&mut copy_times);
+    assert_eq!(
+        full.bytes_transferred,
+        1024 * MIB,
+        "every round copies everything"
+    );
+    report(
+        "copy_full",
+        full_secs / dd_secs,
+        &format!("{full_secs:.3}s"),
+        &format!("dd {dd_secs:.3}s"),
+        "<= 1.3",
+    );
+
+    // 1% of the chunks (10 of 1024) change; the new version is copied to where the old one is.
+    for i in 0..10u64 {
+        gz.write_instance_disk(WriteInstanceDiskRequest {
+            instance_id: instance.clone(),
+            offset: (i * 101 + 7) * MIB + 512,
+            data: random_bytes(4096),
+        })
+        .await
+        .expect("write");
+    }
+    let changed = create_image(&mut gz, &instance, "bench-copy-1g-v2").await;
+    let (delta_secs, delta, _) = timed_copy(&cluster, &changed).await;
+    let size = 1024 * MIB;
+    report(
+        "copy_delta_bytes",
+        delta.bytes_transferred as f64 / size as f64,
+        &format!("{} B", delta.bytes_transferred),
+        &format!("{size} B"),
+        "<= 0.03",
+    );
+    report(
+        "copy_delta_time",
+        delta_secs / full_secs,
+        &format!("{delta_secs:.3}s"),
+        &format!("copy_full {full_secs:.3}s"),
+        "<= 0.10",
+    );
+    report(
+        "copy_rss",
+        rss as f64 / (100 * MIB) as f64,
+        &format!("{:.1} MiB", rss as f64 / MIB as f64),
+        "100 MiB",
+        "<= 1.0",
+    );
 }
 
 async fn launch(cluster: &Cluster, region: &mut Region, image_id: &str) {
@@ -160,8 +392,13 @@ fn main() {
         if wanted("launch") {
             let cluster = Cluster::start(&["ap-guangzhou"]).await;
             let mut region = cluster.region("ap-guangzhou", 0);
-            let image_id = one_gib_image(&mut region).await;
+            let content = cluster.dir.path().join("content.bin");
+            std::fs::write(&content, random_bytes(1024 * MIB as usize)).expect("content file");
+            let (image_id, _) = one_gib_image(&mut region, &content, "bench-launch-1g").await;
             launch(&cluster, &mut region, &image_id).await;
+        }
+        if wanted("copy") {
+            copy().await;
         }
     });
 }

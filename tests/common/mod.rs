@@ -348,13 +348,12 @@ impl Cluster {
 
 /// Number of chunk files a region holds.
 pub fn chunk_files(region_dir: &Path) -> usize {
-    let chunks = region_dir.join("chunks");
-    std::fs::read_dir(&chunks)
-        .map(|subs| {
-            subs.filter_map(Result::ok)
-                .filter(|e| e.path().is_dir())
-                .map(|e| std::fs::read_dir(e.path()).map(|f| f.count()).unwrap_or(0))
-                .sum()
+    std::fs::read_dir(region_dir.join("chunks"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
         })
         .unwrap_or(0)
 }

@@ -371,6 +371,20 @@ impl region::region_service_server::RegionService for Fake {
         }))
     }
 
+    async fn modify_image_share_permission(
+        &self,
+        _request: Request<region::ModifyImageSharePermissionRequest>,
+    ) -> Result<Response<region::ModifyImageSharePermissionResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn describe_image_share_permission(
+        &self,
+        _request: Request<region::DescribeImageSharePermissionRequest>,
+    ) -> Result<Response<region::DescribeImageSharePermissionResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
     async fn sync_images(
         &self,
         request: Request<region::SyncImagesRequest>,

@@ -2,6 +2,7 @@
 //! caller may see and do, then act on the store. Another account's private image or instance
 //! does not exist for the caller (`NOT_FOUND`).
 
+use crate::shares::Access;
 use crate::store::{ImageChanges, ImageRow, InstanceRow};
 use crate::{blocking, catalogue, disk, validate, Region};
 use imagefleet_chunkstore::CHUNK_SIZE;
@@ -145,16 +146,6 @@ const IMAGE_FILTERS: &[&str] = &[
 const INSTANCE_FILTERS: &[&str] = &["instance-id", "instance-name", "instance-state", "image-id"];
 
 impl RegionApi {
-    /// An image the caller can see, or `NOT_FOUND`.
-    async fn visible_image(&self, image_id: &str, caller: &str) -> Result<ImageRow, Status> {
-        let store = self.region.store.clone();
-        let id = image_id.to_string();
-        let image = blocking(move || store.image(&id)).await?;
-        image
-            .filter(|i| i.owner.is_empty() || i.owner == caller)
-            .ok_or_else(|| not_found("InvalidImageId.NotFound", image_id))
-    }
-
     /// An instance of the caller, or `NOT_FOUND`.
     async fn own_instance(&self, instance_id: &str, caller: &str) -> Result<InstanceRow, Status> {
         let store = self.region.store.clone();
@@ -163,18 +154,6 @@ impl RegionApi {
         instance
             .filter(|i| i.owner == caller)
             .ok_or_else(|| not_found("InvalidInstanceId.NotFound", instance_id))
-    }
-
-    fn disk_lock(&self, instance_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self
-            .region
-            .disk_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if locks.len() > 10_000 {
-            locks.retain(|_, l| Arc::strong_count(l) > 1);
-        }
-        locks.entry(instance_id.to_string()).or_default().clone()
     }
 }
 
@@ -200,7 +179,16 @@ impl RegionService for RegionApi {
         let (offset, limit) = validate::page(req.offset, req.limit, &req.page_token)?;
         let store = self.region.store.clone();
         let owner = caller.clone();
-        let rows = blocking(move || store.visible_images(&owner)).await?;
+        let mut rows = blocking(move || store.visible_images(&owner)).await?;
+        if req.image_ids.is_empty() {
+            // Listings go on without shared images while the sharing service is down.
+            match self.region.shared_with(&caller).await {
+                Ok(shared) => rows.extend(shared),
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "listing without shared images")
+                }
+            }
+        }
         let region = self.region.name().to_string();
         let matching: Vec<Image> = if req.image_ids.is_empty() {
             rows.iter()
@@ -223,11 +211,12 @@ impl RegionService for RegionApi {
         } else {
             let mut found = Vec::with_capacity(req.image_ids.len());
             for id in &req.image_ids {
-                let row = rows
-                    .iter()
-                    .find(|r| &r.image_id == id)
-                    .ok_or_else(|| not_found("InvalidImageId.NotFound", id))?;
-                found.push(image_message(row, &caller, &region));
+                let row = match rows.iter().find(|r| &r.image_id == id) {
+                    Some(row) => row.clone(),
+                    // Not public and not the caller's: shared with the caller, or not there.
+                    None => self.region.resolve_image(id, &caller).await?.0,
+                };
+                found.push(image_message(&row, &caller, &region));
             }
             found
         };
@@ -294,6 +283,13 @@ impl RegionService for RegionApi {
                 "give at least one of image_name, image_description, is_deprecated",
             ));
         }
+        if let (_, Access::Shared) = self.region.resolve_image(&req.image_id, &caller).await? {
+            return Err(error::status(
+                Code::FailedPrecondition,
+                "UnsupportedOperation.SharedImageModifyUnsupported",
+                "images shared with you cannot be modified",
+            ));
+        }
         let changes = ImageChanges {
             name: req.image_name,
             description: req.image_description,
@@ -318,6 +314,33 @@ impl RegionService for RegionApi {
             ));
         }
         validate::id_list("image_ids", &req.image_ids, validate::image_id)?;
+        // Hold each image's lock (in id order) so no share is added between the check and
+        // the delete.
+        let mut ordered = req.image_ids.clone();
+        ordered.sort();
+        let locks: Vec<_> = ordered
+            .iter()
+            .map(|id| self.region.resource_lock(id))
+            .collect();
+        let mut _guards = Vec::new();
+        for lock in &locks {
+            _guards.push(lock.lock().await);
+        }
+        for id in &req.image_ids {
+            match self.region.resolve_image(id, &caller).await? {
+                (_, Access::Own) => {
+                    if !self.region.shares_of(id).await?.is_empty() {
+                        return Err(error::status(
+                            Code::FailedPrecondition,
+                            "InvalidImageId.InShared",
+                            format!("{id} is shared with other accounts: cancel the shares first"),
+                        ));
+                    }
+                }
+                (_, Access::Shared) => return Err(crate::shares::not_yours(id)),
+                (_, Access::Public) => {}
+            }
+        }
         let store = self.region.store.clone();
         let ids = req.image_ids.clone();
         let images = blocking(move || store.begin_delete(&ids, &caller)).await?;
@@ -394,13 +417,23 @@ impl RegionService for RegionApi {
                 ))
             }
         }
-        let image = self.visible_image(&req.image_id, &caller).await?;
-        if image.owner.is_empty() {
-            return Err(error::status(
-                Code::FailedPrecondition,
-                "UnsupportedOperation.PublicImageExportUnsupported",
-                "public images cannot be exported",
-            ));
+        let (image, access) = self.region.resolve_image(&req.image_id, &caller).await?;
+        match access {
+            Access::Own => {}
+            Access::Public => {
+                return Err(error::status(
+                    Code::FailedPrecondition,
+                    "UnsupportedOperation.PublicImageExportUnsupported",
+                    "public images cannot be exported",
+                ))
+            }
+            Access::Shared => {
+                return Err(error::status(
+                    Code::FailedPrecondition,
+                    "UnsupportedOperation.SharedImageExportUnsupported",
+                    "images shared with you cannot be exported",
+                ))
+            }
         }
         if image.platform == "Windows" {
             return Err(error::status(
@@ -495,7 +528,7 @@ impl RegionService for RegionApi {
                 format!("system disks are at most {MAX_SYSTEM_DISK_GIB} GiB"),
             ));
         }
-        let image = self.visible_image(&req.image_id, &caller).await?;
+        let (image, _) = self.region.resolve_image(&req.image_id, &caller).await?;
         if image.state != "NORMAL" {
             return Err(crate::store::incorrect_state(&image));
         }
@@ -645,11 +678,11 @@ impl RegionService for RegionApi {
         } else {
             req.image_id.clone()
         };
-        let image = self.visible_image(&image_id, &caller).await?;
+        let (image, _) = self.region.resolve_image(&image_id, &caller).await?;
         if image.state != "NORMAL" {
             return Err(crate::store::incorrect_state(&image));
         }
-        let lock = self.disk_lock(&instance.instance_id);
+        let lock = self.region.resource_lock(&instance.instance_id);
         let _guard = lock.lock().await;
         let store = self.region.store.clone();
         let dropped = blocking(move || store.reset(&req.instance_id, &caller, &image)).await?;
@@ -673,7 +706,7 @@ impl RegionService for RegionApi {
         }
         let instance = self.own_instance(&req.instance_id, &caller).await?;
         disk::check_range(&instance, req.offset, req.data.len() as u64)?;
-        let lock = self.disk_lock(&instance.instance_id);
+        let lock = self.region.resource_lock(&instance.instance_id);
         let _guard = lock.lock().await;
         // Re-read under the lock: a reset may have changed the base.
         let instance = self.own_instance(&req.instance_id, &caller).await?;
@@ -729,6 +762,29 @@ impl RegionService for RegionApi {
         let caller = account_id(&request)?;
         let response =
             crate::sync::sync_images(&self.region, &caller, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn modify_image_share_permission(
+        &self,
+        request: Request<ModifyImageSharePermissionRequest>,
+    ) -> Result<Response<ModifyImageSharePermissionResponse>, Status> {
+        let caller = account_id(&request)?;
+        self.region
+            .modify_share_permission(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(ModifyImageSharePermissionResponse {}))
+    }
+
+    async fn describe_image_share_permission(
+        &self,
+        request: Request<DescribeImageSharePermissionRequest>,
+    ) -> Result<Response<DescribeImageSharePermissionResponse>, Status> {
+        let caller = account_id(&request)?;
+        let response = self
+            .region
+            .describe_share_permission(&caller, request.into_inner())
+            .await?;
         Ok(Response::new(response))
     }
 }

@@ -12,6 +12,7 @@ mod api;
 pub mod catalogue;
 pub mod disk;
 pub mod seed;
+mod shares;
 pub mod store;
 mod sync;
 pub mod validate;
@@ -65,8 +66,9 @@ pub struct Region {
     /// exclusively while reclaiming unreferenced chunks, so a chunk is never deleted between
     /// being written and being referenced.
     chunk_refs: Arc<RwLock<()>>,
-    /// One lock per instance disk: writes are read-modify-write of whole chunks.
-    disk_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per resource: instance disks (writes are read-modify-write of whole chunks),
+    /// and images whose shares change or which are being deleted.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Region-to-region clients, by region.
     peers: Mutex<HashMap<String, imagefleet_proto::region::v1::region_internal_service_client::RegionInternalServiceClient<SignedChannel>>>,
     /// Images whose copy is running in this process.
@@ -111,7 +113,7 @@ impl Region {
             catalog,
             sharing,
             chunk_refs: Arc::new(RwLock::new(())),
-            disk_locks: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             syncing: Mutex::new(std::collections::HashSet::new()),
         });

@@ -34,7 +34,7 @@ use tonic::{Code, Request, Response, Status};
 const FETCH_BATCH: usize = 32;
 /// `FetchChunks` calls in flight per copy: overlaps the source's reads, the wire and the
 /// destination's writes.
-const FETCH_STREAMS: usize = 3;
+const FETCH_STREAMS: usize = 4;
 /// Manifest entries per `ManifestPage`.
 const MANIFEST_PAGE: usize = 4096;
 pub const MAX_SYNC_IMAGES: usize = 10;
@@ -318,13 +318,15 @@ impl Region {
             let chunks = self.chunks.clone();
             let len = piece.data.len() as u64;
             blocking(move || {
-                chunks.put_verified(&digest, &piece.data).map_err(|e| {
-                    error::status(
-                        Code::DataLoss,
-                        "InvalidImage.ChunkDigestMismatch",
-                        format!("chunk {}: {e}", digest.to_hex()),
-                    )
-                })
+                chunks
+                    .put_verified_batch(&digest, &piece.data)
+                    .map_err(|e| {
+                        error::status(
+                            Code::DataLoss,
+                            "InvalidImage.ChunkDigestMismatch",
+                            format!("chunk {}: {e}", digest.to_hex()),
+                        )
+                    })
             })
             .await
             .map_err(|s| match s.code() {
@@ -507,25 +509,10 @@ pub(crate) async fn sync_images(
 
     let mut sources = Vec::new();
     for image_id in &req.image_ids {
-        let store = region.store.clone();
-        let id = image_id.clone();
-        let image = blocking(move || store.image(&id)).await?;
-        let image = image
-            .filter(|i| i.owner.is_empty() || i.owner == caller)
-            .ok_or_else(|| {
-                error::status(
-                    Code::NotFound,
-                    "InvalidImageId.NotFound",
-                    format!("{image_id} does not exist"),
-                )
-            })?;
-        if image.owner != caller {
-            return Err(error::status(
-                Code::PermissionDenied,
-                "UnauthorizedOperation.ImageNotBelongToAccount",
-                format!("{image_id} is not your custom image"),
-            ));
-        }
+        let image = match region.resolve_image(image_id, caller).await? {
+            (image, crate::shares::Access::Own) => image,
+            _ => return Err(crate::shares::not_yours(image_id)),
+        };
         if image.state != "NORMAL" {
             return Err(crate::store::incorrect_state(&image));
         }

@@ -3,7 +3,7 @@
 //! of JSON lines and fsynced, so an acknowledged change survives a crash. The log is replayed
 //! at start and then rewritten compactly (one line per entry still in the maps).
 
-use crate::maps::MapsError;
+use crate::maps::{MapsError, ShareChange, ShareRefusal, MAX_SHARES};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -20,8 +20,26 @@ pub const LOG_FILE: &str = "sharing-maps.jsonl";
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Change {
-    SetOwner { image_id: String, owner: String },
-    RemoveImage { image_id: String },
+    SetOwner {
+        image_id: String,
+        owner: String,
+    },
+    RemoveImage {
+        image_id: String,
+    },
+    Share {
+        image_id: String,
+        account: String,
+        at: i64,
+    },
+    Cancel {
+        image_id: String,
+        account: String,
+    },
+    /// Several changes as one line: a torn write loses all of them, never some.
+    Batch {
+        changes: Vec<Change>,
+    },
 }
 
 /// The maps themselves (the same shape as the Redis keys).
@@ -40,6 +58,35 @@ impl Maps {
         match change {
             Change::SetOwner { image_id, owner } => {
                 self.owners.insert(image_id.clone(), owner.clone());
+            }
+            Change::Batch { changes } => changes.iter().for_each(|c| self.apply(c)),
+            Change::Share {
+                image_id,
+                account,
+                at,
+            } => {
+                self.image_shares
+                    .entry(image_id.clone())
+                    .or_default()
+                    .insert(account.clone(), *at);
+                self.account_shares
+                    .entry(account.clone())
+                    .or_default()
+                    .insert(image_id.clone(), *at);
+            }
+            Change::Cancel { image_id, account } => {
+                if let Some(accounts) = self.image_shares.get_mut(image_id) {
+                    accounts.remove(account);
+                    if accounts.is_empty() {
+                        self.image_shares.remove(image_id);
+                    }
+                }
+                if let Some(images) = self.account_shares.get_mut(account) {
+                    images.remove(image_id);
+                    if images.is_empty() {
+                        self.account_shares.remove(account);
+                    }
+                }
             }
             Change::RemoveImage { image_id } => {
                 self.owners.remove(image_id);
@@ -64,13 +111,75 @@ impl Maps {
     fn snapshot(&self) -> Vec<Change> {
         let mut owners: Vec<_> = self.owners.iter().collect();
         owners.sort();
-        owners
+        let mut changes: Vec<Change> = owners
             .into_iter()
             .map(|(image_id, owner)| Change::SetOwner {
                 image_id: image_id.clone(),
                 owner: owner.clone(),
             })
-            .collect()
+            .collect();
+        let mut shares: Vec<_> = self.image_shares.iter().collect();
+        shares.sort_by(|a, b| a.0.cmp(b.0));
+        for (image_id, accounts) in shares {
+            for (account, at) in accounts {
+                changes.push(Change::Share {
+                    image_id: image_id.clone(),
+                    account: account.clone(),
+                    at: *at,
+                });
+            }
+        }
+        changes
+    }
+
+    /// The changes a share modification makes, or why it is refused.
+    fn plan(
+        &self,
+        image_id: &str,
+        owner: &str,
+        change: ShareChange,
+        accounts: &[String],
+        now: i64,
+    ) -> Result<Vec<Change>, ShareRefusal> {
+        if self.owners.get(image_id).map(String::as_str) != Some(owner) {
+            return Err(ShareRefusal::NotOwner);
+        }
+        let current = self.image_shares.get(image_id);
+        let has = |a: &String| current.is_some_and(|c| c.contains_key(a));
+        match change {
+            ShareChange::Share => {
+                if let Some(a) = accounts.iter().find(|a| has(a)) {
+                    return Err(ShareRefusal::AlreadyShared(a.clone()));
+                }
+                let count = current.map_or(0, BTreeMap::len);
+                if count + accounts.len() > MAX_SHARES {
+                    return Err(ShareRefusal::TooMany {
+                        current: count,
+                        adding: accounts.len(),
+                    });
+                }
+                Ok(accounts
+                    .iter()
+                    .map(|a| Change::Share {
+                        image_id: image_id.to_string(),
+                        account: a.clone(),
+                        at: now,
+                    })
+                    .collect())
+            }
+            ShareChange::Cancel => {
+                if let Some(a) = accounts.iter().find(|a| !has(a)) {
+                    return Err(ShareRefusal::NotShared(a.clone()));
+                }
+                Ok(accounts
+                    .iter()
+                    .map(|a| Change::Cancel {
+                        image_id: image_id.to_string(),
+                        account: a.clone(),
+                    })
+                    .collect())
+            }
+        }
     }
 }
 
@@ -148,11 +257,27 @@ impl EmbeddedMaps {
 
     /// Appends `change` to the log, fsyncs it, then applies it to the maps.
     async fn commit(&self, change: Change) -> Result<(), MapsError> {
+        self.commit_planned(move |_| Ok::<_, ShareRefusal>(vec![change]))
+            .await?
+            .map_err(|r| MapsError::Task(format!("unexpected refusal {r:?}")))
+    }
+
+    /// Under the lock: `plan` decides the changes from the current maps (or refuses), then they
+    /// are appended to the log as one write, fsynced, and applied. Atomic: all or none.
+    async fn commit_planned<F>(&self, plan: F) -> Result<Result<(), ShareRefusal>, MapsError>
+    where
+        F: FnOnce(&Maps) -> Result<Vec<Change>, ShareRefusal> + Send + 'static,
+    {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let line = encode(std::slice::from_ref(&change))?;
             let mut guard = inner.lock().unwrap_or_else(|e| e.into_inner());
             let (maps, log) = &mut *guard;
+            let changes = match plan(maps) {
+                Ok(changes) => changes,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            let change = Change::Batch { changes };
+            let line = encode(std::slice::from_ref(&change))?;
             let written = log
                 .file
                 .write_all(&line)
@@ -164,10 +289,53 @@ impl EmbeddedMaps {
             }
             log.len += line.len() as u64;
             maps.apply(&change);
-            Ok(())
+            Ok(Ok(()))
         })
         .await
         .map_err(|e| MapsError::Task(e.to_string()))?
+    }
+
+    pub async fn modify_shares(
+        &self,
+        image_id: &str,
+        owner: &str,
+        change: ShareChange,
+        accounts: &[String],
+        now: i64,
+    ) -> Result<Result<(), ShareRefusal>, MapsError> {
+        let (image_id, owner, accounts) =
+            (image_id.to_string(), owner.to_string(), accounts.to_vec());
+        self.commit_planned(move |maps| maps.plan(&image_id, &owner, change, &accounts, now))
+            .await
+    }
+
+    pub fn shares(&self, image_id: &str) -> Vec<(String, i64)> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .0
+            .image_shares
+            .get(image_id)
+            .map(|m| m.iter().map(|(a, t)| (a.clone(), *t)).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn is_shared(&self, image_id: &str, account: &str) -> bool {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .0
+            .image_shares
+            .get(image_id)
+            .is_some_and(|m| m.contains_key(account))
+    }
+
+    pub fn shared_with(&self, account: &str) -> Vec<String> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .0
+            .account_shares
+            .get(account)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub async fn set_owner(&self, image_id: &str, owner: &str) -> Result<(), MapsError> {

@@ -34,6 +34,59 @@ impl From<MapsError> for Status {
     }
 }
 
+/// Why a share change was refused (checked atomically with the change itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShareRefusal {
+    /// The map does not name the caller as the image's owner.
+    NotOwner,
+    /// SHARE for an account the image is already shared with.
+    AlreadyShared(String),
+    /// CANCEL for an account the image is not shared with.
+    NotShared(String),
+    /// The change would take the image past `MAX_SHARES` accounts.
+    TooMany { current: usize, adding: usize },
+}
+
+/// The most accounts one image may be shared with.
+pub const MAX_SHARES: usize = 500;
+
+impl From<ShareRefusal> for Status {
+    fn from(r: ShareRefusal) -> Status {
+        match r {
+            ShareRefusal::NotOwner => error::status(
+                Code::PermissionDenied,
+                "UnauthorizedOperation.ImageNotBelongToAccount",
+                "the image does not belong to this account",
+            ),
+            ShareRefusal::AlreadyShared(account) => error::status(
+                Code::AlreadyExists,
+                "FailedOperation.AccountAlreadyExists",
+                format!("the image is already shared with {account}"),
+            ),
+            ShareRefusal::NotShared(account) => error::status(
+                Code::FailedPrecondition,
+                "FailedOperation.AccountNotShared",
+                format!("the image is not shared with {account}"),
+            ),
+            ShareRefusal::TooMany { current, adding } => error::status(
+                Code::ResourceExhausted,
+                "OverQuota",
+                format!(
+                    "an image can be shared with at most {MAX_SHARES} accounts ({current} now, {adding} more asked)"
+                ),
+            ),
+        }
+    }
+}
+
+/// A share change, for both backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShareChange {
+    Share,
+    Cancel,
+}
+
 /// The maps, in Redis or in the embedded log. Cheap to clone.
 #[derive(Clone)]
 pub enum OwnershipMaps {
@@ -81,6 +134,56 @@ impl OwnershipMaps {
             OwnershipMaps::Redis(m) => m.owner(image_id).await,
             OwnershipMaps::Embedded(m) => Ok(m.owner(image_id)),
         }
+    }
+
+    /// Shares `image_id` with `accounts` (or cancels those shares) if `owner` owns it and
+    /// every rule holds; all accounts or none.
+    pub async fn modify_shares(
+        &self,
+        image_id: &str,
+        owner: &str,
+        change: ShareChange,
+        accounts: &[String],
+        now: i64,
+    ) -> Result<Result<(), ShareRefusal>, MapsError> {
+        match self {
+            OwnershipMaps::Redis(m) => {
+                m.modify_shares(image_id, owner, change, accounts, now)
+                    .await
+            }
+            OwnershipMaps::Embedded(m) => {
+                m.modify_shares(image_id, owner, change, accounts, now)
+                    .await
+            }
+        }
+    }
+
+    /// The accounts an image is shared with, with the unix time of each share, oldest first.
+    pub async fn shares(&self, image_id: &str) -> Result<Vec<(String, i64)>, MapsError> {
+        let mut shares = match self {
+            OwnershipMaps::Redis(m) => m.shares(image_id).await?,
+            OwnershipMaps::Embedded(m) => m.shares(image_id),
+        };
+        shares.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        Ok(shares)
+    }
+
+    /// Whether `image_id` is shared with `account` now.
+    pub async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, MapsError> {
+        match self {
+            OwnershipMaps::Redis(m) => m.is_shared(image_id, account).await,
+            OwnershipMaps::Embedded(m) => Ok(m.is_shared(image_id, account)),
+        }
+    }
+
+    /// The images shared with `account`.
+    pub async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError> {
+        let mut images = match self {
+            OwnershipMaps::Redis(m) => m.shared_with(account).await?,
+            OwnershipMaps::Embedded(m) => m.shared_with(account),
+        };
+        images.sort();
+        Ok(images)
     }
 
     /// Succeeds when the backend answers.

@@ -8,7 +8,7 @@
 //! The two share hashes mirror each other; every update that touches more than one key runs as
 //! one Lua script (atomic in Redis), like `REMOVE_IMAGE` below.
 
-use crate::maps::MapsError;
+use crate::maps::{MapsError, ShareChange, ShareRefusal, MAX_SHARES};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use std::future::Future;
@@ -35,6 +35,45 @@ redis.call('DEL', KEYS[2])
 return redis.call('HDEL', KEYS[1], ARGV[1])
 ";
 
+/// Shares an image or cancels shares, after checking every rule; all accounts or none.
+/// KEYS[1]: the owner hash; KEYS[2]: the image's share hash.
+/// ARGV[1]: image id; ARGV[2]: owner; ARGV[3]: `share` or `cancel`; ARGV[4]: unix time;
+/// ARGV[5]: the account-shares key prefix; ARGV[6]: the most shares per image; ARGV[7..]: accounts.
+/// Returns `OK`, `NOT_OWNER`, `ALREADY <account>`, `NOT_SHARED <account>` or `TOO_MANY <current>`.
+const MODIFY_SHARES: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 'NOT_OWNER'
+end
+local accounts = {}
+for i = 7, #ARGV do accounts[#accounts + 1] = ARGV[i] end
+if ARGV[3] == 'share' then
+  for _, account in ipairs(accounts) do
+    if redis.call('HEXISTS', KEYS[2], account) == 1 then
+      return 'ALREADY ' .. account
+    end
+  end
+  local current = redis.call('HLEN', KEYS[2])
+  if current + #accounts > tonumber(ARGV[6]) then
+    return 'TOO_MANY ' .. current
+  end
+  for _, account in ipairs(accounts) do
+    redis.call('HSET', KEYS[2], account, ARGV[4])
+    redis.call('HSET', ARGV[5] .. account, ARGV[1], ARGV[4])
+  end
+else
+  for _, account in ipairs(accounts) do
+    if redis.call('HEXISTS', KEYS[2], account) == 0 then
+      return 'NOT_SHARED ' .. account
+    end
+  end
+  for _, account in ipairs(accounts) do
+    redis.call('HDEL', KEYS[2], account)
+    redis.call('HDEL', ARGV[5] .. account, ARGV[1])
+  end
+end
+return 'OK'
+";
+
 pub fn image_shares_key(image_id: &str) -> String {
     format!("{IMAGE_SHARES_PREFIX}{image_id}")
 }
@@ -49,6 +88,7 @@ pub struct RedisMaps {
     /// leaves it empty, so the next call (or the health watcher's ping) tries again.
     connection: OnceCell<ConnectionManager>,
     remove_image: redis::Script,
+    modify_shares: redis::Script,
 }
 
 impl RedisMaps {
@@ -59,6 +99,7 @@ impl RedisMaps {
             client,
             connection: OnceCell::new(),
             remove_image: redis::Script::new(REMOVE_IMAGE),
+            modify_shares: redis::Script::new(MODIFY_SHARES),
         })
     }
 
@@ -125,6 +166,67 @@ impl RedisMaps {
 
     pub async fn owner(&self, image_id: &str) -> Result<Option<String>, MapsError> {
         self.with_connection(|mut c| async move { c.hget(IMAGE_OWNER_KEY, image_id).await })
+            .await
+    }
+
+    pub async fn modify_shares(
+        &self,
+        image_id: &str,
+        owner: &str,
+        change: ShareChange,
+        accounts: &[String],
+        now: i64,
+    ) -> Result<Result<(), ShareRefusal>, MapsError> {
+        let outcome: String = self
+            .with_connection(|mut c| async move {
+                let mut invocation = self.modify_shares.key(IMAGE_OWNER_KEY);
+                invocation
+                    .key(image_shares_key(image_id))
+                    .arg(image_id)
+                    .arg(owner)
+                    .arg(match change {
+                        ShareChange::Share => "share",
+                        ShareChange::Cancel => "cancel",
+                    })
+                    .arg(now)
+                    .arg(ACCOUNT_SHARES_PREFIX)
+                    .arg(MAX_SHARES);
+                for account in accounts {
+                    invocation.arg(account);
+                }
+                invocation.invoke_async::<String>(&mut c).await
+            })
+            .await?;
+        let (word, detail) = outcome.split_once(' ').unwrap_or((outcome.as_str(), ""));
+        Ok(match word {
+            "OK" => Ok(()),
+            "NOT_OWNER" => Err(ShareRefusal::NotOwner),
+            "ALREADY" => Err(ShareRefusal::AlreadyShared(detail.to_string())),
+            "NOT_SHARED" => Err(ShareRefusal::NotShared(detail.to_string())),
+            _ => Err(ShareRefusal::TooMany {
+                current: detail.parse().unwrap_or(MAX_SHARES),
+                adding: accounts.len(),
+            }),
+        })
+    }
+
+    pub async fn shares(&self, image_id: &str) -> Result<Vec<(String, i64)>, MapsError> {
+        self.with_connection(|mut c| async move {
+            c.hgetall::<_, Vec<(String, i64)>>(image_shares_key(image_id))
+                .await
+        })
+        .await
+    }
+
+    pub async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, MapsError> {
+        self.with_connection(
+            |mut c| async move { c.hexists(image_shares_key(image_id), account).await },
+        )
+        .await
+    }
+
+    pub async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError> {
+        self.with_connection(|mut c| async move { c.hkeys(account_shares_key(account)).await })
             .await
     }
 

@@ -1,0 +1,250 @@
+//! Shared images, on the region's side: who may see and use an image (owner, everyone for
+//! public images, and accounts it is shared with, asked of the sharing service on every call:
+//! a cancelled share stops working at once), and the share operations themselves.
+//!
+//! The sharing service is asked every time and its failures are `UNAVAILABLE`: a share check
+//! that cannot be made never grants access.
+
+use crate::store::ImageRow;
+use crate::{blocking, validate, Region};
+use imagefleet_proto::catalog::v1::GetAccountRequest;
+use imagefleet_proto::error::{self, invalid_argument};
+use imagefleet_proto::region::v1::{
+    DescribeImageSharePermissionRequest, DescribeImageSharePermissionResponse, ImageShare,
+    ModifyImageSharePermissionRequest, SharePermission,
+};
+use imagefleet_proto::sharing::v1 as sharing;
+use std::sync::Arc;
+use tonic::{Code, Status};
+
+/// How the caller is related to an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Own,
+    Public,
+    /// Another account's image shared with the caller: launch and reset only.
+    Shared,
+}
+
+pub fn not_found(image_id: &str) -> Status {
+    error::status(
+        Code::NotFound,
+        "InvalidImageId.NotFound",
+        format!("{image_id} does not exist"),
+    )
+}
+
+pub fn not_yours(image_id: &str) -> Status {
+    error::status(
+        Code::PermissionDenied,
+        "UnauthorizedOperation.ImageNotBelongToAccount",
+        format!("{image_id} does not belong to this account"),
+    )
+}
+
+fn sharing_down(status: Status) -> Status {
+    imagefleet_rpc::unavailable("sharing", status)
+}
+
+impl Region {
+    /// The image and how the caller may use it; `NOT_FOUND` if the caller may not see it.
+    pub(crate) async fn resolve_image(
+        &self,
+        image_id: &str,
+        caller: &str,
+    ) -> Result<(ImageRow, Access), Status> {
+        let store = self.store.clone();
+        let id = image_id.to_string();
+        let image = blocking(move || store.image(&id))
+            .await?
+            .ok_or_else(|| not_found(image_id))?;
+        if image.owner.is_empty() {
+            return Ok((image, Access::Public));
+        }
+        if image.owner == caller {
+            return Ok((image, Access::Own));
+        }
+        if self.is_shared_with(image_id, caller).await? {
+            return Ok((image, Access::Shared));
+        }
+        Err(not_found(image_id))
+    }
+
+    async fn is_shared_with(&self, image_id: &str, account: &str) -> Result<bool, Status> {
+        let response = self
+            .sharing
+            .clone()
+            .check_share(sharing::CheckShareRequest {
+                image_id: image_id.to_string(),
+                account_id: account.to_string(),
+            })
+            .await
+            .map_err(sharing_down)?;
+        Ok(response.into_inner().shared)
+    }
+
+    /// Images of this region shared with `account` (for listings).
+    pub(crate) async fn shared_with(&self, account: &str) -> Result<Vec<ImageRow>, Status> {
+        let ids = self
+            .sharing
+            .clone()
+            .list_shared_with(sharing::ListSharedWithRequest {
+                account_id: account.to_string(),
+            })
+            .await
+            .map_err(sharing_down)?
+            .into_inner()
+            .image_ids;
+        let store = self.store.clone();
+        let owner = account.to_string();
+        blocking(move || {
+            let mut rows = Vec::new();
+            for id in ids {
+                if let Some(row) = store
+                    .image(&id)?
+                    .filter(|r| !r.owner.is_empty() && r.owner != owner)
+                {
+                    rows.push(row);
+                }
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// The accounts an image is shared with.
+    pub(crate) async fn shares_of(&self, image_id: &str) -> Result<Vec<sharing::Share>, Status> {
+        Ok(self
+            .sharing
+            .clone()
+            .describe_shares(sharing::DescribeSharesRequest {
+                image_id: image_id.to_string(),
+            })
+            .await
+            .map_err(sharing_down)?
+            .into_inner()
+            .shares)
+    }
+
+    /// An image the caller owns, or the reason it is not.
+    async fn own_image(&self, image_id: &str, caller: &str) -> Result<ImageRow, Status> {
+        match self.resolve_image(image_id, caller).await? {
+            (image, Access::Own) => Ok(image),
+            _ => Err(not_yours(image_id)),
+        }
+    }
+
+    pub(crate) async fn modify_share_permission(
+        &self,
+        caller: &str,
+        req: ModifyImageSharePermissionRequest,
+    ) -> Result<(), Status> {
+        validate::image_id("image_id", &req.image_id)?;
+        let permission = match SharePermission::try_from(req.permission) {
+            Ok(SharePermission::Share) => sharing::SharePermission::Share,
+            Ok(SharePermission::Cancel) => sharing::SharePermission::Cancel,
+            _ => {
+                return Err(invalid_argument(
+                    "permission",
+                    "InvalidParameterValue.Permission",
+                    "permission is SHARE or CANCEL",
+                ))
+            }
+        };
+        if req.account_ids.is_empty() || req.account_ids.len() > 500 {
+            return Err(invalid_argument(
+                "account_ids",
+                "InvalidParameterValue.LimitExceeded",
+                "give 1 to 500 account ids",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for account in &req.account_ids {
+            imagefleet_proto::ids::check_account_id("account_ids", account)?;
+            if !seen.insert(account) {
+                return Err(invalid_argument(
+                    "account_ids",
+                    "InvalidParameterValue.Duplicate",
+                    format!("{account} is listed twice"),
+                ));
+            }
+            if account == caller {
+                return Err(invalid_argument(
+                    "account_ids",
+                    "FailedOperation.AccountIsYourSelf",
+                    "an image cannot be shared with its owner",
+                ));
+            }
+        }
+        let lock = self.resource_lock(&req.image_id);
+        let _guard = lock.lock().await;
+        let image = self.own_image(&req.image_id, caller).await?;
+        if image.state != "NORMAL" {
+            return Err(crate::store::incorrect_state(&image));
+        }
+        if permission == sharing::SharePermission::Share {
+            for account in &req.account_ids {
+                let found = self
+                    .catalog
+                    .clone()
+                    .get_account(GetAccountRequest {
+                        account_id: account.clone(),
+                    })
+                    .await;
+                match found {
+                    Ok(_) => {}
+                    Err(status) if status.code() == Code::NotFound => {
+                        return Err(error::status(
+                            Code::NotFound,
+                            "InvalidAccountId.NotFound",
+                            format!("account {account} does not exist"),
+                        ))
+                    }
+                    Err(status) => return Err(imagefleet_rpc::unavailable("catalog", status)),
+                }
+            }
+        }
+        self.sharing
+            .clone()
+            .modify_shares(sharing::ModifySharesRequest {
+                image_id: req.image_id.clone(),
+                owner_account_id: caller.to_string(),
+                permission: permission.into(),
+                account_ids: req.account_ids.clone(),
+            })
+            .await
+            .map_err(sharing_down)?;
+        tracing::info!(image = %req.image_id, ?permission, accounts = req.account_ids.len(), "share permission changed");
+        Ok(())
+    }
+
+    pub(crate) async fn describe_share_permission(
+        &self,
+        caller: &str,
+        req: DescribeImageSharePermissionRequest,
+    ) -> Result<DescribeImageSharePermissionResponse, Status> {
+        validate::image_id("image_id", &req.image_id)?;
+        self.own_image(&req.image_id, caller).await?;
+        let share_permission_set = self
+            .shares_of(&req.image_id)
+            .await?
+            .into_iter()
+            .map(|s| ImageShare {
+                account_id: s.account_id,
+                created_time: s.shared_time,
+            })
+            .collect();
+        Ok(DescribeImageSharePermissionResponse {
+            share_permission_set,
+        })
+    }
+
+    /// One lock per resource id (instance disks, image share changes and deletes).
+    pub(crate) fn resource_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.len() > 10_000 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(id.to_string()).or_default().clone()
+    }
+}
