@@ -486,3 +486,61 @@ async fn kill9_of_the_source_mid_copy_is_survived() {
     let (_, dest_bytes) = exported(&mut sh, &copy.image_id).await;
     assert!(source_bytes == dest_bytes, "exports differ");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_source_is_deleted_fails_with_the_reason_and_never_becomes_normal() {
+    let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, _) = image_with(
+        &mut gz,
+        "Debian",
+        &[(0, random_bytes(300 * MIB as usize))],
+        "doomed",
+    )
+    .await;
+    let baseline = chunk_files(&cluster.region_dir("ap-shanghai"));
+    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+        .await
+        .unwrap()
+        .remove(0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    wait_partly_copied(&mut sh, &copy.image_id, 0.05).await;
+    gz.delete_images(DeleteImagesRequest {
+        image_ids: vec![own.clone()],
+    })
+    .await
+    .unwrap();
+    let failed = wait_image_state(&mut sh, &copy.image_id, ImageState::Createfailed).await;
+    assert!(
+        failed.state_reason.contains("source"),
+        "{}",
+        failed.state_reason
+    );
+    // What had arrived is released (right after the state changes), and the failed image
+    // can be deleted.
+    let mut left = usize::MAX;
+    for _ in 0..200 {
+        left = chunk_files(&cluster.region_dir("ap-shanghai"));
+        if left == baseline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(left, baseline, "chunks of the failed copy are released");
+    assert_refused(
+        sh.run_instances(RunInstancesRequest {
+            image_id: copy.image_id.clone(),
+            instance_type: "S5.MEDIUM4".into(),
+            instance_count: 1,
+            ..Default::default()
+        })
+        .await,
+        Code::FailedPrecondition,
+        "InvalidImageId.IncorrectState",
+    );
+    sh.delete_images(DeleteImagesRequest {
+        image_ids: vec![copy.image_id.clone()],
+    })
+    .await
+    .unwrap();
+}

@@ -85,6 +85,12 @@ impl Proc {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// SIGKILL, then the same command again (same port, same data).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -294,6 +300,32 @@ impl Cluster {
             secret_id: account.secret_id,
             secret_key: account.secret_key,
         }
+    }
+
+    /// A region client signing as `account`.
+    pub fn region_as(
+        &self,
+        region: &str,
+        account: &AccountEntry,
+    ) -> RegionServiceClient<SignedChannel> {
+        let credentials = Credentials {
+            secret_id: account.secret_id.clone(),
+            secret_key: account.secret_key.clone(),
+        };
+        RegionServiceClient::new(
+            signed_channel(&self.region_url(region), credentials, &region_scope(region)).unwrap(),
+        )
+        .max_decoding_message_size(imagefleet_rpc::client::MAX_MESSAGE_BYTES)
+    }
+
+    /// `redis-cli` against the cluster's Redis.
+    pub fn redis_cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.redis.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     pub fn region_url(&self, region: &str) -> String {
@@ -513,5 +545,7 @@ pub async fn export(region: &mut Region, image_id: &str) -> (u64, Vec<(u64, Vec<
 }
 
 pub fn random_bytes(len: usize) -> Vec<u8> {
-    (0..len).map(|_| rand::random::<u8>()).collect()
+    let mut bytes = vec![0u8; len];
+    rand::fill(&mut bytes[..]);
+    bytes
 }
