@@ -116,6 +116,17 @@ pub enum ImagesCommand {
     /// SyncImages returned them, with one field added, `sourceImageId` (the image it copies);
     /// the table has SOURCE_IMAGE_ID REGION IMAGE_ID STATE.
     Sync(ImagesSync),
+    /// Share an own custom image with other accounts (ModifyImageSharePermission SHARE).
+    ///
+    /// Prints `shared <ID> with A, B`, or `{}` with `--output json`.
+    Share(ImagesShare),
+    /// Cancel an image's shares with accounts (ModifyImageSharePermission CANCEL).
+    ///
+    /// Prints `unshared <ID> from A, B`, or `{}` with `--output json`.
+    Unshare(ImagesShare),
+    /// List the accounts an image is shared with: a table ACCOUNT_ID SHARED_TIME, or the
+    /// `DescribeImageSharePermissionResponse` as proto3 JSON.
+    Shares(ImagesShares),
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +257,32 @@ pub struct ImagesSync {
     /// Wait until every copy is NORMAL (or failed), showing progress on stderr.
     #[arg(long)]
     pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesShare {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The image id.
+    #[arg(long, value_name = "ID")]
+    pub image: String,
+    /// The accounts (12-digit ids, at most 500), separated by commas.
+    #[arg(
+        long,
+        value_name = "ACCOUNT[,ACCOUNT...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub accounts: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesShares {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The image id.
+    #[arg(long, value_name = "ID")]
+    pub image: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -629,6 +666,60 @@ mod tests {
         ] {
             assert_eq!(with(bad).expect_err("rejected").exit_code(), 2, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn share_and_unshare_take_an_image_and_an_account_list() {
+        for (verb, unshare) in [("share", false), ("unshare", true)] {
+            let cli = parse(&[
+                "images",
+                verb,
+                "--region",
+                "ap-guangzhou",
+                "--image",
+                "img-aaaaaaaa",
+                "--accounts",
+                "100000000002,100000000003",
+            ])
+            .expect("parses");
+            let share = match cli.command {
+                Command::Images(ImagesCommand::Share(share)) if !unshare => share,
+                Command::Images(ImagesCommand::Unshare(share)) if unshare => share,
+                other => panic!("wrong command: {other:?}"),
+            };
+            assert_eq!(share.region.region, "ap-guangzhou");
+            assert_eq!(share.image, "img-aaaaaaaa");
+            assert_eq!(share.accounts, ["100000000002", "100000000003"]);
+            let err = parse(&[
+                "images",
+                verb,
+                "--region",
+                "ap-guangzhou",
+                "--image",
+                "img-aaaaaaaa",
+            ])
+            .expect_err("rejected");
+            assert_eq!(err.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn shares_takes_an_image() {
+        let cli = parse(&[
+            "images",
+            "shares",
+            "--region",
+            "ap-guangzhou",
+            "--image",
+            "img-aaaaaaaa",
+        ])
+        .expect("parses");
+        let Command::Images(ImagesCommand::Shares(shares)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(shares.image, "img-aaaaaaaa");
+        let err = parse(&["images", "shares", "--region", "ap-guangzhou"]).expect_err("rejected");
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! `imagectl images ...`: list, describe, create, delete, modify, export, quota, sync.
+//! `imagectl images ...`: list, describe, create, delete, modify, export, quota, sync, share,
+//! unshare, shares.
 
 use crate::cli::{
     ImagesCommand, ImagesCreate, ImagesDelete, ImagesDescribe, ImagesExport, ImagesList,
-    ImagesModify, ImagesSync, OutputFormat, RegionArg,
+    ImagesModify, ImagesShare, ImagesShares, ImagesSync, OutputFormat, RegionArg,
 };
 use crate::error::{CliError, Result};
 use crate::output::{self, enum_name, Table};
@@ -11,9 +12,11 @@ use crate::progress::{self, ProgressSink, SyncProgressView};
 use crate::session::Session;
 use imagefleet_proto::region::v1::region_service_client::RegionServiceClient;
 use imagefleet_proto::region::v1::{
-    CreateImageRequest, DeleteImagesRequest, DescribeImageQuotaRequest, DescribeImagesRequest,
-    DescribeImagesResponse, ExportFormat, ExportImageRequest, Filter, Image, ImageSource,
-    ImageState, ImageType, ModifyImageAttributeRequest, SyncImagesRequest, SyncedImage,
+    CreateImageRequest, DeleteImagesRequest, DescribeImageQuotaRequest,
+    DescribeImageSharePermissionRequest, DescribeImagesRequest, DescribeImagesResponse,
+    ExportFormat, ExportImageRequest, Filter, Image, ImageShare, ImageSource, ImageState,
+    ImageType, ModifyImageAttributeRequest, ModifyImageSharePermissionRequest, SharePermission,
+    SyncImagesRequest, SyncedImage,
 };
 use imagefleet_rpc::client::SignedChannel;
 use std::collections::HashMap;
@@ -54,6 +57,13 @@ pub async fn run(
         ImagesCommand::Export(args) => export(session, args, format).await,
         ImagesCommand::Quota(args) => quota(session, args, format).await,
         ImagesCommand::Sync(args) => sync(session, args, format, progress).await,
+        ImagesCommand::Share(args) => {
+            modify_shares(session, args, SharePermission::Share, format).await
+        }
+        ImagesCommand::Unshare(args) => {
+            modify_shares(session, args, SharePermission::Cancel, format).await
+        }
+        ImagesCommand::Shares(args) => shares(session, args, format).await,
     }
 }
 
@@ -719,6 +729,61 @@ async fn quota(session: &Session, args: RegionArg, format: OutputFormat) -> Resu
     }
 }
 
+/// `images share` (`SHARE`) and `images unshare` (`CANCEL`).
+async fn modify_shares(
+    session: &Session,
+    args: ImagesShare,
+    permission: SharePermission,
+    format: OutputFormat,
+) -> Result<String> {
+    let mut client = session.region(&args.region.region).await?;
+    let response = client
+        .modify_image_share_permission(ModifyImageSharePermissionRequest {
+            image_id: args.image.clone(),
+            account_ids: args.accounts.clone(),
+            permission: permission as i32,
+        })
+        .await?
+        .into_inner();
+    match format {
+        OutputFormat::Json => output::json(&response),
+        OutputFormat::Table => Ok(share_line(permission, &args.image, &args.accounts)),
+    }
+}
+
+/// What `images share` and `images unshare` print in table mode: `shared <ID> with A, B`,
+/// `unshared <ID> from A, B`.
+pub fn share_line(permission: SharePermission, image_id: &str, accounts: &[String]) -> String {
+    let (verb, preposition) = match permission {
+        SharePermission::Cancel => ("unshared", "from"),
+        _ => ("shared", "with"),
+    };
+    format!("{verb} {image_id} {preposition} {}\n", accounts.join(", "))
+}
+
+/// An image's shares as a table: ACCOUNT_ID SHARED_TIME.
+pub fn share_table(shares: &[ImageShare]) -> String {
+    let mut table = Table::new(&["ACCOUNT_ID", "SHARED_TIME"]);
+    for share in shares {
+        table.row(vec![share.account_id.clone(), share.created_time.clone()]);
+    }
+    table.render()
+}
+
+async fn shares(session: &Session, args: ImagesShares, format: OutputFormat) -> Result<String> {
+    let mut client = session.region(&args.region.region).await?;
+    let response = client
+        .describe_image_share_permission(DescribeImageSharePermissionRequest {
+            image_id: args.image,
+        })
+        .await?
+        .into_inner();
+    match format {
+        OutputFormat::Json => output::json(&response),
+        OutputFormat::Table => Ok(share_table(&response.share_permission_set)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,6 +869,42 @@ mod tests {
             ]
         );
         assert_eq!(lines[0].find("NAME"), lines[1].find("web-server"));
+    }
+
+    #[test]
+    fn shared_images_show_their_type() {
+        let mut shared = image();
+        shared.image_type = ImageType::SharedImage as i32;
+        let text = image_table(&[shared]);
+        let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(row[2], "SHARED_IMAGE", "{text}");
+    }
+
+    #[test]
+    fn share_lines_name_the_image_and_the_accounts() {
+        let accounts = ["100000000002".to_string(), "100000000003".to_string()];
+        assert_eq!(
+            share_line(SharePermission::Share, "img-aaaaaaaa", &accounts),
+            "shared img-aaaaaaaa with 100000000002, 100000000003\n"
+        );
+        assert_eq!(
+            share_line(SharePermission::Cancel, "img-aaaaaaaa", &accounts[..1]),
+            "unshared img-aaaaaaaa from 100000000002\n"
+        );
+    }
+
+    #[test]
+    fn share_tables_list_accounts_and_times() {
+        let shares = [ImageShare {
+            account_id: "100000000002".into(),
+            created_time: "2025-01-02T03:04:05Z".into(),
+        }];
+        assert_eq!(
+            share_table(&shares),
+            "ACCOUNT_ID    SHARED_TIME\n\
+             100000000002  2025-01-02T03:04:05Z\n"
+        );
+        assert_eq!(share_table(&[]), "ACCOUNT_ID  SHARED_TIME\n");
     }
 
     #[test]

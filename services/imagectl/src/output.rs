@@ -36,6 +36,8 @@ proto_messages!(
     TerminateInstancesResponse,
     ResetInstanceResponse,
     SyncImagesResponse,
+    ModifyImageSharePermissionResponse,
+    DescribeImageSharePermissionResponse,
 );
 
 /// A message as proto3 JSON: enum values by name, every field present (defaults included).
@@ -237,6 +239,8 @@ mod tests {
         check::<region::TerminateInstancesResponse>();
         check::<region::ResetInstanceResponse>();
         check::<region::SyncImagesResponse>();
+        check::<region::ModifyImageSharePermissionResponse>();
+        check::<region::DescribeImageSharePermissionResponse>();
     }
 
     #[test]

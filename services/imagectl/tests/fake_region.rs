@@ -1,7 +1,7 @@
 //! `imagectl` commands against an in-process fake catalog and region service: region lookup
 //! through the catalog, paging with `--all`, `create --wait`, sparse export, chunked disk
 //! writes and reads, `sync` (with `--wait` polling each destination region, and its progress
-//! on stderr), and how server errors are reported.
+//! on stderr), `share`/`unshare`/`shares`, and how server errors are reported.
 
 use clap::Parser;
 use imagefleet_imagectl::cli::Cli;
@@ -33,6 +33,10 @@ struct State {
     sync_describes: Vec<(String, String, Vec<String>)>,
     /// Whether the ap-beijing copy fails.
     fail_sync: bool,
+    /// Each image's shares, in the order they were made.
+    shares: HashMap<String, Vec<region::ImageShare>>,
+    /// `ModifyImageSharePermission` calls, as received.
+    share_requests: Vec<region::ModifyImageSharePermissionRequest>,
 }
 
 /// One region's fake service (and, in ap-guangzhou, the catalog). Every region shares the
@@ -115,6 +119,31 @@ fn listed_images() -> Vec<region::Image> {
     (1..=5)
         .map(|i| image(&format!("img-list000{i}"), region::ImageState::Normal))
         .collect()
+}
+
+/// What `DescribeImages` lists with the filter `image-type: SHARED_IMAGE`.
+fn shared_images() -> Vec<region::Image> {
+    let mut img = image("img-shared01", region::ImageState::Normal);
+    img.image_type = region::ImageType::SharedImage as i32;
+    vec![img]
+}
+
+/// When the `n`th share (from 0) was made.
+fn share_time(n: usize) -> String {
+    format!("2025-03-01T00:00:{n:02}Z")
+}
+
+/// `InvalidImageId.NotFound` unless `id` is one of the listed (own) images.
+fn own_image(id: &str) -> Result<(), Status> {
+    if listed_images().iter().any(|i| i.image_id == id) {
+        Ok(())
+    } else {
+        Err(imagefleet_proto::error::status(
+            tonic::Code::NotFound,
+            "InvalidImageId.NotFound",
+            format!("image {id} does not exist"),
+        ))
+    }
 }
 
 #[tonic::async_trait]
@@ -230,7 +259,15 @@ impl region::region_service_server::RegionService for Fake {
             }));
         }
         // Pages of two, the token being the index of the next image.
-        let all = listed_images();
+        let shared_only = request
+            .filters
+            .iter()
+            .any(|f| f.name == "image-type" && f.values == ["SHARED_IMAGE"]);
+        let all = if shared_only {
+            shared_images()
+        } else {
+            listed_images()
+        };
         let start = if request.page_token.is_empty() {
             request.offset as usize
         } else {
@@ -371,18 +408,62 @@ impl region::region_service_server::RegionService for Fake {
         }))
     }
 
+    /// Shares or cancels for every account or none, refusing (as the region does) accounts
+    /// already shared with (SHARE) or not shared with (CANCEL).
     async fn modify_image_share_permission(
         &self,
-        _request: Request<region::ModifyImageSharePermissionRequest>,
+        request: Request<region::ModifyImageSharePermissionRequest>,
     ) -> Result<Response<region::ModifyImageSharePermissionResponse>, Status> {
-        Err(Status::unimplemented("not faked"))
+        let request = request.into_inner();
+        own_image(&request.image_id)?;
+        let mut state = self.state.lock().unwrap();
+        state.share_requests.push(request.clone());
+        let made = state.shares.values().map(Vec::len).sum::<usize>();
+        let shares = state.shares.entry(request.image_id.clone()).or_default();
+        let shared = |account: &str| shares.iter().any(|s| s.account_id == account);
+        match region::SharePermission::try_from(request.permission) {
+            Ok(region::SharePermission::Share) => {
+                if let Some(account) = request.account_ids.iter().find(|a| shared(a)) {
+                    return Err(imagefleet_proto::error::status(
+                        tonic::Code::AlreadyExists,
+                        "FailedOperation.AccountAlreadyExists",
+                        format!("the image is already shared with {account}"),
+                    ));
+                }
+                for (i, account) in request.account_ids.iter().enumerate() {
+                    shares.push(region::ImageShare {
+                        account_id: account.clone(),
+                        created_time: share_time(made + i),
+                    });
+                }
+            }
+            Ok(region::SharePermission::Cancel) => {
+                if let Some(account) = request.account_ids.iter().find(|a| !shared(a)) {
+                    return Err(imagefleet_proto::error::status(
+                        tonic::Code::FailedPrecondition,
+                        "FailedOperation.AccountNotShared",
+                        format!("the image is not shared with {account}"),
+                    ));
+                }
+                shares.retain(|s| !request.account_ids.contains(&s.account_id));
+            }
+            _ => return Err(Status::invalid_argument("bad permission")),
+        }
+        Ok(Response::new(region::ModifyImageSharePermissionResponse {}))
     }
 
     async fn describe_image_share_permission(
         &self,
-        _request: Request<region::DescribeImageSharePermissionRequest>,
+        request: Request<region::DescribeImageSharePermissionRequest>,
     ) -> Result<Response<region::DescribeImageSharePermissionResponse>, Status> {
-        Err(Status::unimplemented("not faked"))
+        let image_id = request.into_inner().image_id;
+        own_image(&image_id)?;
+        let state = self.state.lock().unwrap();
+        Ok(Response::new(
+            region::DescribeImageSharePermissionResponse {
+                share_permission_set: state.shares.get(&image_id).cloned().unwrap_or_default(),
+            },
+        ))
     }
 
     async fn sync_images(
@@ -1038,4 +1119,189 @@ async fn describe_shows_the_sync_progress() {
         .unwrap();
     assert!(created.contains("SYNC_PERCENT"), "{created}");
     assert!(!created.contains("SYNC_SOURCE"), "{created}");
+}
+
+/// `images share|unshare|shares` for img-list0001 with `extra` arguments.
+fn share_args<'a>(verb: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    [
+        "images",
+        verb,
+        "--region",
+        "ap-guangzhou",
+        "--image",
+        "img-list0001",
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .collect()
+}
+
+#[tokio::test]
+async fn share_then_shares_lists_the_accounts() {
+    let h = start().await;
+    let text = h
+        .run(&share_args(
+            "share",
+            &["--accounts", "100000000002,100000000003"],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        text,
+        "shared img-list0001 with 100000000002, 100000000003\n"
+    );
+    {
+        let state = h.fake.state.lock().unwrap();
+        assert_eq!(state.share_requests.len(), 1);
+        let request = &state.share_requests[0];
+        assert_eq!(request.image_id, "img-list0001");
+        assert_eq!(request.account_ids, ["100000000002", "100000000003"]);
+        assert_eq!(request.permission, region::SharePermission::Share as i32);
+    }
+    let empty = h
+        .json(&share_args("share", &["--accounts", "100000000004"]))
+        .await;
+    assert_eq!(empty, serde_json::json!({}));
+
+    let table = h.run(&share_args("shares", &[])).await.unwrap();
+    assert_eq!(
+        table,
+        "ACCOUNT_ID    SHARED_TIME\n\
+         100000000002  2025-03-01T00:00:00Z\n\
+         100000000003  2025-03-01T00:00:01Z\n\
+         100000000004  2025-03-01T00:00:02Z\n"
+    );
+    let value = h.json(&share_args("shares", &[])).await;
+    assert_eq!(
+        value,
+        serde_json::json!({
+            "sharePermissionSet": [
+                {"accountId": "100000000002", "createdTime": "2025-03-01T00:00:00Z"},
+                {"accountId": "100000000003", "createdTime": "2025-03-01T00:00:01Z"},
+                {"accountId": "100000000004", "createdTime": "2025-03-01T00:00:02Z"},
+            ]
+        })
+    );
+}
+
+#[tokio::test]
+async fn unshare_cancels_shares() {
+    let h = start().await;
+    h.run(&share_args(
+        "share",
+        &["--accounts", "100000000002,100000000003,100000000004"],
+    ))
+    .await
+    .unwrap();
+    let text = h
+        .run(&share_args(
+            "unshare",
+            &["--accounts", "100000000002,100000000004"],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        text,
+        "unshared img-list0001 from 100000000002, 100000000004\n"
+    );
+    let last = h.fake.state.lock().unwrap().share_requests.last().cloned();
+    assert_eq!(
+        last.unwrap().permission,
+        region::SharePermission::Cancel as i32
+    );
+    let value = h.json(&share_args("shares", &[])).await;
+    assert_eq!(value["sharePermissionSet"].as_array().unwrap().len(), 1);
+    assert_eq!(value["sharePermissionSet"][0]["accountId"], "100000000003");
+
+    let empty = h
+        .json(&share_args("unshare", &["--accounts", "100000000003"]))
+        .await;
+    assert_eq!(empty, serde_json::json!({}));
+    let table = h.run(&share_args("shares", &[])).await.unwrap();
+    assert_eq!(table, "ACCOUNT_ID  SHARED_TIME\n");
+    let value = h.json(&share_args("shares", &[])).await;
+    assert_eq!(value, serde_json::json!({"sharePermissionSet": []}));
+}
+
+#[tokio::test]
+async fn share_errors_name_code_and_reason() {
+    let h = start().await;
+    h.run(&share_args("share", &["--accounts", "100000000002"]))
+        .await
+        .unwrap();
+    let err = h
+        .run(&share_args(
+            "share",
+            &["--accounts", "100000000003,100000000002"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "AlreadyExists FailedOperation.AccountAlreadyExists: \
+         the image is already shared with 100000000002"
+    );
+    // All or nothing: 100000000003 was not shared either.
+    let value = h.json(&share_args("shares", &[])).await;
+    assert_eq!(value["sharePermissionSet"].as_array().unwrap().len(), 1);
+
+    let err = h
+        .run(&share_args("unshare", &["--accounts", "100000000009"]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "FailedPrecondition FailedOperation.AccountNotShared: \
+         the image is not shared with 100000000009"
+    );
+    let err = h
+        .run(&[
+            "images",
+            "shares",
+            "--region",
+            "ap-guangzhou",
+            "--image",
+            "img-nothere1",
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "NotFound InvalidImageId.NotFound: image img-nothere1 does not exist"
+    );
+}
+
+#[tokio::test]
+async fn shared_images_list_with_their_type() {
+    let h = start().await;
+    let table = h
+        .run(&[
+            "images",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--type",
+            "SHARED_IMAGE",
+        ])
+        .await
+        .unwrap();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert_eq!(rows[0][2], "TYPE");
+    assert_eq!(rows[1][0], "img-shared01");
+    assert_eq!(rows[1][2], "SHARED_IMAGE");
+    let value = h
+        .json(&[
+            "images",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--type",
+            "SHARED_IMAGE",
+        ])
+        .await;
+    assert_eq!(value["imageSet"][0]["imageType"], "SHARED_IMAGE");
 }

@@ -1,0 +1,645 @@
+//! The authorisation matrix: every RPC of every imagefleet service, generated from the service
+//! definitions (the descriptor set), called as every kind of caller. Each cell asserts the exact
+//! code and reason, and that a refused call changed nothing. A new RPC fails this test until
+//! its row is added.
+
+mod common;
+
+use bytes::BufMut;
+use common::*;
+use imagefleet_proto::region::v1::*;
+use imagefleet_rpc::auth::{self, Credentials};
+use imagefleet_rpc::client::{region_scope, CATALOG_SCOPE, SHARING_SCOPE};
+use prost::Message;
+use std::collections::BTreeSet;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Passes request and response messages through as bytes, so any method can be called.
+#[derive(Clone, Default)]
+struct RawCodec;
+struct RawEncoder;
+struct RawDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+/// One method of one service, from the descriptor set.
+#[derive(Clone, Debug)]
+struct Method {
+    service: String,
+    name: String,
+    path: String,
+    server_streaming: bool,
+}
+
+fn methods() -> Vec<Method> {
+    let pool = imagefleet_proto::descriptor_pool();
+    let mut out = Vec::new();
+    for service in pool.services() {
+        for m in service.methods() {
+            assert!(
+                !m.is_client_streaming(),
+                "add client-streaming calls to the matrix harness"
+            );
+            out.push(Method {
+                service: service.full_name().to_string(),
+                name: m.name().to_string(),
+                path: format!("/{}/{}", service.full_name(), m.name()),
+                server_streaming: m.is_server_streaming(),
+            });
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Expect {
+    Ok,
+    Refused(Code, &'static str),
+}
+
+use Expect::{Ok as Allowed, Refused};
+
+/// Where a method is served and what it signs for.
+struct Target {
+    url: String,
+    scope: String,
+}
+
+fn target(cluster: &Cluster, service: &str) -> Target {
+    if service.starts_with("imagefleet.region.") {
+        Target {
+            url: cluster.region_url("ap-guangzhou"),
+            scope: region_scope("ap-guangzhou"),
+        }
+    } else if service.starts_with("imagefleet.catalog.") {
+        Target {
+            url: cluster.catalog.url(),
+            scope: CATALOG_SCOPE.into(),
+        }
+    } else {
+        Target {
+            url: cluster.sharing.url(),
+            scope: SHARING_SCOPE.into(),
+        }
+    }
+}
+
+/// Headers to send with a call.
+enum Signing<'a> {
+    None,
+    /// Signed by `credentials` over `signed_body`, at `timestamp`, with `nonce`.
+    With {
+        credentials: &'a Credentials,
+        signed_body: &'a [u8],
+        timestamp: i64,
+        nonce: String,
+    },
+}
+
+async fn call(
+    channel: &Channel,
+    method: &Method,
+    scope: &str,
+    body: Vec<u8>,
+    signing: Signing<'_>,
+) -> Result<(), tonic::Status> {
+    let mut request = tonic::Request::new(body);
+    if let Signing::With {
+        credentials,
+        signed_body,
+        timestamp,
+        nonce,
+    } = signing
+    {
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(signed_body));
+        let mut headers = http::HeaderMap::new();
+        auth::sign_headers(
+            &mut headers,
+            credentials,
+            &method.path,
+            scope,
+            &digest,
+            timestamp,
+            &nonce,
+        );
+        *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
+    }
+    let mut grpc = tonic::client::Grpc::new(channel.clone()).max_decoding_message_size(64 << 20);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path: http::uri::PathAndQuery = method.path.parse().unwrap();
+    if method.server_streaming {
+        let mut stream = grpc
+            .server_streaming(request, path, RawCodec)
+            .await?
+            .into_inner();
+        stream.message().await?;
+        Ok(())
+    } else {
+        grpc.unary(request, path, RawCodec).await.map(|_| ())
+    }
+}
+
+async fn signed(
+    channel: &Channel,
+    method: &Method,
+    scope: &str,
+    body: Vec<u8>,
+    credentials: &Credentials,
+) -> Result<(), tonic::Status> {
+    let signed_body = body.clone();
+    call(
+        channel,
+        method,
+        scope,
+        body,
+        Signing::With {
+            credentials,
+            signed_body: &signed_body,
+            timestamp: imagefleet_rpc::time::unix_now(),
+            nonce: auth::new_nonce(),
+        },
+    )
+    .await
+}
+
+fn check(cell: &str, result: Result<(), tonic::Status>, expected: Expect) {
+    match (result, expected) {
+        (Ok(()), Allowed) => {}
+        (Err(status), Refused(code, why)) => {
+            assert_eq!(
+                (status.code(), reason(&status).as_str()),
+                (code, why),
+                "{cell}: {status:?}"
+            );
+        }
+        (result, expected) => panic!("{cell}: expected {expected:?}, got {result:?}"),
+    }
+}
+
+/// Everything a refused call could have changed, as the owner, the receiver and the catalog see it.
+async fn fingerprint(cluster: &Cluster, image_id: &str) -> String {
+    let mut out = String::new();
+    for who in 0..2 {
+        let mut region = cluster.region("ap-guangzhou", who);
+        let images = region
+            .describe_images(DescribeImagesRequest {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let instances = region
+            .describe_instances(DescribeInstancesRequest {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.push_str(&format!(
+            "{:?}\n{:?}\n",
+            images.image_set, instances.instance_set
+        ));
+    }
+    let mut owner = cluster.region("ap-guangzhou", 0);
+    let shares = owner
+        .describe_image_share_permission(DescribeImageSharePermissionRequest {
+            image_id: image_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    out.push_str(&format!("{:?}\n", shares.share_permission_set));
+    out.push_str(&cluster.redis_cli(&["DBSIZE"]));
+    out
+}
+
+/// Fails with the items that differ between two fingerprints.
+fn assert_same(before: &str, after: &str, what: &str) {
+    if before != after {
+        let split = |s: &str| s.split("}, ").map(str::to_string).collect::<Vec<_>>();
+        let (b, a) = (split(before), split(after));
+        let gone: Vec<_> = b.iter().filter(|x| !a.contains(x)).collect();
+        let new: Vec<_> = a.iter().filter(|x| !b.contains(x)).collect();
+        panic!("{what}: before {gone:#?}\nafter {new:#?}");
+    }
+}
+
+/// Waits until what an allowed call started in the background (an image being created,
+/// instances booting) has finished, so it is not mistaken for a change made by a refused call.
+async fn settle(cluster: &Cluster) {
+    let mut owner = cluster.region("ap-guangzhou", 0);
+    for _ in 0..400 {
+        let images = owner
+            .describe_images(DescribeImagesRequest {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let instances = owner
+            .describe_instances(DescribeInstancesRequest {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let busy = images
+            .image_set
+            .iter()
+            .any(|i| i.image_state == ImageState::Creating as i32)
+            || instances
+                .instance_set
+                .iter()
+                .any(|i| i.instance_state == InstanceState::Pending as i32);
+        if !busy {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the cluster never settled");
+}
+
+/// The resources the role cells act on.
+struct Fixture {
+    image: String,
+    owner_instance: String,
+    doomed_instance: String,
+    extra_account: String,
+}
+
+/// The request each account-facing method is called with, and what each role gets:
+/// (owner, receiver of a share, unrelated account). `None` for a method missing from the table.
+fn row(method: &str, f: &Fixture) -> Option<(Vec<u8>, [Expect; 3])> {
+    let not_found_image = Refused(Code::NotFound, "InvalidImageId.NotFound");
+    let not_found_instance = Refused(Code::NotFound, "InvalidInstanceId.NotFound");
+    let not_yours = Refused(
+        Code::PermissionDenied,
+        "UnauthorizedOperation.ImageNotBelongToAccount",
+    );
+    let image = f.image.clone();
+    Some(match method {
+        "imagefleet.region.v1.RegionService/DescribeImages" => (
+            DescribeImagesRequest {
+                image_ids: vec![image],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            [Allowed, Allowed, not_found_image],
+        ),
+        "imagefleet.region.v1.RegionService/DescribeImageQuota" => (
+            DescribeImageQuotaRequest {}.encode_to_vec(),
+            [Allowed, Allowed, Allowed],
+        ),
+        "imagefleet.region.v1.RegionService/ModifyImageAttribute" => (
+            ModifyImageAttributeRequest {
+                image_id: image,
+                image_description: Some("matrix".into()),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            [
+                Allowed,
+                Refused(
+                    Code::FailedPrecondition,
+                    "UnsupportedOperation.SharedImageModifyUnsupported",
+                ),
+                not_found_image,
+            ],
+        ),
+        "imagefleet.region.v1.RegionService/DeleteImages" => (
+            DeleteImagesRequest {
+                image_ids: vec![image],
+            }
+            .encode_to_vec(),
+            [
+                Refused(Code::FailedPrecondition, "InvalidImageId.InShared"),
+                not_yours,
+                not_found_image,
+            ],
+        ),
+        "imagefleet.region.v1.RegionService/CreateImage" => (
+            CreateImageRequest {
+                instance_id: f.owner_instance.clone(),
+                image_name: "matrix-made".into(),
+                image_description: String::new(),
+            }
+            .encode_to_vec(),
+            [Allowed, not_found_instance, not_found_instance],
+        ),
+        "imagefleet.region.v1.RegionService/ExportImage" => (
+            ExportImageRequest {
+                image_id: image,
+                format: ExportFormat::Raw as i32,
+            }
+            .encode_to_vec(),
+            [
+                Allowed,
+                Refused(
+                    Code::FailedPrecondition,
+                    "UnsupportedOperation.SharedImageExportUnsupported",
+                ),
+                not_found_image,
+            ],
+        ),
+        "imagefleet.region.v1.RegionService/RunInstances" => (
+            RunInstancesRequest {
+                image_id: image,
+                instance_type: "S5.SMALL1".into(),
+                instance_count: 1,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            [Allowed, Allowed, not_found_image],
+        ),
+        "imagefleet.region.v1.RegionService/DescribeInstances" => (
+            DescribeInstancesRequest {
+                instance_ids: vec![f.owner_instance.clone()],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            [Allowed, not_found_instance, not_found_instance],
+        ),
+        "imagefleet.region.v1.RegionService/TerminateInstances" => (
+            TerminateInstancesRequest {
+                instance_ids: vec![f.doomed_instance.clone()],
+            }
+            .encode_to_vec(),
+            [Allowed, not_found_instance, not_found_instance],
+        ),
+        "imagefleet.region.v1.RegionService/ResetInstance" => (
+            ResetInstanceRequest {
+                instance_id: f.owner_instance.clone(),
+                image_id: image,
+            }
+            .encode_to_vec(),
+            [Allowed, not_found_instance, not_found_instance],
+        ),
+        "imagefleet.region.v1.RegionService/WriteInstanceDisk" => (
+            WriteInstanceDiskRequest {
+                instance_id: f.owner_instance.clone(),
+                offset: 4096,
+                data: b"matrix".to_vec(),
+            }
+            .encode_to_vec(),
+            [Allowed, not_found_instance, not_found_instance],
+        ),
+        "imagefleet.region.v1.RegionService/ReadInstanceDisk" => (
+            ReadInstanceDiskRequest {
+                instance_id: f.owner_instance.clone(),
+                offset: 0,
+                length: 512,
+            }
+            .encode_to_vec(),
+            [Allowed, not_found_instance, not_found_instance],
+        ),
+        "imagefleet.region.v1.RegionService/SyncImages" => (
+            SyncImagesRequest {
+                image_ids: vec![image],
+                destination_regions: vec!["ap-shanghai".into()],
+                dry_run: true,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            [Allowed, not_yours, not_found_image],
+        ),
+        "imagefleet.region.v1.RegionService/ModifyImageSharePermission" => (
+            ModifyImageSharePermissionRequest {
+                image_id: image,
+                account_ids: vec![f.extra_account.clone()],
+                permission: SharePermission::Share as i32,
+            }
+            .encode_to_vec(),
+            [Allowed, not_yours, not_found_image],
+        ),
+        "imagefleet.region.v1.RegionService/DescribeImageSharePermission" => (
+            DescribeImageSharePermissionRequest { image_id: image }.encode_to_vec(),
+            [Allowed, not_yours, not_found_image],
+        ),
+        "imagefleet.catalog.v1.CatalogService/DescribeRegions" => {
+            (Vec::new(), [Allowed, Allowed, Allowed])
+        }
+        "imagefleet.catalog.v1.CatalogService/DescribePublicImages" => {
+            (Vec::new(), [Allowed, Allowed, Allowed])
+        }
+        _ => return None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_as_every_caller() {
+    let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let carol = cluster.create_account("carol").await;
+    let dave = cluster.create_account("dave").await;
+    let creds = |a: &imagefleet_rpc::cluster::AccountEntry| Credentials {
+        secret_id: a.secret_id.clone(),
+        secret_key: a.secret_key.clone(),
+    };
+    let (owner, receiver, other) = (
+        creds(&cluster.accounts[0]),
+        creds(&cluster.accounts[1]),
+        creds(&carol),
+    );
+    let service = cluster.service_credentials();
+
+    // Alice's image, shared with Bob; Carol is unrelated.
+    let mut alice = cluster.region("ap-guangzhou", 0);
+    let debian = public_image(&mut alice, "Debian").await;
+    let instances = run(&mut alice, &debian.image_id, 2).await;
+    let image = alice
+        .create_image(CreateImageRequest {
+            instance_id: instances[0].clone(),
+            image_name: "matrix".into(),
+            image_description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_id;
+    wait_image_state(&mut alice, &image, ImageState::Normal).await;
+    alice
+        .modify_image_share_permission(ModifyImageSharePermissionRequest {
+            image_id: image.clone(),
+            account_ids: vec![cluster.accounts[1].account_id.clone()],
+            permission: SharePermission::Share as i32,
+        })
+        .await
+        .unwrap();
+    let fixture = Fixture {
+        image: image.clone(),
+        owner_instance: instances[0].clone(),
+        doomed_instance: instances[1].clone(),
+        extra_account: dave.account_id.clone(),
+    };
+
+    let all = methods();
+    let services: BTreeSet<&str> = all.iter().map(|m| m.service.as_str()).collect();
+    for expected in [
+        "imagefleet.region.v1.RegionService",
+        "imagefleet.region.v1.RegionInternalService",
+        "imagefleet.catalog.v1.CatalogService",
+        "imagefleet.catalog.v1.CatalogInternalService",
+        "imagefleet.sharing.v1.SharingInternalService",
+    ] {
+        assert!(
+            services.contains(expected),
+            "{expected} is missing from the descriptor set"
+        );
+    }
+
+    let mut cells = 0;
+    for method in &all {
+        let t = target(&cluster, &method.service);
+        let channel = imagefleet_rpc::client::endpoint(&t.url)
+            .unwrap()
+            .connect_lazy();
+        let internal = method.service.ends_with("InternalService");
+        let id = format!("{}.{}", method.service, method.name);
+        let now = imagefleet_rpc::time::unix_now();
+        let right = if internal { &service } else { &owner };
+        let wrong_key = Credentials {
+            secret_id: right.secret_id.clone(),
+            secret_key: "wrong".into(),
+        };
+        let before = fingerprint(&cluster, &image).await;
+
+        // Callers the auth layer turns away, for every method.
+        let unauth = Refused(Code::Unauthenticated, "AuthFailure.InvalidAuthorization");
+        check(
+            &format!("{id} unauthenticated"),
+            call(&channel, method, &t.scope, Vec::new(), Signing::None).await,
+            unauth,
+        );
+        let bad = Signing::With {
+            credentials: &wrong_key,
+            signed_body: &[],
+            timestamp: now,
+            nonce: auth::new_nonce(),
+        };
+        check(
+            &format!("{id} bad signature"),
+            call(&channel, method, &t.scope, Vec::new(), bad).await,
+            Refused(Code::Unauthenticated, "AuthFailure.SignatureFailure"),
+        );
+        let expired = Signing::With {
+            credentials: right,
+            signed_body: &[],
+            timestamp: now - 3600,
+            nonce: auth::new_nonce(),
+        };
+        check(
+            &format!("{id} expired"),
+            call(&channel, method, &t.scope, Vec::new(), expired).await,
+            Refused(Code::Unauthenticated, "AuthFailure.SignatureExpire"),
+        );
+        // A captured request: its first use (with a tampered body) is refused, and so is the replay.
+        let nonce = auth::new_nonce();
+        let first = Signing::With {
+            credentials: right,
+            signed_body: &[],
+            timestamp: now,
+            nonce: nonce.clone(),
+        };
+        check(
+            &format!("{id} tampered"),
+            call(&channel, method, &t.scope, vec![0x42, 0x00], first).await,
+            Refused(Code::Unauthenticated, "AuthFailure.SignatureFailure"),
+        );
+        let replay = Signing::With {
+            credentials: right,
+            signed_body: &[],
+            timestamp: now,
+            nonce,
+        };
+        check(
+            &format!("{id} replayed"),
+            call(&channel, method, &t.scope, Vec::new(), replay).await,
+            Refused(Code::Unauthenticated, "AuthFailure.RequestReplayed"),
+        );
+        // The other kind of credentials.
+        let (wrong_kind, why) = if internal {
+            (&owner, "UnauthorizedOperation.ServiceCredentialRequired")
+        } else {
+            (&service, "UnauthorizedOperation.AccountCredentialRequired")
+        };
+        check(
+            &format!("{id} wrong credential kind"),
+            signed(&channel, method, &t.scope, Vec::new(), wrong_kind).await,
+            Refused(Code::PermissionDenied, why),
+        );
+        assert_same(
+            &before,
+            &fingerprint(&cluster, &image).await,
+            &format!("{id}: a refused call changed something"),
+        );
+        cells += 6;
+
+        if internal {
+            continue;
+        }
+        // Account-facing: the owner, the receiver of a share, an unrelated account.
+        let (body, expected) = row(&format!("{}/{}", method.service, method.name), &fixture)
+            .unwrap_or_else(|| panic!("{id} has no row in the authorisation matrix: add one"));
+        // Refusals first (each must change nothing), then the owner.
+        for (who, credentials, expect) in [
+            ("receiver", &receiver, expected[1]),
+            ("other account", &other, expected[2]),
+            ("owner", &owner, expected[0]),
+        ] {
+            let before = fingerprint(&cluster, &image).await;
+            check(
+                &format!("{id} as {who}"),
+                signed(&channel, method, &t.scope, body.clone(), credentials).await,
+                expect,
+            );
+            if expect == Allowed {
+                settle(&cluster).await;
+            } else {
+                assert_same(
+                    &before,
+                    &fingerprint(&cluster, &image).await,
+                    &format!("{id} as {who}: a refused call changed something"),
+                );
+            }
+            cells += 1;
+        }
+    }
+    println!("{cells} cells over {} methods", all.len());
+    assert!(cells > 100);
+}
