@@ -16,6 +16,9 @@
 //!   size and copy_full's time.
 //! - copy_rss: peak RSS (VmHWM, reset before the copy) of either region service during
 //!   copy_full, against 100 MiB.
+//! - share_rps: signed `CheckShare` calls per second to the sharing service (the check every
+//!   launch of a shared image makes) at 50 concurrent callers, against `redis-benchmark`
+//!   unpipelined GETs with 50 clients on the same Redis.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -375,6 +378,132 @@ async fn launch(cluster: &Cluster, region: &mut Region, image_id: &str) {
     );
 }
 
+async fn share_rps() {
+    use imagefleet_proto::sharing::v1::sharing_internal_service_client::SharingInternalServiceClient;
+    use imagefleet_proto::sharing::v1::{CheckShareRequest, SetImageOwnerRequest};
+    let cluster = Cluster::start(&[]).await;
+    // A few HTTP/2 connections, as a region's callers would spread over; one connection is
+    // driven by one task on each side.
+    const CONNECTIONS: usize = 4;
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let channel = imagefleet_rpc::client::signed_channel(
+                &cluster.sharing.url(),
+                cluster.service_credentials(),
+                imagefleet_rpc::client::SHARING_SCOPE,
+            )
+            .expect("channel");
+            SharingInternalServiceClient::new(channel)
+        })
+        .collect();
+    let client = clients[0].clone();
+    client
+        .clone()
+        .set_image_owner(SetImageOwnerRequest {
+            image_id: "img-bench001".into(),
+            owner_account_id: cluster.accounts[0].account_id.clone(),
+        })
+        .await
+        .expect("owner");
+    let bob = cluster.accounts[1].account_id.clone();
+
+    // Baseline: redis-benchmark against the same Redis.
+    let out = std::process::Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &cluster.redis.port.to_string(),
+            "-t",
+            "get",
+            "-n",
+            "200000",
+            "-c",
+            "50",
+            "-q",
+        ])
+        .output()
+        .expect("redis-benchmark runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let baseline: f64 = text
+        .split(|c: char| c == '\r' || c == '\n')
+        .filter_map(|l| l.trim().strip_prefix("GET: "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|v| v.parse().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no GET figure in redis-benchmark output: {text}"));
+
+    const CALLERS: usize = 50;
+    let run = |secs: f64| {
+        let clients = clients.clone();
+        let bob = bob.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs_f64(secs);
+            let mut tasks = Vec::new();
+            for caller in 0..CALLERS {
+                let mut client = clients[caller % clients.len()].clone();
+                let bob = bob.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                    while Instant::now() < deadline {
+                        let start = Instant::now();
+                        let shared = client
+                            .check_share(CheckShareRequest {
+                                image_id: "img-bench001".into(),
+                                account_id: bob.clone(),
+                            })
+                            .await
+                            .expect("check share")
+                            .into_inner()
+                            .shared;
+                        assert!(!shared);
+                        let _ = hist.record(start.elapsed().as_micros() as u64);
+                    }
+                    hist
+                }));
+            }
+            let mut total = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+            for task in tasks {
+                total.add(task.await.expect("caller")).expect("merge");
+            }
+            total
+        }
+    };
+    run(1.0).await; // warm-up, not counted
+    let secs = 5.0;
+    let pids = [
+        ("sharing", cluster.sharing.pid()),
+        ("redis", cluster.redis.pid()),
+        ("load generator", Some(std::process::id())),
+    ];
+    let before: Vec<(f64, f64)> = pids
+        .iter()
+        .map(|(_, p)| p.map(cpu_split).unwrap_or_default())
+        .collect();
+    let hist = run(secs).await;
+    for ((name, pid), (u, s)) in pids.iter().zip(&before) {
+        let (u2, s2) = pid.map(cpu_split).unwrap_or_default();
+        println!(
+            "  share_rps {name} CPU: user {:.2}s system {:.2}s",
+            u2 - u,
+            s2 - s
+        );
+    }
+    let rps = hist.len() as f64 / secs;
+    println!(
+        "  share_rps latency: p50 {}us p99 {}us p999 {}us ({} calls, {CALLERS} callers on {CONNECTIONS} connections)",
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.len()
+    );
+    report(
+        "share_rps",
+        rps / baseline,
+        &format!("{rps:.0} req/s"),
+        &format!("redis-benchmark GET {baseline:.0} req/s"),
+        ">= 0.5",
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects figures.
     let filter: Vec<String> = std::env::args()
@@ -399,6 +528,9 @@ fn main() {
         }
         if wanted("copy") {
             copy().await;
+        }
+        if wanted("share") {
+            share_rps().await;
         }
     });
 }

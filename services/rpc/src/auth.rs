@@ -201,27 +201,35 @@ pub trait AccountKeys: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<AccountKey>, Status>>;
 }
 
-/// Remembers nonces seen inside the timestamp window, so that a captured request cannot be sent
-/// again. Entries older than the window are dropped (a request that old fails the timestamp
-/// check anyway).
+/// Remembers the requests accepted inside the timestamp window, so that a captured request
+/// cannot be sent again. A request is known by its signature (which covers the SecretId, the
+/// nonce and the timestamp, and which nobody without the key can produce for another nonce);
+/// 128 bits of it are kept, in buckets of `BUCKET_SECS` by the request's own timestamp. A
+/// replay carries the same timestamp, so one bucket is looked at; buckets older than the window
+/// are dropped whole, since their requests now fail the timestamp check anyway. Each remembered
+/// request costs about 24 bytes for the length of the window.
 #[derive(Default)]
 struct NonceCache {
-    /// A std mutex: held only for a map insert, never across an await.
-    seen: Mutex<HashMap<String, i64>>,
+    /// A std mutex: held only for a set insert, never across an await.
+    buckets: Mutex<HashMap<i64, HashSet<u128>>>,
 }
 
+const BUCKET_SECS: i64 = 10;
+
 impl NonceCache {
-    /// True if `key` was new (and is now remembered).
-    fn insert(&self, key: String, now: i64) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.len() > 100_000 {
-            seen.retain(|_, at| now - *at <= 2 * TIMESTAMP_WINDOW_SECS);
+    /// True if the request signed `signature` at `timestamp` is new (and is now remembered).
+    fn insert(&self, signature: &str, timestamp: i64, now: i64) -> bool {
+        let key = signature
+            .get(..32)
+            .and_then(|prefix| u128::from_str_radix(prefix, 16).ok())
+            .unwrap_or_default();
+        let bucket = timestamp.div_euclid(BUCKET_SECS);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if !buckets.contains_key(&bucket) {
+            let oldest = (now - TIMESTAMP_WINDOW_SECS).div_euclid(BUCKET_SECS) - 1;
+            buckets.retain(|b, _| *b >= oldest);
         }
-        if seen.contains_key(&key) {
-            return false;
-        }
-        seen.insert(key, now);
-        true
+        buckets.entry(bucket).or_default().insert(key)
     }
 }
 
@@ -341,7 +349,7 @@ impl Verifier {
             }
             _ => {}
         }
-        if !self.nonces.insert(format!("{secret_id}\n{nonce}"), now) {
+        if !self.nonces.insert(sig, timestamp, now) {
             return Err(unauthenticated(
                 "AuthFailure.RequestReplayed",
                 "this nonce was already used",

@@ -49,7 +49,7 @@ pub async fn serve(
         .initial_connection_window_size(Some(32 * 1024 * 1024))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .trace_fn(
-            move |req| tracing::info_span!("rpc", service = %scope, method = %req.uri().path()),
+            move |req| tracing::debug_span!("rpc", service = %scope, method = %req.uri().path()),
         )
         .layer(AuthLayer::new(verifier))
         .serve_with_incoming_shutdown(routes, TcpListenerStream::new(listener), shutdown)
