@@ -424,7 +424,7 @@ async fn share_rps() {
         .expect("redis-benchmark runs");
     let text = String::from_utf8_lossy(&out.stdout);
     let baseline: f64 = text
-        .split(|c: char| c == '\r' || c == '\n')
+        .split(['\r', '\n'])
         .filter_map(|l| l.trim().strip_prefix("GET: "))
         .filter_map(|l| l.split_whitespace().next())
         .filter_map(|v| v.parse().ok())

@@ -79,53 +79,85 @@ fn check_endpoint(endpoint: &str) -> Result<(), CatalogError> {
     Ok(())
 }
 
-fn region_message(known: &KnownRegion, endpoint: String, registered_at: i64) -> Region {
+fn region_message(
+    known: &KnownRegion,
+    endpoint: String,
+    public_endpoint: String,
+    registered_at: i64,
+) -> Region {
     Region {
         region: known.region.to_string(),
         region_name: known.name.to_string(),
         area: known.area as i32,
         endpoint,
         registered_time: rfc3339(registered_at),
+        public_endpoint,
     }
+}
+
+/// The region as an account's client should see it: `endpoint` is where the client can
+/// reach it.
+pub fn for_clients(mut region: Region) -> Region {
+    if !region.public_endpoint.is_empty() {
+        region.endpoint = region.public_endpoint.clone();
+    }
+    region
 }
 
 impl Catalog {
     /// Records (or replaces) the endpoint of a known region's service.
-    pub fn register_region(&self, region: &str, endpoint: &str) -> Result<Region, Status> {
+    pub fn register_region(
+        &self,
+        region: &str,
+        endpoint: &str,
+        public_endpoint: &str,
+    ) -> Result<Region, Status> {
         let known = check_region("region", region)?;
         check_endpoint(endpoint)?;
+        if !public_endpoint.is_empty() {
+            check_endpoint(public_endpoint)?;
+        }
         let registered_at = unix_now();
         self.store.write(|tx| {
             tx.execute(
-                "INSERT INTO regions (region, endpoint, registered_at) VALUES (?1, ?2, ?3)
+                "INSERT INTO regions (region, endpoint, public_endpoint, registered_at)
+                 VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (region) DO UPDATE SET
-                    endpoint = excluded.endpoint, registered_at = excluded.registered_at",
-                params![region, endpoint, registered_at],
+                    endpoint = excluded.endpoint, public_endpoint = excluded.public_endpoint,
+                    registered_at = excluded.registered_at",
+                params![region, endpoint, public_endpoint, registered_at],
             )?;
             Ok(())
         })?;
-        tracing::info!(region, endpoint, "region registered");
-        Ok(region_message(known, endpoint.to_string(), registered_at))
+        tracing::info!(region, endpoint, public_endpoint, "region registered");
+        Ok(region_message(
+            known,
+            endpoint.to_string(),
+            public_endpoint.to_string(),
+            registered_at,
+        ))
     }
 
     /// Every registered region, sorted by id.
     pub fn regions(&self) -> Result<Vec<Region>, Status> {
         let rows = self.store.read(|conn| {
             let mut stmt = conn
-                .prepare("SELECT region, endpoint, registered_at FROM regions ORDER BY region")?;
+                .prepare("SELECT region, endpoint, public_endpoint, registered_at FROM regions ORDER BY region")?;
             let rows = stmt.query_map([], |row| {
                 Ok((
                     row.get::<_, String>(0)?,
                     row.get::<_, String>(1)?,
-                    row.get::<_, i64>(2)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
                 ))
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })?;
         Ok(rows
             .into_iter()
-            .filter_map(|(region, endpoint, at)| {
-                known_region(&region).map(|known| region_message(known, endpoint, at))
+            .filter_map(|(region, endpoint, public_endpoint, at)| {
+                known_region(&region)
+                    .map(|known| region_message(known, endpoint, public_endpoint, at))
             })
             .collect())
     }

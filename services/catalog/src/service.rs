@@ -30,10 +30,20 @@ impl CatalogApi {
         blocking(move || f(&catalog)).await.map(Response::new)
     }
 
-    /// `DescribeRegions` and `ListRegions`.
-    async fn describe_regions(&self) -> Result<Response<DescribeRegionsResponse>, Status> {
-        self.call(|c| {
-            let region_set = c.regions()?;
+    /// `DescribeRegions` (for clients: `endpoint` is the public one) and `ListRegions` (for
+    /// services: the endpoint on their network).
+    async fn describe_regions(
+        &self,
+        for_clients: bool,
+    ) -> Result<Response<DescribeRegionsResponse>, Status> {
+        self.call(move |c| {
+            let mut region_set = c.regions()?;
+            if for_clients {
+                region_set = region_set
+                    .into_iter()
+                    .map(crate::regions::for_clients)
+                    .collect();
+            }
             Ok(DescribeRegionsResponse {
                 total_count: u32::try_from(region_set.len()).unwrap_or(u32::MAX),
                 region_set,
@@ -50,7 +60,7 @@ impl CatalogService for CatalogApi {
         request: Request<DescribeRegionsRequest>,
     ) -> Result<Response<DescribeRegionsResponse>, Status> {
         imagefleet_rpc::auth::account_id(&request)?;
-        CatalogApi::describe_regions(self).await
+        CatalogApi::describe_regions(self, true).await
     }
 
     async fn describe_public_images(
@@ -76,7 +86,7 @@ impl CatalogInternalService for CatalogApi {
         let r = request.into_inner();
         self.call(move |c| {
             Ok(RegisterRegionResponse {
-                region: Some(c.register_region(&r.region, &r.endpoint)?),
+                region: Some(c.register_region(&r.region, &r.endpoint, &r.public_endpoint)?),
             })
         })
         .await
@@ -86,7 +96,7 @@ impl CatalogInternalService for CatalogApi {
         &self,
         _request: Request<DescribeRegionsRequest>,
     ) -> Result<Response<DescribeRegionsResponse>, Status> {
-        CatalogApi::describe_regions(self).await
+        CatalogApi::describe_regions(self, false).await
     }
 
     async fn create_account(

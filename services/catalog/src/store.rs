@@ -25,6 +25,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE regions (
         region TEXT PRIMARY KEY NOT NULL,
         endpoint TEXT NOT NULL,
+        public_endpoint TEXT NOT NULL DEFAULT '',
         registered_at INTEGER NOT NULL
     );
     CREATE TABLE images (

@@ -277,6 +277,7 @@ async fn regions_register_and_are_described() {
             .register_region(RegisterRegionRequest {
                 region: region.into(),
                 endpoint: endpoint.into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -309,10 +310,41 @@ async fn regions_register_and_are_described() {
         .into_inner();
     assert_eq!(listed, described);
 
+    // Behind published ports: services get the endpoint on their network, clients the public one.
+    internal
+        .register_region(RegisterRegionRequest {
+            region: "ap-guangzhou".into(),
+            endpoint: "http://region-guangzhou:7110".into(),
+            public_endpoint: "http://127.0.0.1:7110".into(),
+        })
+        .await
+        .unwrap();
+    let for_clients = served
+        .public_as(creds(&account))
+        .describe_regions(DescribeRegionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(for_clients.region_set[0].endpoint, "http://127.0.0.1:7110");
+    let for_services = internal
+        .list_regions(DescribeRegionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        for_services.region_set[0].endpoint,
+        "http://region-guangzhou:7110"
+    );
+    assert_eq!(
+        for_services.region_set[0].public_endpoint,
+        "http://127.0.0.1:7110"
+    );
+
     let err = internal
         .register_region(RegisterRegionRequest {
             region: "moon-base".into(),
             endpoint: "http://127.0.0.1:1".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -324,6 +356,7 @@ async fn regions_register_and_are_described() {
         .register_region(RegisterRegionRequest {
             region: "ap-shanghai".into(),
             endpoint: "127.0.0.1:7202".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -496,6 +529,7 @@ async fn data_survives_reopening() {
         .register_region(RegisterRegionRequest {
             region: "ap-singapore".into(),
             endpoint: "http://127.0.0.1:7205".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

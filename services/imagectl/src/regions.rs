@@ -49,6 +49,7 @@ mod tests {
             area: Area::Overseas as i32,
             endpoint: "http://127.0.0.1:7204".into(),
             registered_time: String::new(),
+            public_endpoint: String::new(),
         }]);
         let row: Vec<&str> = text
             .lines()

@@ -161,6 +161,7 @@ impl catalog::catalog_service_server::CatalogService for Fake {
                 area: catalog::Area::Mainland as i32,
                 endpoint: endpoint.clone(),
                 registered_time: "2025-01-01T00:00:00Z".into(),
+                public_endpoint: String::new(),
             })
             .collect();
         Ok(Response::new(catalog::DescribeRegionsResponse {

@@ -138,28 +138,28 @@ fn on_path(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
-/// Waits until every endpoint answers gRPC health with SERVING.
-async fn wait_healthy(endpoints: &[String]) -> anyhow::Result<()> {
+/// Whether the service at `url` answers gRPC health with SERVING (an error if it does not
+/// answer at all).
+pub async fn serving(url: &str) -> anyhow::Result<bool> {
+    use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
+    let channel = imagefleet_rpc::client::endpoint(url)?.connect_lazy();
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    Ok(status == ServingStatus::Serving as i32)
+}
+
+/// Waits until every endpoint answers gRPC health with SERVING.
+async fn wait_healthy(endpoints: &[String]) -> anyhow::Result<()> {
     for endpoint in endpoints {
-        let channel = imagefleet_rpc::client::endpoint(endpoint)?.connect_lazy();
-        let mut client = HealthClient::new(channel);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let serving = client
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .map(|r| {
-                    r.into_inner().status
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                })
-                .unwrap_or(false);
-            if serving {
-                break;
-            }
+        while !serving(endpoint).await.unwrap_or(false) {
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!("{endpoint} did not become healthy");
             }
@@ -250,6 +250,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             region: name.clone(),
             data_dir: dir.join("regions").join(name),
             advertise_url: endpoint.clone(),
+            public_url: String::new(),
             catalog_url: catalog_url.clone(),
             sharing_url: sharing_url.clone(),
             service_key: key.clone(),

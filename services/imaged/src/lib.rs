@@ -30,6 +30,22 @@ enum Command {
     Sharing(SharingArgs),
     /// Run one region service.
     Region(RegionArgs),
+    /// Check a service's gRPC health: exit 0 when it is SERVING (for container healthchecks).
+    Health(HealthArgs),
+}
+
+#[derive(Args, Debug)]
+struct HealthArgs {
+    /// The service to ask, e.g. http://127.0.0.1:7110.
+    #[arg(
+        long,
+        env = "IMAGEFLEET_HEALTH_URL",
+        default_value = "http://127.0.0.1:7100"
+    )]
+    url: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 3)]
+    timeout_secs: u64,
 }
 
 /// The cluster's service key: given directly, or read from a file.
@@ -106,9 +122,13 @@ struct RegionArgs {
     region: String,
     #[arg(long, env = "IMAGEFLEET_LISTEN", default_value = "127.0.0.1:7110")]
     listen: SocketAddr,
-    /// The URL other services and clients reach this region at; default http://<listen>.
+    /// The URL other services reach this region at; default http://<listen>.
     #[arg(long, env = "IMAGEFLEET_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// The URL clients outside the services' network reach this region at (e.g. a port
+    /// published by docker compose); default: the advertised URL.
+    #[arg(long, env = "IMAGEFLEET_PUBLIC_URL")]
+    public_url: Option<String>,
     #[arg(long, env = "IMAGEFLEET_DATA_DIR")]
     data_dir: PathBuf,
     #[arg(
@@ -157,6 +177,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = imagefleet_rpc::server::shutdown_signal();
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
+        Command::Health(args) => {
+            let deadline = std::time::Duration::from_secs(args.timeout_secs);
+            match tokio::time::timeout(deadline, dev::serving(&args.url)).await {
+                Ok(Ok(true)) => Ok(()),
+                Ok(Ok(false)) => anyhow::bail!("{} is not SERVING", args.url),
+                Ok(Err(e)) => anyhow::bail!("{}: {e:#}", args.url),
+                Err(_) => {
+                    anyhow::bail!("{} did not answer within {}s", args.url, args.timeout_secs)
+                }
+            }
+        }
         Command::Catalog(args) => {
             let catalog = imagefleet_catalog::Catalog::open(imagefleet_catalog::CatalogConfig {
                 data_dir: args.data_dir,
@@ -198,6 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 region: args.region,
                 data_dir: args.data_dir,
                 advertise_url,
+                public_url: args.public_url.unwrap_or_default(),
                 catalog_url: args.catalog_url,
                 sharing_url: args.sharing_url,
                 service_key: args.key.resolve()?,

@@ -45,8 +45,10 @@ pub struct RegionConfig {
     pub region: String,
     /// Where this region keeps its store (`metadata.db`, `chunks/`).
     pub data_dir: PathBuf,
-    /// The URL other services and clients reach this region at (registered in the catalog).
+    /// The URL other services reach this region at (registered in the catalog).
     pub advertise_url: String,
+    /// The URL clients reach it at, when that differs (a published port); empty otherwise.
+    pub public_url: String,
     pub catalog_url: String,
     pub sharing_url: String,
     /// The cluster's service key (service-to-service signing).
@@ -211,6 +213,7 @@ impl Region {
             .register_region(RegisterRegionRequest {
                 region: self.config.region.clone(),
                 endpoint: self.config.advertise_url.clone(),
+                public_endpoint: self.config.public_url.clone(),
             })
             .await?;
         let store = self.store.clone();
