@@ -229,6 +229,24 @@ fn instance_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
     })
 }
 
+/// Reads `(index, digest)` rows of one manifest with `sql` (one parameter, the manifest's key).
+fn read_manifest(c: &Connection, sql: &str, key: &str) -> Result<Vec<(u64, ChunkDigest)>, Status> {
+    let mut stmt = c.prepare_cached(sql).map_err(db)?;
+    let rows = stmt
+        .query_map([key], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .map_err(db)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (idx, d) = row.map_err(db)?;
+        if let Some(d) = digest_of(d) {
+            out.push((idx as u64, d));
+        }
+    }
+    Ok(out)
+}
+
 fn digest_of(bytes: Vec<u8>) -> Option<ChunkDigest> {
     ChunkDigest::from_slice(&bytes)
 }
@@ -925,24 +943,11 @@ impl Store {
     /// A snapshot's non-zero chunks, by index.
     pub fn snapshot_manifest(&self, snapshot_id: &str) -> Result<Vec<(u64, ChunkDigest)>, Status> {
         self.with(|c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT idx, digest FROM snapshot_chunks WHERE snapshot_id = ?1 ORDER BY idx",
-                )
-                .map_err(db)?;
-            let rows = stmt
-                .query_map([snapshot_id], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })
-                .map_err(db)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (idx, d) = row.map_err(db)?;
-                if let Some(d) = digest_of(d) {
-                    out.push((idx as u64, d));
-                }
-            }
-            Ok(out)
+            read_manifest(
+                c,
+                "SELECT idx, digest FROM snapshot_chunks WHERE snapshot_id = ?1 ORDER BY idx",
+                snapshot_id,
+            )
         })
     }
 
@@ -1171,22 +1176,11 @@ impl Store {
     /// The manifest a copy must reproduce.
     pub fn sync_manifest(&self, image_id: &str) -> Result<Vec<(u64, ChunkDigest)>, Status> {
         self.with(|c| {
-            let mut stmt = c
-                .prepare("SELECT idx, digest FROM sync_chunks WHERE image_id = ?1 ORDER BY idx")
-                .map_err(db)?;
-            let rows = stmt
-                .query_map([image_id], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })
-                .map_err(db)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (idx, d) = row.map_err(db)?;
-                if let Some(d) = digest_of(d) {
-                    out.push((idx as u64, d));
-                }
-            }
-            Ok(out)
+            read_manifest(
+                c,
+                "SELECT idx, digest FROM sync_chunks WHERE image_id = ?1 ORDER BY idx",
+                image_id,
+            )
         })
     }
 
