@@ -11,7 +11,7 @@
 #   4. drives it from the host with `imagectl --cluster deploy/compose/cluster.json`: public
 #      images, an instance, a 200 MiB write, an image, a copy to ap-shanghai compared byte for
 #      byte, a copy whose destination region is killed mid-copy (it must resume and complete),
-#      and a Redis kill -9 + restart (nothing acknowledged may be lost),
+#      and a Redis kill -9 + restart (no ownership or share entry, image or instance may be lost),
 #   5. `down -v`, also on failure (trap).
 #
 # Usage: deploy/compose-test.sh          (as root, or a user allowed to run docker and apt-get)
@@ -263,6 +263,16 @@ print(f"{sa} bytes each (virtual), {compared} data bytes compared, identical")
 PY
 }
 
+# Every ownership map the sharing service keeps (all hashes under imagefleet:, see
+# services/sharing/src/redis_maps.rs) as sorted "key<TAB>field<TAB>value" lines.
+redis_maps() {
+    local id key
+    id=$(service_id redis)
+    for key in $(docker exec "$id" redis-cli --raw KEYS 'imagefleet:*'); do
+        docker exec "$id" redis-cli --raw HGETALL "$key" | paste - - | sed "s|^|$key	|"
+    done | sort
+}
+
 owner_map() {
     # --raw: one field or value per line (ids and account ids hold no newlines).
     docker exec "$(service_id redis)" redis-cli --raw HGETALL "$OWNER_KEY" | paste - - | sort
@@ -466,22 +476,33 @@ rm -f "$WORK/b-back.bin"
 info "ok: digests equal, bytes read back from instance $INS_B2, the earlier copy intact"
 
 # ---------------------------------------------------------------------------------------------
-step "kill -9 and restart Redis: nothing acknowledged is lost"
+step "kill -9 and restart Redis: nothing acknowledged is lost (owners, shares, images, instances)"
 # ---------------------------------------------------------------------------------------------
+OTHER=100000000002
+ictl images share --region ap-guangzhou --image "$IMG_A" --accounts "$OTHER" >/dev/null
+[ "$(ictl_json images list --region ap-guangzhou --account "$OTHER" --type SHARED_IMAGE | jget imageSet.0.imageId)" = "$IMG_A" ] ||
+    fail "$OTHER does not see $IMG_A as shared with it"
+info "shared $IMG_A with $OTHER"
 owner_map >"$WORK/owners-before.txt"
 for img in "$IMG_A" "$COPY_A" "$IMG_B" "$COPY_B"; do
     grep -q "^$img	$OWNER\$" "$WORK/owners-before.txt" || fail "$img has no owner entry in $OWNER_KEY"
 done
-info "$OWNER_KEY holds $(wc -l <"$WORK/owners-before.txt") entries, our 4 images owned by $OWNER"
+redis_maps >"$WORK/maps-before.txt"
+grep -q "^imagefleet:image-shares:$IMG_A	$OTHER	" "$WORK/maps-before.txt" || fail "no share entry for $IMG_A"
+grep -q "^imagefleet:account-shares:$OTHER	$IMG_A	" "$WORK/maps-before.txt" || fail "no account-shares entry for $OTHER"
+info "$OWNER_KEY holds $(wc -l <"$WORK/owners-before.txt") entries (our 4 images owned by $OWNER); $(wc -l <"$WORK/maps-before.txt") map entries in all"
 REDIS=$(service_id redis)
 docker kill --signal KILL "$REDIS" >/dev/null
 info "killed redis (SIGKILL)"
 docker start "$REDIS" >/dev/null
 wait_healthy 120 redis sharing
-owner_map >"$WORK/owners-after.txt"
-missing=$(comm -23 "$WORK/owners-before.txt" "$WORK/owners-after.txt")
-[ -z "$missing" ] || fail "owner entries lost across the Redis restart: $missing"
-info "all $(wc -l <"$WORK/owners-before.txt") owner entries still there"
+redis_maps >"$WORK/maps-after.txt"
+missing=$(comm -23 "$WORK/maps-before.txt" "$WORK/maps-after.txt")
+[ -z "$missing" ] || fail "map entries lost across the Redis restart: $missing"
+info "all $(wc -l <"$WORK/maps-before.txt") map entries (owners and shares) still there"
+[ "$(ictl_json images list --region ap-guangzhou --account "$OTHER" --type SHARED_IMAGE | jget imageSet.0.imageId)" = "$IMG_A" ] ||
+    fail "$OTHER no longer sees $IMG_A as shared with it"
+info "$OTHER still sees $IMG_A shared with it"
 for pair in "ap-guangzhou $IMG_A" "ap-guangzhou $IMG_B" "ap-shanghai $COPY_A" "ap-shanghai $COPY_B"; do
     read -r region id <<<"$pair"
     [ "$(image_field "$region" "$id" imageState)" = NORMAL ] || fail "$id in $region is no longer NORMAL"
