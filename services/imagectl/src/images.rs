@@ -7,7 +7,7 @@ use crate::cli::{
 };
 use crate::error::{CliError, Result};
 use crate::output::{self, enum_name, Table};
-use crate::paging::{self, Page};
+use crate::paging;
 use crate::progress::{self, ProgressSink, SyncProgressView};
 use crate::session::Session;
 use imagefleet_proto::region::v1::region_service_client::RegionServiceClient;
@@ -86,39 +86,18 @@ pub fn list_filters(args: &ImagesList) -> Vec<Filter> {
 }
 
 async fn list(session: &Session, args: ImagesList, format: OutputFormat) -> Result<String> {
-    let mut client = session.region(&args.region.region).await?;
+    let client = session.region(&args.region.region).await?;
     let request = DescribeImagesRequest {
         filters: list_filters(&args),
         offset: args.page.offset.unwrap_or(0),
         limit: args.page.limit.unwrap_or(0),
         ..Default::default()
     };
-    let response = if args.page.all {
-        let (image_set, total_count) = paging::collect_all(|page_token: String| {
-            let mut client = client.clone();
-            let mut request = request.clone();
-            if !page_token.is_empty() {
-                request.offset = 0;
-                request.page_token = page_token;
-            }
-            async move {
-                let page = client.describe_images(request).await?.into_inner();
-                Ok(Page {
-                    items: page.image_set,
-                    total_count: page.total_count,
-                    next_page_token: page.next_page_token,
-                })
-            }
-        })
-        .await?;
-        DescribeImagesResponse {
-            image_set,
-            total_count,
-            next_page_token: String::new(),
-        }
-    } else {
-        client.describe_images(request).await?.into_inner()
-    };
+    let response = paging::list(request, args.page.all, |request| {
+        let mut client = client.clone();
+        async move { Ok(client.describe_images(request).await?.into_inner()) }
+    })
+    .await?;
     match format {
         OutputFormat::Json => output::json(&response),
         OutputFormat::Table => Ok(image_table(&response.image_set)),

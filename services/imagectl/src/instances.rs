@@ -7,12 +7,11 @@ use crate::cli::{
 };
 use crate::error::{CliError, Result};
 use crate::output::{self, enum_name, Table};
-use crate::paging::{self, Page};
+use crate::paging;
 use crate::session::Session;
 use imagefleet_proto::region::v1::{
-    DescribeInstancesRequest, DescribeInstancesResponse, Filter, Instance, InstanceState,
-    ReadInstanceDiskRequest, ResetInstanceRequest, RunInstancesRequest, TerminateInstancesRequest,
-    WriteInstanceDiskRequest,
+    DescribeInstancesRequest, Filter, Instance, InstanceState, ReadInstanceDiskRequest,
+    ResetInstanceRequest, RunInstancesRequest, TerminateInstancesRequest, WriteInstanceDiskRequest,
 };
 use std::io::{Read, Write};
 
@@ -77,7 +76,7 @@ pub fn list_filters(args: &InstancesList) -> Vec<Filter> {
 }
 
 async fn list(session: &Session, args: InstancesList, format: OutputFormat) -> Result<String> {
-    let mut client = session.region(&args.region.region).await?;
+    let client = session.region(&args.region.region).await?;
     let request = DescribeInstancesRequest {
         instance_ids: args.instance.clone(),
         filters: list_filters(&args),
@@ -85,32 +84,11 @@ async fn list(session: &Session, args: InstancesList, format: OutputFormat) -> R
         limit: args.page.limit.unwrap_or(0),
         ..Default::default()
     };
-    let response = if args.page.all {
-        let (instance_set, total_count) = paging::collect_all(|page_token: String| {
-            let mut client = client.clone();
-            let mut request = request.clone();
-            if !page_token.is_empty() {
-                request.offset = 0;
-                request.page_token = page_token;
-            }
-            async move {
-                let page = client.describe_instances(request).await?.into_inner();
-                Ok(Page {
-                    items: page.instance_set,
-                    total_count: page.total_count,
-                    next_page_token: page.next_page_token,
-                })
-            }
-        })
-        .await?;
-        DescribeInstancesResponse {
-            instance_set,
-            total_count,
-            next_page_token: String::new(),
-        }
-    } else {
-        client.describe_instances(request).await?.into_inner()
-    };
+    let response = paging::list(request, args.page.all, |request| {
+        let mut client = client.clone();
+        async move { Ok(client.describe_instances(request).await?.into_inner()) }
+    })
+    .await?;
     match format {
         OutputFormat::Json => output::json(&response),
         OutputFormat::Table => Ok(instance_table(&response.instance_set)),

@@ -34,6 +34,88 @@ where
     }
 }
 
+/// A list request whose later pages are asked for by token.
+pub trait PagedRequest: Clone {
+    /// The same request for the page `token` names (the token takes the place of the offset).
+    fn at_token(self, token: String) -> Self;
+}
+
+/// A list response, seen as a page of items.
+pub trait PagedResponse: Sized {
+    type Item;
+    fn into_page(self) -> Page<Self::Item>;
+    /// The response holding a whole list.
+    fn from_items(items: Vec<Self::Item>, total_count: u32) -> Self;
+}
+
+/// One list call with `call`, or with `all` every page of it, as one response.
+pub async fn list<Req, Resp, F, Fut>(request: Req, all: bool, mut call: F) -> Result<Resp>
+where
+    Req: PagedRequest,
+    Resp: PagedResponse,
+    F: FnMut(Req) -> Fut,
+    Fut: Future<Output = Result<Resp>>,
+{
+    if !all {
+        return call(request).await;
+    }
+    let (items, total_count) = collect_all(|token: String| {
+        let page_request = if token.is_empty() {
+            request.clone()
+        } else {
+            request.clone().at_token(token)
+        };
+        let response = call(page_request);
+        async move { Ok(response.await?.into_page()) }
+    })
+    .await?;
+    Ok(Resp::from_items(items, total_count))
+}
+
+macro_rules! paged {
+    ($request:ty, $response:ty, $items:ident, $item:ty) => {
+        impl PagedRequest for $request {
+            fn at_token(mut self, token: String) -> Self {
+                self.offset = 0;
+                self.page_token = token;
+                self
+            }
+        }
+
+        impl PagedResponse for $response {
+            type Item = $item;
+            fn into_page(self) -> Page<$item> {
+                Page {
+                    items: self.$items,
+                    total_count: self.total_count,
+                    next_page_token: self.next_page_token,
+                }
+            }
+            fn from_items(items: Vec<$item>, total_count: u32) -> Self {
+                Self {
+                    $items: items,
+                    total_count,
+                    next_page_token: String::new(),
+                }
+            }
+        }
+    };
+}
+
+use imagefleet_proto::region::v1 as region;
+paged!(
+    region::DescribeImagesRequest,
+    region::DescribeImagesResponse,
+    image_set,
+    region::Image
+);
+paged!(
+    region::DescribeInstancesRequest,
+    region::DescribeInstancesResponse,
+    instance_set,
+    region::Instance
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
