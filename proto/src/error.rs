@@ -14,6 +14,27 @@ pub fn status(code: Code, reason: &str, message: impl Into<String>) -> Status {
     Status::with_error_details(code, message, details)
 }
 
+/// A status with an `ErrorInfo` of `reason` and `metadata` (e.g. which image and region a
+/// refusal is about).
+pub fn status_with_metadata(
+    code: Code,
+    reason: &str,
+    message: impl Into<String>,
+    metadata: impl IntoIterator<Item = (String, String)>,
+) -> Status {
+    let metadata: std::collections::HashMap<String, String> = metadata.into_iter().collect();
+    let details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
+    Status::with_error_details(code, message, details)
+}
+
+/// The `ErrorInfo` metadata of a status (empty without one).
+pub fn metadata(status: &Status) -> std::collections::HashMap<String, String> {
+    status
+        .get_details_error_info()
+        .map(|info| info.metadata)
+        .unwrap_or_default()
+}
+
 /// `INVALID_ARGUMENT` naming `field`, with `reason` in the `ErrorInfo` and a `BadRequest`
 /// field violation.
 pub fn invalid_argument(field: &str, reason: &str, message: impl Into<String>) -> Status {

@@ -255,6 +255,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             sharing_url: sharing_url.clone(),
             service_key: key.clone(),
             image_quota: 500,
+            copy_deadline: imagefleet_region::RegionConfig::DEFAULT_COPY_DEADLINE,
+            instance_retention: imagefleet_region::RegionConfig::DEFAULT_INSTANCE_RETENTION,
+            chunks: None,
         })?;
         tasks.spawn(imagefleet_region::run(
             region,

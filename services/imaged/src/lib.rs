@@ -146,6 +146,13 @@ struct RegionArgs {
     /// Custom images per account in this region.
     #[arg(long, env = "IMAGEFLEET_IMAGE_QUOTA", default_value_t = 500)]
     image_quota: u32,
+    /// How long a copy into this region keeps retrying transient failures (source region
+    /// down, disk full) before it fails, e.g. `24h`, `30m`.
+    #[arg(long, env = "IMAGEFLEET_COPY_DEADLINE", default_value = "24h", value_parser = humantime::parse_duration)]
+    copy_deadline: std::time::Duration,
+    /// How long terminated instances stay listed before they are purged, e.g. `1h`.
+    #[arg(long, env = "IMAGEFLEET_INSTANCE_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
+    instance_retention: std::time::Duration,
     #[command(flatten)]
     key: ServiceKeyArgs,
 }
@@ -234,6 +241,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 sharing_url: args.sharing_url,
                 service_key: args.key.resolve()?,
                 image_quota: args.image_quota,
+                copy_deadline: args.copy_deadline,
+                instance_retention: args.instance_retention,
+                chunks: None,
             })?;
             imagefleet_region::run(region, listener, shutdown).await
         }

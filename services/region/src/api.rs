@@ -2,11 +2,16 @@
 //! caller may see and do, then act on the store. Another account's private image or instance
 //! does not exist for the caller (`NOT_FOUND`).
 
+use crate::error::{RegionError, Result};
+use crate::meta::{ImageChanges, InstanceQuery, Limits, NewContent, NewImage};
+use crate::model::{
+    random_id, CopyTask, ImageRow, ImageSource, ImageState, InstanceRow, InstanceState,
+};
+use crate::region::{blocking, Region};
 use crate::shares::Access;
-use crate::store::{ImageChanges, ImageRow, InstanceRow};
-use crate::{blocking, catalogue, disk, validate, Region};
+use crate::{catalogue, disk, validate};
 use imagefleet_chunkstore::CHUNK_SIZE;
-use imagefleet_proto::error::{self, invalid_argument};
+use imagefleet_proto::region::v1 as pb;
 use imagefleet_proto::region::v1::region_service_server::RegionService;
 use imagefleet_proto::region::v1::*;
 use imagefleet_rpc::auth::account_id;
@@ -14,7 +19,7 @@ use imagefleet_rpc::time::{rfc3339, unix_now};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::Stream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 const GIB: u64 = 1 << 30;
 const DEFAULT_SYSTEM_DISK_GIB: u64 = 50;
@@ -31,29 +36,15 @@ impl RegionApi {
     }
 }
 
-pub(crate) fn random_id(prefix: &str) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let suffix: String = (0..8)
-        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("{prefix}-{suffix}")
-}
-
-fn not_found(reason: &str, id: &str) -> Status {
-    error::status(Code::NotFound, reason, format!("{id} does not exist"))
-}
+type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportImageChunk, Status>> + Send>>;
 
 fn enum_name<E: Into<i32>>(value: E, name: impl Fn(i32) -> Option<&'static str>) -> String {
     name(value.into()).unwrap_or_default().to_string()
 }
 
-fn image_state(state: &str) -> ImageState {
-    ImageState::from_str_name(state).unwrap_or(ImageState::Unspecified)
-}
-
 /// The image as `caller` sees it.
 fn image_message(row: &ImageRow, caller: &str, region: &str) -> Image {
-    let image_type = if row.owner.is_empty() {
+    let image_type = if row.is_public() {
         ImageType::PublicImage
     } else if row.owner == caller {
         ImageType::PrivateImage
@@ -65,10 +56,8 @@ fn image_message(row: &ImageRow, caller: &str, region: &str) -> Image {
         image_name: row.name.clone(),
         image_description: row.description.clone(),
         image_type: image_type.into(),
-        image_source: ImageSource::from_str_name(&row.source)
-            .unwrap_or(ImageSource::Unspecified)
-            .into(),
-        image_state: image_state(&row.state).into(),
+        image_source: row.source.to_proto().into(),
+        image_state: row.state.to_proto().into(),
         state_reason: row.state_reason.clone(),
         os_name: row.os_name.clone(),
         platform: row.platform.clone(),
@@ -101,7 +90,7 @@ fn image_message(row: &ImageRow, caller: &str, region: &str) -> Image {
     }
 }
 
-fn sync_progress(task: &crate::store::SyncTaskRow) -> SyncProgress {
+fn sync_progress(task: &CopyTask) -> SyncProgress {
     SyncProgress {
         source_region: task.source_region.clone(),
         source_image_id: task.source_image_id.clone(),
@@ -124,9 +113,7 @@ fn instance_message(row: &InstanceRow, region: &str) -> Instance {
         cpu: row.cpu,
         memory_gib: row.memory_gib,
         image_id: row.image_id.clone(),
-        instance_state: InstanceState::from_str_name(&row.state)
-            .unwrap_or(InstanceState::Unspecified)
-            .into(),
+        instance_state: row.state.to_proto().into(),
         system_disk: Some(SystemDisk {
             disk_size_gib: row.disk_size / GIB,
         }),
@@ -147,28 +134,22 @@ const INSTANCE_FILTERS: &[&str] = &["instance-id", "instance-name", "instance-st
 
 impl RegionApi {
     /// An instance of the caller, or `NOT_FOUND`.
-    async fn own_instance(&self, instance_id: &str, caller: &str) -> Result<InstanceRow, Status> {
+    async fn own_instance(&self, instance_id: &str, caller: &str) -> Result<InstanceRow> {
         let store = self.region.store.clone();
         let id = instance_id.to_string();
-        let instance = blocking(move || store.instance(&id)).await?;
-        instance
+        blocking(move || store.instance(&id))
+            .await?
             .filter(|i| i.owner == caller)
-            .ok_or_else(|| not_found("InvalidInstanceId.NotFound", instance_id))
+            .ok_or_else(|| RegionError::InstanceNotFound(instance_id.to_string()))
     }
-}
 
-type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportImageChunk, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl RegionService for RegionApi {
     async fn describe_images(
         &self,
-        request: Request<DescribeImagesRequest>,
-    ) -> Result<Response<DescribeImagesResponse>, Status> {
-        let caller = account_id(&request)?;
-        let req = request.into_inner();
+        caller: String,
+        req: DescribeImagesRequest,
+    ) -> Result<DescribeImagesResponse> {
         if !req.image_ids.is_empty() && !req.filters.is_empty() {
-            return Err(invalid_argument(
+            return Err(RegionError::invalid(
                 "image_ids",
                 "InvalidParameter.InvalidParameterCoexistImageIdsFilters",
                 "give image_ids or filters, not both",
@@ -184,9 +165,7 @@ impl RegionService for RegionApi {
             // Listings go on without shared images while the sharing service is down.
             match self.region.shared_with(&caller).await {
                 Ok(shared) => rows.extend(shared),
-                Err(status) => {
-                    tracing::warn!(error = %status.message(), "listing without shared images")
-                }
+                Err(e) => tracing::warn!(error = %e, "listing without shared images"),
             }
         }
         let region = self.region.name().to_string();
@@ -202,7 +181,7 @@ impl RegionService for RegionApi {
                         "image-name" => image.image_name.clone(),
                         "platform" => image.platform.clone(),
                         "image-state" => enum_name(image.image_state, |v| {
-                            ImageState::try_from(v).ok().map(|t| t.as_str_name())
+                            pb::ImageState::try_from(v).ok().map(|t| t.as_str_name())
                         }),
                         _ => String::new(),
                     })
@@ -224,48 +203,30 @@ impl RegionService for RegionApi {
         let mut image_set: Vec<Image> = matching.into_iter().skip(offset).take(limit).collect();
         let copied: Vec<String> = image_set
             .iter()
-            .filter(|i| i.image_source == ImageSource::Sync as i32)
+            .filter(|i| i.image_source == pb::ImageSource::Sync as i32)
             .map(|i| i.image_id.clone())
             .collect();
         if !copied.is_empty() {
             let store = self.region.store.clone();
-            let tasks = blocking(move || {
-                let ids: Vec<&str> = copied.iter().map(String::as_str).collect();
-                store.sync_tasks_for(&ids)
-            })
-            .await?;
+            let tasks = blocking(move || store.copy_tasks_for(&copied)).await?;
             for image in &mut image_set {
                 if let Some(task) = tasks.get(&image.image_id) {
                     image.sync_progress = Some(sync_progress(task));
                 }
             }
         }
-        Ok(Response::new(DescribeImagesResponse {
+        Ok(DescribeImagesResponse {
             image_set,
             total_count: total as u32,
             next_page_token: validate::next_page_token(offset, limit, total),
-        }))
-    }
-
-    async fn describe_image_quota(
-        &self,
-        request: Request<DescribeImageQuotaRequest>,
-    ) -> Result<Response<DescribeImageQuotaResponse>, Status> {
-        let caller = account_id(&request)?;
-        let store = self.region.store.clone();
-        let used = blocking(move || store.custom_image_count(&caller)).await?;
-        Ok(Response::new(DescribeImageQuotaResponse {
-            image_num_quota: self.region.config.image_quota,
-            image_num_used: used,
-        }))
+        })
     }
 
     async fn modify_image_attribute(
         &self,
-        request: Request<ModifyImageAttributeRequest>,
-    ) -> Result<Response<ModifyImageAttributeResponse>, Status> {
-        let caller = account_id(&request)?;
-        let req = request.into_inner();
+        caller: String,
+        req: ModifyImageAttributeRequest,
+    ) -> Result<()> {
         validate::image_id("image_id", &req.image_id)?;
         if let Some(name) = &req.image_name {
             validate::image_name("image_name", name)?;
@@ -277,15 +238,14 @@ impl RegionService for RegionApi {
             && req.image_description.is_none()
             && req.is_deprecated.is_none()
         {
-            return Err(invalid_argument(
+            return Err(RegionError::invalid(
                 "image_name",
                 "MissingParameter",
                 "give at least one of image_name, image_description, is_deprecated",
             ));
         }
         if let (_, Access::Shared) = self.region.resolve_image(&req.image_id, &caller).await? {
-            return Err(error::status(
-                Code::FailedPrecondition,
+            return Err(RegionError::unsupported(
                 "UnsupportedOperation.SharedImageModifyUnsupported",
                 "images shared with you cannot be modified",
             ));
@@ -296,18 +256,12 @@ impl RegionService for RegionApi {
             deprecated: req.is_deprecated,
         };
         let store = self.region.store.clone();
-        blocking(move || store.modify_image(&req.image_id, &caller, &changes)).await?;
-        Ok(Response::new(ModifyImageAttributeResponse {}))
+        blocking(move || store.modify_image(&req.image_id, &caller, &changes)).await
     }
 
-    async fn delete_images(
-        &self,
-        request: Request<DeleteImagesRequest>,
-    ) -> Result<Response<DeleteImagesResponse>, Status> {
-        let caller = account_id(&request)?;
-        let req = request.into_inner();
+    async fn delete_images(&self, caller: String, req: DeleteImagesRequest) -> Result<()> {
         if req.image_ids.is_empty() {
-            return Err(invalid_argument(
+            return Err(RegionError::invalid(
                 "image_ids",
                 "MissingParameter",
                 "give at least one image id",
@@ -330,87 +284,75 @@ impl RegionService for RegionApi {
             match self.region.resolve_image(id, &caller).await? {
                 (_, Access::Own) => {
                     if !self.region.shares_of(id).await?.is_empty() {
-                        return Err(error::status(
-                            Code::FailedPrecondition,
-                            "InvalidImageId.InShared",
-                            format!("{id} is shared with other accounts: cancel the shares first"),
-                        ));
+                        return Err(RegionError::InShared(id.clone()));
                     }
                 }
-                (_, Access::Shared) => return Err(crate::shares::not_yours(id)),
+                (_, Access::Shared) => return Err(RegionError::NotYours(id.clone())),
                 (_, Access::Public) => {}
             }
         }
         let store = self.region.store.clone();
         let ids = req.image_ids.clone();
         let images = blocking(move || store.begin_delete(&ids, &caller)).await?;
-        for image in images {
-            if let Err(status) = self.region.finish_delete(&image.image_id).await {
-                tracing::warn!(image = %image.image_id, error = %status.message(), "delete continues in the background");
-                let region = self.region.clone();
-                tokio::spawn(async move {
-                    region
-                        .retry("finish image deletion", || {
-                            region.finish_delete(&image.image_id)
-                        })
-                        .await
-                });
-            }
-        }
-        Ok(Response::new(DeleteImagesResponse {}))
+        self.region.delete_images(images).await;
+        Ok(())
     }
 
     async fn create_image(
         &self,
-        request: Request<CreateImageRequest>,
-    ) -> Result<Response<CreateImageResponse>, Status> {
-        let caller = account_id(&request)?;
-        let req = request.into_inner();
+        caller: String,
+        req: CreateImageRequest,
+    ) -> Result<CreateImageResponse> {
         validate::instance_id("instance_id", &req.instance_id)?;
         validate::image_name("image_name", &req.image_name)?;
         validate::description("image_description", &req.image_description)?;
-        let image_id = random_id("img");
-        let row = ImageRow {
-            image_id: image_id.clone(),
-            owner: caller.clone(),
-            name: req.image_name,
-            description: req.image_description,
-            image_type: "PRIVATE_IMAGE".into(),
-            source: "CREATE_IMAGE".into(),
-            state: "CREATING".into(),
-            created_at: unix_now(),
-            snapshot_id: Some(random_id("snap")),
-            parent_region: self.region.name().to_string(),
-            ..Default::default()
+        let mut row = ImageRow::new_custom(
+            &caller,
+            &req.image_name,
+            ImageSource::CreateImage,
+            ImageState::Creating,
+        );
+        row.description = req.image_description;
+        row.parent_region = self.region.name().to_string();
+        let image_id = row.image_id.clone();
+        let new = NewImage {
+            row,
+            content: NewContent::Instance {
+                instance_id: req.instance_id,
+            },
+            refusal_context: None,
         };
         let store = self.region.store.clone();
         let quota = self.region.config.image_quota;
-        let instance_id = req.instance_id.clone();
-        blocking(move || store.create_image_from_instance(&instance_id, &caller, row, quota))
-            .await?;
+        let here = self.region.name().to_string();
+        blocking(move || {
+            store.admit(
+                &caller,
+                &[new],
+                Limits {
+                    image_quota: quota,
+                    region: &here,
+                },
+                false,
+            )
+        })
+        .await?;
         let region = self.region.clone();
         let id = image_id.clone();
         tokio::spawn(async move {
             region
-                .retry("finish image creation", || region.finish_create(&id))
+                .retry("finish image creation", || region.finish_image(&id))
                 .await
         });
-        Ok(Response::new(CreateImageResponse { image_id }))
+        Ok(CreateImageResponse { image_id })
     }
 
-    type ExportImageStream = ExportStream;
-
-    async fn export_image(
-        &self,
-        request: Request<ExportImageRequest>,
-    ) -> Result<Response<Self::ExportImageStream>, Status> {
-        let caller = account_id(&request)?;
-        let req = request.into_inner();
+    async fn export_image(&self, caller: String, req: ExportImageRequest) -> Result<ExportStream> {
         validate::image_id("image_id", &req.image_id)?;
         match ExportFormat::try_from(req.format) {
             Ok(ExportFormat::Raw | ExportFormat::Unspecified) => {}
             _ => {
-                return Err(invalid_argument(
+                return Err(RegionError::invalid(
                     "format",
                     "InvalidParameterValue.Format",
                     "only RAW export is supported",
@@ -421,29 +363,26 @@ impl RegionService for RegionApi {
         match access {
             Access::Own => {}
             Access::Public => {
-                return Err(error::status(
-                    Code::FailedPrecondition,
+                return Err(RegionError::unsupported(
                     "UnsupportedOperation.PublicImageExportUnsupported",
                     "public images cannot be exported",
                 ))
             }
             Access::Shared => {
-                return Err(error::status(
-                    Code::FailedPrecondition,
+                return Err(RegionError::unsupported(
                     "UnsupportedOperation.SharedImageExportUnsupported",
                     "images shared with you cannot be exported",
                 ))
             }
         }
         if image.platform == "Windows" {
-            return Err(error::status(
-                Code::FailedPrecondition,
+            return Err(RegionError::unsupported(
                 "UnsupportedOperation.WindowsImageExportUnsupported",
                 "Windows images cannot be exported",
             ));
         }
-        if image.state != "NORMAL" {
-            return Err(crate::store::incorrect_state(&image));
+        if image.state != ImageState::Normal {
+            return Err(RegionError::image_state(&image));
         }
         let store = self.region.store.clone();
         let chunks = self.region.chunks.clone();
@@ -453,20 +392,23 @@ impl RegionService for RegionApi {
         tokio::task::spawn_blocking(move || {
             for (idx, digest) in manifest {
                 let offset = idx * CHUNK_SIZE as u64;
-                let message = chunks.get(&digest).map_err(disk::io_error).map(|mut data| {
-                    data.truncate(
-                        image
-                            .virtual_size
-                            .saturating_sub(offset)
-                            .min(CHUNK_SIZE as u64) as usize,
-                    );
-                    ExportImageChunk {
-                        offset,
-                        data,
-                        virtual_size_bytes: image.virtual_size,
-                        content_digest: image.content_digest.clone(),
-                    }
-                });
+                let message = chunks
+                    .get(&digest)
+                    .map_err(|e| Status::from(RegionError::from(e)))
+                    .map(|mut data| {
+                        data.truncate(
+                            image
+                                .virtual_size
+                                .saturating_sub(offset)
+                                .min(CHUNK_SIZE as u64) as usize,
+                        );
+                        ExportImageChunk {
+                            offset,
+                            data,
+                            virtual_size_bytes: image.virtual_size,
+                            content_digest: image.content_digest.clone(),
+                        }
+                    });
                 let failed = message.is_err();
                 if tx.blocking_send(message).is_err() || failed {
                     return;
@@ -480,20 +422,17 @@ impl RegionService for RegionApi {
                 content_digest: image.content_digest.clone(),
             }));
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     async fn run_instances(
         &self,
-        request: Request<RunInstancesRequest>,
-    ) -> Result<Response<RunInstancesResponse>, Status> {
-        let caller = account_id(&request)?;
-        let req = request.into_inner();
+        caller: String,
+        req: RunInstancesRequest,
+    ) -> Result<RunInstancesResponse> {
         validate::image_id("image_id", &req.image_id)?;
         let instance_type = catalogue::instance_type(&req.instance_type).ok_or_else(|| {
-            invalid_argument(
+            RegionError::invalid(
                 "instance_type",
                 "InvalidInstanceType.Malformed",
                 format!("unknown instance type {:?}", req.instance_type),
@@ -505,14 +444,14 @@ impl RegionService for RegionApi {
             req.instance_count
         };
         if count > MAX_INSTANCES_PER_CALL {
-            return Err(invalid_argument(
+            return Err(RegionError::invalid(
                 "instance_count",
                 "InvalidParameterValue.LimitExceeded",
                 format!("at most {MAX_INSTANCES_PER_CALL} instances per call"),
             ));
         }
         if req.instance_name.chars().count() > validate::MAX_NAME_CHARS {
-            return Err(invalid_argument(
+            return Err(RegionError::invalid(
                 "instance_name",
                 "InvalidParameterValue.TooLong",
                 format!(
@@ -522,21 +461,21 @@ impl RegionService for RegionApi {
             ));
         }
         if req.system_disk_size_gib > MAX_SYSTEM_DISK_GIB {
-            return Err(invalid_argument(
+            return Err(RegionError::invalid(
                 "system_disk_size_gib",
                 "InvalidParameterValue.DiskSizeTooLarge",
                 format!("system disks are at most {MAX_SYSTEM_DISK_GIB} GiB"),
             ));
         }
         let (image, _) = self.region.resolve_image(&req.image_id, &caller).await?;
-        if image.state != "NORMAL" {
-            return Err(crate::store::incorrect_state(&image));
+        if image.state != ImageState::Normal {
+            return Err(RegionError::image_state(&image));
         }
         let image_gib = image.virtual_size.div_ceil(GIB);
         let disk_gib = match req.system_disk_size_gib {
             0 => DEFAULT_SYSTEM_DISK_GIB.max(image_gib),
             g if g < image_gib => {
-                return Err(invalid_argument(
+                return Err(RegionError::invalid(
                     "system_disk_size_gib",
                     "InvalidParameterValue.InsufficientSystemDiskSize",
                     format!("the image needs a system disk of at least {image_gib} GiB"),
@@ -565,7 +504,7 @@ impl RegionService for RegionApi {
                 image_id: image.image_id.clone(),
                 base_snapshot_id: image.snapshot_id.clone(),
                 disk_size: disk_gib * GIB,
-                state: "PENDING".into(),
+                state: InstanceState::Pending,
                 created_at: now,
                 root_image_id: image.root_image_id.clone(),
                 root_paid: image.root_paid,
@@ -579,26 +518,27 @@ impl RegionService for RegionApi {
         let store = self.region.store.clone();
         let booting = ids.clone();
         tokio::spawn(async move {
-            if let Err(status) =
-                blocking(move || store.set_instances_state(&booting, "PENDING", "RUNNING")).await
-            {
-                tracing::warn!(error = %status.message(), "instances stay PENDING until restart");
+            let booted = blocking(move || {
+                store.set_instances_state(&booting, InstanceState::Pending, InstanceState::Running)
+            })
+            .await;
+            if let Err(e) = booted {
+                tracing::warn!(error = %e, "instances stay PENDING until restart");
             }
         });
         tracing::info!(image = %image.image_id, count, "instances launched");
-        Ok(Response::new(RunInstancesResponse {
+        Ok(RunInstancesResponse {
             instance_id_set: ids,
-        }))
+        })
     }
 
     async fn describe_instances(
         &self,
-        request: Request<DescribeInstancesRequest>,
-    ) -> Result<Response<DescribeInstancesResponse>, Status> {
-        let caller = account_id(&request)?;
-        let req = request.into_inner();
+        caller: String,
+        req: DescribeInstancesRequest,
+    ) -> Result<DescribeInstancesResponse> {
         if !req.instance_ids.is_empty() && !req.filters.is_empty() {
-            return Err(invalid_argument(
+            return Err(RegionError::invalid(
                 "instance_ids",
                 "InvalidParameter.InvalidParameterCoexistInstanceIdsFilters",
                 "give instance_ids or filters, not both",
@@ -607,49 +547,69 @@ impl RegionService for RegionApi {
         validate::id_list("instance_ids", &req.instance_ids, validate::instance_id)?;
         validate::filters(&req.filters, INSTANCE_FILTERS)?;
         let (offset, limit) = validate::page(req.offset, req.limit, &req.page_token)?;
-        let store = self.region.store.clone();
-        let rows = blocking(move || store.instances_of(&caller)).await?;
-        let region = self.region.name().to_string();
-        let matching: Vec<Instance> = if req.instance_ids.is_empty() {
-            rows.iter()
-                .filter(|r| {
-                    validate::matches(&req.filters, |name| match name {
-                        "instance-id" => r.instance_id.clone(),
-                        "instance-name" => r.name.clone(),
-                        "instance-state" => r.state.clone(),
-                        "image-id" => r.image_id.clone(),
-                        _ => String::new(),
-                    })
-                })
-                .map(|r| instance_message(r, &region))
-                .collect()
-        } else {
-            let mut found = Vec::new();
-            for id in &req.instance_ids {
-                let row = rows
-                    .iter()
-                    .find(|r| &r.instance_id == id)
-                    .ok_or_else(|| not_found("InvalidInstanceId.NotFound", id))?;
-                found.push(instance_message(row, &region));
-            }
-            found
+        let mut query = InstanceQuery {
+            owner: caller,
+            instance_ids: req.instance_ids.clone(),
+            offset,
+            limit,
+            ..Default::default()
         };
-        let total = matching.len();
-        Ok(Response::new(DescribeInstancesResponse {
-            instance_set: matching.into_iter().skip(offset).take(limit).collect(),
-            total_count: total as u32,
-            next_page_token: validate::next_page_token(offset, limit, total),
-        }))
+        for f in &req.filters {
+            match f.name.as_str() {
+                "instance-id" => query.instance_ids.extend(f.values.iter().cloned()),
+                "instance-name" => query.names.extend(f.values.iter().cloned()),
+                "image-id" => query.image_ids.extend(f.values.iter().cloned()),
+                "instance-state" => {
+                    for v in &f.values {
+                        query.states.push(InstanceState::parse(v).ok_or_else(|| {
+                            RegionError::invalid(
+                                "filters",
+                                "InvalidFilterValue",
+                                format!(
+                                    "instance-state {v:?} is not one of {}",
+                                    InstanceState::ALL
+                                        .iter()
+                                        .map(|s| s.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
+                            )
+                        })?);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let store = self.region.store.clone();
+        let wanted = req.instance_ids.clone();
+        let page = blocking(move || store.list_instances(&query)).await?;
+        if let Some(missing) = wanted
+            .iter()
+            .find(|id| !page.instances.iter().any(|i| &i.instance_id == *id))
+        {
+            if wanted.len() <= limit && offset == 0 {
+                return Err(RegionError::InstanceNotFound(missing.clone()));
+            }
+        }
+        let region = self.region.name().to_string();
+        Ok(DescribeInstancesResponse {
+            instance_set: page
+                .instances
+                .iter()
+                .map(|r| instance_message(r, &region))
+                .collect(),
+            total_count: page.total as u32,
+            next_page_token: validate::next_page_token(offset, limit, page.total),
+        })
     }
 
     async fn terminate_instances(
         &self,
-        request: Request<TerminateInstancesRequest>,
-    ) -> Result<Response<TerminateInstancesResponse>, Status> {
-        let caller = account_id(&request)?;
-        let req = request.into_inner();
+        caller: String,
+        req: TerminateInstancesRequest,
+    ) -> Result<()> {
         if req.instance_ids.is_empty() {
-            return Err(invalid_argument(
+            return Err(RegionError::invalid(
                 "instance_ids",
                 "MissingParameter",
                 "give at least one instance id",
@@ -657,17 +617,12 @@ impl RegionService for RegionApi {
         }
         validate::id_list("instance_ids", &req.instance_ids, validate::instance_id)?;
         let store = self.region.store.clone();
-        let dropped = blocking(move || store.terminate(&req.instance_ids, &caller)).await?;
-        self.region.reclaim(dropped).await?;
-        Ok(Response::new(TerminateInstancesResponse {}))
+        let dropped =
+            blocking(move || store.terminate(&req.instance_ids, &caller, unix_now())).await?;
+        self.region.reclaim(dropped).await
     }
 
-    async fn reset_instance(
-        &self,
-        request: Request<ResetInstanceRequest>,
-    ) -> Result<Response<ResetInstanceResponse>, Status> {
-        let caller = account_id(&request)?;
-        let req = request.into_inner();
+    async fn reset_instance(&self, caller: String, req: ResetInstanceRequest) -> Result<()> {
         validate::instance_id("instance_id", &req.instance_id)?;
         if !req.image_id.is_empty() {
             validate::image_id("image_id", &req.image_id)?;
@@ -679,15 +634,197 @@ impl RegionService for RegionApi {
             req.image_id.clone()
         };
         let (image, _) = self.region.resolve_image(&image_id, &caller).await?;
-        if image.state != "NORMAL" {
-            return Err(crate::store::incorrect_state(&image));
+        if image.state != ImageState::Normal {
+            return Err(RegionError::image_state(&image));
         }
         let lock = self.region.resource_lock(&instance.instance_id);
         let _guard = lock.lock().await;
         let store = self.region.store.clone();
         let dropped = blocking(move || store.reset(&req.instance_id, &caller, &image)).await?;
-        self.region.reclaim(dropped).await?;
-        Ok(Response::new(ResetInstanceResponse {}))
+        self.region.reclaim(dropped).await
+    }
+
+    async fn write_instance_disk(
+        &self,
+        caller: String,
+        req: WriteInstanceDiskRequest,
+    ) -> Result<WriteInstanceDiskResponse> {
+        validate::instance_id("instance_id", &req.instance_id)?;
+        if req.data.len() as u64 > validate::MAX_IO_BYTES {
+            return Err(RegionError::invalid(
+                "data",
+                "InvalidParameterValue.TooLarge",
+                format!("at most {} bytes per call", validate::MAX_IO_BYTES),
+            ));
+        }
+        let lock = self.region.resource_lock(&req.instance_id);
+        let _guard = lock.lock().await;
+        // The caller's right to write is established before any byte is stored.
+        let store = self.region.store.clone();
+        let (id, owner) = (req.instance_id.clone(), caller.clone());
+        let instance = blocking(move || store.writable_instance(&id, &owner)).await?;
+        disk::check_range(&instance, req.offset, req.data.len() as u64)?;
+        let store = self.region.store.clone();
+        let chunks = self.region.chunks.clone();
+        let refs = self.region.chunk_refs.clone();
+        let written = req.data.len() as u64;
+        let outcome = blocking(move || {
+            let _shared = refs.read().unwrap_or_else(|e| e.into_inner());
+            Ok(disk::write(
+                &store, &chunks, &instance, &caller, req.offset, &req.data,
+            ))
+        })
+        .await?;
+        match outcome {
+            Ok(dropped) => {
+                self.region.reclaim(dropped).await?;
+                Ok(WriteInstanceDiskResponse {
+                    bytes_written: written,
+                })
+            }
+            Err(refused) => {
+                self.region.reclaim(refused.stored).await?;
+                Err(refused.error)
+            }
+        }
+    }
+
+    async fn read_instance_disk(
+        &self,
+        caller: String,
+        req: ReadInstanceDiskRequest,
+    ) -> Result<ReadInstanceDiskResponse> {
+        validate::instance_id("instance_id", &req.instance_id)?;
+        if req.length > validate::MAX_IO_BYTES {
+            return Err(RegionError::invalid(
+                "length",
+                "InvalidParameterValue.TooLarge",
+                format!("at most {} bytes per call", validate::MAX_IO_BYTES),
+            ));
+        }
+        let instance = self.own_instance(&req.instance_id, &caller).await?;
+        if instance.state == InstanceState::Terminated {
+            return Err(RegionError::InstanceState {
+                instance_id: instance.instance_id,
+                state: instance.state,
+            });
+        }
+        let store = self.region.store.clone();
+        let chunks = self.region.chunks.clone();
+        let data = blocking(move || disk::read(&store, &chunks, &instance, req.offset, req.length))
+            .await?;
+        Ok(ReadInstanceDiskResponse { data })
+    }
+}
+
+/// Answers a handler's result: its error becomes a status here.
+fn answer<T>(result: Result<T>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl RegionService for RegionApi {
+    async fn describe_images(
+        &self,
+        request: Request<DescribeImagesRequest>,
+    ) -> Result<Response<DescribeImagesResponse>, Status> {
+        let caller = account_id(&request)?;
+        answer(RegionApi::describe_images(self, caller, request.into_inner()).await)
+    }
+
+    async fn describe_image_quota(
+        &self,
+        request: Request<DescribeImageQuotaRequest>,
+    ) -> Result<Response<DescribeImageQuotaResponse>, Status> {
+        let caller = account_id(&request)?;
+        let store = self.region.store.clone();
+        let used = blocking(move || store.custom_image_count(&caller)).await;
+        answer(used.map(|used| DescribeImageQuotaResponse {
+            image_num_quota: self.region.config.image_quota,
+            image_num_used: used,
+        }))
+    }
+
+    async fn modify_image_attribute(
+        &self,
+        request: Request<ModifyImageAttributeRequest>,
+    ) -> Result<Response<ModifyImageAttributeResponse>, Status> {
+        let caller = account_id(&request)?;
+        answer(
+            RegionApi::modify_image_attribute(self, caller, request.into_inner())
+                .await
+                .map(|()| ModifyImageAttributeResponse {}),
+        )
+    }
+
+    async fn delete_images(
+        &self,
+        request: Request<DeleteImagesRequest>,
+    ) -> Result<Response<DeleteImagesResponse>, Status> {
+        let caller = account_id(&request)?;
+        answer(
+            RegionApi::delete_images(self, caller, request.into_inner())
+                .await
+                .map(|()| DeleteImagesResponse {}),
+        )
+    }
+
+    async fn create_image(
+        &self,
+        request: Request<CreateImageRequest>,
+    ) -> Result<Response<CreateImageResponse>, Status> {
+        let caller = account_id(&request)?;
+        answer(RegionApi::create_image(self, caller, request.into_inner()).await)
+    }
+
+    type ExportImageStream = ExportStream;
+
+    async fn export_image(
+        &self,
+        request: Request<ExportImageRequest>,
+    ) -> Result<Response<Self::ExportImageStream>, Status> {
+        let caller = account_id(&request)?;
+        answer(RegionApi::export_image(self, caller, request.into_inner()).await)
+    }
+
+    async fn run_instances(
+        &self,
+        request: Request<RunInstancesRequest>,
+    ) -> Result<Response<RunInstancesResponse>, Status> {
+        let caller = account_id(&request)?;
+        answer(RegionApi::run_instances(self, caller, request.into_inner()).await)
+    }
+
+    async fn describe_instances(
+        &self,
+        request: Request<DescribeInstancesRequest>,
+    ) -> Result<Response<DescribeInstancesResponse>, Status> {
+        let caller = account_id(&request)?;
+        answer(RegionApi::describe_instances(self, caller, request.into_inner()).await)
+    }
+
+    async fn terminate_instances(
+        &self,
+        request: Request<TerminateInstancesRequest>,
+    ) -> Result<Response<TerminateInstancesResponse>, Status> {
+        let caller = account_id(&request)?;
+        answer(
+            RegionApi::terminate_instances(self, caller, request.into_inner())
+                .await
+                .map(|()| TerminateInstancesResponse {}),
+        )
+    }
+
+    async fn reset_instance(
+        &self,
+        request: Request<ResetInstanceRequest>,
+    ) -> Result<Response<ResetInstanceResponse>, Status> {
+        let caller = account_id(&request)?;
+        answer(
+            RegionApi::reset_instance(self, caller, request.into_inner())
+                .await
+                .map(|()| ResetInstanceResponse {}),
+        )
     }
 
     async fn write_instance_disk(
@@ -695,35 +832,7 @@ impl RegionService for RegionApi {
         request: Request<WriteInstanceDiskRequest>,
     ) -> Result<Response<WriteInstanceDiskResponse>, Status> {
         let caller = account_id(&request)?;
-        let req = request.into_inner();
-        validate::instance_id("instance_id", &req.instance_id)?;
-        if req.data.len() as u64 > validate::MAX_IO_BYTES {
-            return Err(invalid_argument(
-                "data",
-                "InvalidParameterValue.TooLarge",
-                format!("at most {} bytes per call", validate::MAX_IO_BYTES),
-            ));
-        }
-        let instance = self.own_instance(&req.instance_id, &caller).await?;
-        disk::check_range(&instance, req.offset, req.data.len() as u64)?;
-        let lock = self.region.resource_lock(&instance.instance_id);
-        let _guard = lock.lock().await;
-        // Re-read under the lock: a reset may have changed the base.
-        let instance = self.own_instance(&req.instance_id, &caller).await?;
-        let store = self.region.store.clone();
-        let chunks = self.region.chunks.clone();
-        let refs = self.region.chunk_refs.clone();
-        let written = req.data.len() as u64;
-        let dropped = blocking(move || {
-            let _shared = refs.read().unwrap_or_else(|e| e.into_inner());
-            let updates = disk::prepare_write(&store, &chunks, &instance, req.offset, &req.data)?;
-            store.write_instance_chunks(&instance.instance_id, &updates)
-        })
-        .await?;
-        self.region.reclaim(dropped).await?;
-        Ok(Response::new(WriteInstanceDiskResponse {
-            bytes_written: written,
-        }))
+        answer(RegionApi::write_instance_disk(self, caller, request.into_inner()).await)
     }
 
     async fn read_instance_disk(
@@ -731,28 +840,7 @@ impl RegionService for RegionApi {
         request: Request<ReadInstanceDiskRequest>,
     ) -> Result<Response<ReadInstanceDiskResponse>, Status> {
         let caller = account_id(&request)?;
-        let req = request.into_inner();
-        validate::instance_id("instance_id", &req.instance_id)?;
-        if req.length > validate::MAX_IO_BYTES {
-            return Err(invalid_argument(
-                "length",
-                "InvalidParameterValue.TooLarge",
-                format!("at most {} bytes per call", validate::MAX_IO_BYTES),
-            ));
-        }
-        let instance = self.own_instance(&req.instance_id, &caller).await?;
-        if instance.state == "TERMINATED" {
-            return Err(error::status(
-                Code::FailedPrecondition,
-                "UnsupportedOperation.InstanceStateTerminated",
-                "the instance is terminated",
-            ));
-        }
-        let store = self.region.store.clone();
-        let chunks = self.region.chunks.clone();
-        let data = blocking(move || disk::read(&store, &chunks, &instance, req.offset, req.length))
-            .await?;
-        Ok(Response::new(ReadInstanceDiskResponse { data }))
+        answer(RegionApi::read_instance_disk(self, caller, request.into_inner()).await)
     }
 
     async fn sync_images(
@@ -760,9 +848,7 @@ impl RegionService for RegionApi {
         request: Request<SyncImagesRequest>,
     ) -> Result<Response<SyncImagesResponse>, Status> {
         let caller = account_id(&request)?;
-        let response =
-            crate::sync::sync_images(&self.region, &caller, request.into_inner()).await?;
-        Ok(Response::new(response))
+        answer(crate::copy::request::sync_images(&self.region, &caller, request.into_inner()).await)
     }
 
     async fn modify_image_share_permission(
@@ -770,10 +856,12 @@ impl RegionService for RegionApi {
         request: Request<ModifyImageSharePermissionRequest>,
     ) -> Result<Response<ModifyImageSharePermissionResponse>, Status> {
         let caller = account_id(&request)?;
-        self.region
-            .modify_share_permission(&caller, request.into_inner())
-            .await?;
-        Ok(Response::new(ModifyImageSharePermissionResponse {}))
+        answer(
+            self.region
+                .modify_share_permission(&caller, request.into_inner())
+                .await
+                .map(|()| ModifyImageSharePermissionResponse {}),
+        )
     }
 
     async fn describe_image_share_permission(
@@ -781,10 +869,10 @@ impl RegionService for RegionApi {
         request: Request<DescribeImageSharePermissionRequest>,
     ) -> Result<Response<DescribeImageSharePermissionResponse>, Status> {
         let caller = account_id(&request)?;
-        let response = self
-            .region
-            .describe_share_permission(&caller, request.into_inner())
-            .await?;
-        Ok(Response::new(response))
+        answer(
+            self.region
+                .describe_share_permission(&caller, request.into_inner())
+                .await,
+        )
     }
 }

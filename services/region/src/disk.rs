@@ -1,11 +1,11 @@
 //! Disk content over chunks: the manifest digest of an image, and reading and writing ranges of
 //! an instance's copy-on-write system disk.
 
-use crate::store::{InstanceRow, Store};
+use crate::error::{RegionError, Result};
+use crate::meta::Store;
+use crate::model::InstanceRow;
 use imagefleet_chunkstore::{ChunkDigest, ChunkStore, CHUNK_SIZE};
-use imagefleet_proto::error;
 use sha2::{Digest, Sha256};
-use tonic::{Code, Status};
 
 /// The content digest of a disk: sha256 over a header, the virtual size and every non-zero
 /// chunk's index and digest (`docs/storage.md`). Two disks have equal digests exactly when
@@ -21,19 +21,11 @@ pub fn manifest_digest(virtual_size: u64, manifest: &[(u64, ChunkDigest)]) -> St
     format!("sha256:{}", hex::encode(h.finalize()))
 }
 
-pub fn io_error(e: std::io::Error) -> Status {
-    error::status(
-        Code::Internal,
-        "InternalError.ChunkStore",
-        format!("chunk store: {e}"),
-    )
-}
-
 /// Checks that `[offset, offset + len)` lies on the disk.
-pub fn check_range(instance: &InstanceRow, offset: u64, len: u64) -> Result<(), Status> {
+pub fn check_range(instance: &InstanceRow, offset: u64, len: u64) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= instance.disk_size => Ok(()),
-        _ => Err(error::invalid_argument(
+        _ => Err(RegionError::invalid(
             "offset",
             "InvalidParameterValue.OutOfRange",
             format!(
@@ -51,7 +43,7 @@ pub fn read(
     instance: &InstanceRow,
     offset: u64,
     len: u64,
-) -> Result<Vec<u8>, Status> {
+) -> Result<Vec<u8>> {
     check_range(instance, offset, len)?;
     let mut out = Vec::with_capacity(len as usize);
     let mut pos = offset;
@@ -62,7 +54,7 @@ pub fn read(
         let take = ((CHUNK_SIZE - within) as u64).min(end - pos) as usize;
         match store.instance_chunk(instance, idx)? {
             Some(d) => {
-                let data = chunks.get(&d).map_err(io_error)?;
+                let data = chunks.get(&d)?;
                 out.extend_from_slice(&data[within..within + take]);
             }
             None => out.resize(out.len() + take, 0),
@@ -72,38 +64,54 @@ pub fn read(
     Ok(out)
 }
 
-/// The new content of each chunk a write of `data` at `offset` touches (`None`: zeros). New
-/// chunks are stored durably before this returns; the caller records them in the store.
-pub fn prepare_write(
+/// A write the store refused after its chunks were stored: the error, and the chunks the
+/// write stored, which the caller reclaims so the chunk store is left as it was.
+pub struct WriteRefused {
+    pub error: RegionError,
+    pub stored: Vec<ChunkDigest>,
+}
+
+/// Writes `data` at `offset` of an instance's disk, for `owner`: the new chunks are stored,
+/// made durable, and only then recorded. The caller has checked that the instance is
+/// writable (before any byte is stored) and holds the instance's lock and the chunk
+/// references lock shared. Returns the digests the disk no longer references.
+pub fn write(
     store: &Store,
     chunks: &ChunkStore,
     instance: &InstanceRow,
+    owner: &str,
     offset: u64,
     data: &[u8],
-) -> Result<Vec<(u64, Option<ChunkDigest>)>, Status> {
-    check_range(instance, offset, data.len() as u64)?;
-    let mut out = Vec::new();
-    let mut pos = offset;
-    let mut rest = data;
-    while !rest.is_empty() {
-        let idx = pos / CHUNK_SIZE as u64;
-        let within = (pos % CHUNK_SIZE as u64) as usize;
-        let take = (CHUNK_SIZE - within).min(rest.len());
-        let digest = if take == CHUNK_SIZE {
-            chunks.put(&rest[..take]).map_err(io_error)?
-        } else {
-            let mut buf = match store.instance_chunk(instance, idx)? {
-                Some(d) => chunks.get(&d).map_err(io_error)?,
-                None => vec![0u8; CHUNK_SIZE],
+) -> std::result::Result<Vec<ChunkDigest>, WriteRefused> {
+    let mut stored = Vec::new();
+    let outcome = (|| {
+        check_range(instance, offset, data.len() as u64)?;
+        let mut updates = Vec::new();
+        let mut pos = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let idx = pos / CHUNK_SIZE as u64;
+            let within = (pos % CHUNK_SIZE as u64) as usize;
+            let take = (CHUNK_SIZE - within).min(rest.len());
+            let digest = if take == CHUNK_SIZE {
+                chunks.put(&rest[..take])?
+            } else {
+                let mut buf = match store.instance_chunk(instance, idx)? {
+                    Some(d) => chunks.get(&d)?,
+                    None => vec![0u8; CHUNK_SIZE],
+                };
+                buf[within..within + take].copy_from_slice(&rest[..take]);
+                chunks.put(&buf)?
             };
-            buf[within..within + take].copy_from_slice(&rest[..take]);
-            chunks.put(&buf).map_err(io_error)?
-        };
-        out.push((idx, digest));
-        pos += take as u64;
-        rest = &rest[take..];
-    }
-    Ok(out)
+            stored.extend(digest);
+            updates.push((idx, digest));
+            pos += take as u64;
+            rest = &rest[take..];
+        }
+        chunks.sync()?;
+        store.write_instance_chunks(&instance.instance_id, owner, &updates)
+    })();
+    outcome.map_err(|error| WriteRefused { error, stored })
 }
 
 #[cfg(test)]

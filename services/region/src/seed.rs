@@ -3,7 +3,11 @@
 //! Each is a small bootable-looking raw disk: an MBR with one partition, a superblock-like
 //! header, some data, the rest zeros.
 
-use crate::catalogue::PublicImage;
+use crate::catalogue::{self, PublicImage};
+use crate::disk;
+use crate::error::Result;
+use crate::model::{ImageKind, ImageRow, ImageSource, ImageState};
+use crate::region::Region;
 use imagefleet_chunkstore::CHUNK_SIZE;
 use sha2::{Digest, Sha256};
 
@@ -81,6 +85,57 @@ pub fn chunk(image: &PublicImage, idx: u64) -> Option<Vec<u8>> {
         _ => return None,
     }
     Some(buf)
+}
+
+/// Seeds every public image the region does not have yet: chunks stored and made durable,
+/// then the image and its manifest recorded.
+pub(crate) fn seed_public_images(region: &Region) -> Result<()> {
+    let mainland = catalogue::is_mainland(region.name());
+    for def in catalogue::PUBLIC_IMAGES {
+        let id = image_id(def);
+        if region.store.image(&id)?.is_some() {
+            continue;
+        }
+        let _guard = region.chunk_refs.read().unwrap_or_else(|e| e.into_inner());
+        let mut manifest = Vec::new();
+        for idx in 0..chunk_count(def) {
+            if let Some(data) = chunk(def, idx) {
+                if let Some(d) = region.chunks.put(&data)? {
+                    manifest.push((idx, d));
+                }
+            }
+        }
+        region.chunks.sync()?;
+        let virtual_size = def.virtual_size_mib << 20;
+        let row = ImageRow {
+            image_id: id.clone(),
+            owner: String::new(),
+            name: def.name.to_string(),
+            description: format!("{} public image", def.os_name),
+            kind: ImageKind::Public,
+            source: ImageSource::Official,
+            state: ImageState::Normal,
+            state_reason: String::new(),
+            os_name: def.os_name.into(),
+            platform: def.platform.into(),
+            architecture: def.architecture.into(),
+            virtual_size,
+            created_at: 1_700_000_000,
+            snapshot_id: Some(snapshot_id(def)),
+            license_type: "TencentCloud".into(),
+            sync_percent: 100,
+            parent_image_id: String::new(),
+            parent_region: String::new(),
+            root_image_id: id.clone(),
+            root_paid: def.paid_in(mainland),
+            content_digest: disk::manifest_digest(virtual_size, &manifest),
+            deprecated: false,
+            stored_bytes: 0,
+        };
+        region.store.insert_public_image(&row, &manifest)?;
+        tracing::info!(region = %region.name(), image = %id, name = def.name, "seeded public image");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,17 +5,17 @@
 //! The sharing service is asked every time and its failures are `UNAVAILABLE`: a share check
 //! that cannot be made never grants access.
 
-use crate::store::ImageRow;
-use crate::{blocking, validate, Region};
+use crate::error::{RegionError, Result};
+use crate::model::{ImageRow, ImageState};
+use crate::region::{blocking, Region};
+use crate::validate;
 use imagefleet_proto::catalog::v1::GetAccountRequest;
-use imagefleet_proto::error::{self, invalid_argument};
 use imagefleet_proto::region::v1::{
     DescribeImageSharePermissionRequest, DescribeImageSharePermissionResponse, ImageShare,
     ModifyImageSharePermissionRequest, SharePermission,
 };
 use imagefleet_proto::sharing::v1 as sharing;
-use std::sync::Arc;
-use tonic::{Code, Status};
+use tonic::Code;
 
 /// How the caller is related to an image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,24 +26,8 @@ pub enum Access {
     Shared,
 }
 
-pub fn not_found(image_id: &str) -> Status {
-    error::status(
-        Code::NotFound,
-        "InvalidImageId.NotFound",
-        format!("{image_id} does not exist"),
-    )
-}
-
-pub fn not_yours(image_id: &str) -> Status {
-    error::status(
-        Code::PermissionDenied,
-        "UnauthorizedOperation.ImageNotBelongToAccount",
-        format!("{image_id} does not belong to this account"),
-    )
-}
-
-fn sharing_down(status: Status) -> Status {
-    imagefleet_rpc::unavailable("sharing", status)
+fn sharing_down(status: tonic::Status) -> RegionError {
+    imagefleet_rpc::unavailable("sharing", status).into()
 }
 
 impl Region {
@@ -52,13 +36,13 @@ impl Region {
         &self,
         image_id: &str,
         caller: &str,
-    ) -> Result<(ImageRow, Access), Status> {
+    ) -> Result<(ImageRow, Access)> {
         let store = self.store.clone();
         let id = image_id.to_string();
         let image = blocking(move || store.image(&id))
             .await?
-            .ok_or_else(|| not_found(image_id))?;
-        if image.owner.is_empty() {
+            .ok_or_else(|| RegionError::ImageNotFound(image_id.to_string()))?;
+        if image.is_public() {
             return Ok((image, Access::Public));
         }
         if image.owner == caller {
@@ -67,10 +51,10 @@ impl Region {
         if self.is_shared_with(image_id, caller).await? {
             return Ok((image, Access::Shared));
         }
-        Err(not_found(image_id))
+        Err(RegionError::ImageNotFound(image_id.to_string()))
     }
 
-    async fn is_shared_with(&self, image_id: &str, account: &str) -> Result<bool, Status> {
+    async fn is_shared_with(&self, image_id: &str, account: &str) -> Result<bool> {
         let response = self
             .sharing
             .clone()
@@ -84,7 +68,7 @@ impl Region {
     }
 
     /// Images of this region shared with `account` (for listings).
-    pub(crate) async fn shared_with(&self, account: &str) -> Result<Vec<ImageRow>, Status> {
+    pub(crate) async fn shared_with(&self, account: &str) -> Result<Vec<ImageRow>> {
         let ids = self
             .sharing
             .clone()
@@ -102,7 +86,7 @@ impl Region {
             for id in ids {
                 if let Some(row) = store
                     .image(&id)?
-                    .filter(|r| !r.owner.is_empty() && r.owner != owner)
+                    .filter(|r| !r.is_public() && r.owner != owner)
                 {
                     rows.push(row);
                 }
@@ -113,7 +97,7 @@ impl Region {
     }
 
     /// The accounts an image is shared with.
-    pub(crate) async fn shares_of(&self, image_id: &str) -> Result<Vec<sharing::Share>, Status> {
+    pub(crate) async fn shares_of(&self, image_id: &str) -> Result<Vec<sharing::Share>> {
         Ok(self
             .sharing
             .clone()
@@ -127,10 +111,10 @@ impl Region {
     }
 
     /// An image the caller owns, or the reason it is not.
-    async fn own_image(&self, image_id: &str, caller: &str) -> Result<ImageRow, Status> {
+    async fn own_image(&self, image_id: &str, caller: &str) -> Result<ImageRow> {
         match self.resolve_image(image_id, caller).await? {
             (image, Access::Own) => Ok(image),
-            _ => Err(not_yours(image_id)),
+            _ => Err(RegionError::NotYours(image_id.to_string())),
         }
     }
 
@@ -138,13 +122,13 @@ impl Region {
         &self,
         caller: &str,
         req: ModifyImageSharePermissionRequest,
-    ) -> Result<(), Status> {
+    ) -> Result<()> {
         validate::image_id("image_id", &req.image_id)?;
         let permission = match SharePermission::try_from(req.permission) {
             Ok(SharePermission::Share) => sharing::SharePermission::Share,
             Ok(SharePermission::Cancel) => sharing::SharePermission::Cancel,
             _ => {
-                return Err(invalid_argument(
+                return Err(RegionError::invalid(
                     "permission",
                     "InvalidParameterValue.Permission",
                     "permission is SHARE or CANCEL",
@@ -152,7 +136,7 @@ impl Region {
             }
         };
         if req.account_ids.is_empty() || req.account_ids.len() > 500 {
-            return Err(invalid_argument(
+            return Err(RegionError::invalid(
                 "account_ids",
                 "InvalidParameterValue.LimitExceeded",
                 "give 1 to 500 account ids",
@@ -162,14 +146,14 @@ impl Region {
         for account in &req.account_ids {
             imagefleet_proto::ids::check_account_id("account_ids", account)?;
             if !seen.insert(account) {
-                return Err(invalid_argument(
+                return Err(RegionError::invalid(
                     "account_ids",
                     "InvalidParameterValue.Duplicate",
                     format!("{account} is listed twice"),
                 ));
             }
             if account == caller {
-                return Err(invalid_argument(
+                return Err(RegionError::invalid(
                     "account_ids",
                     "FailedOperation.AccountIsYourSelf",
                     "an image cannot be shared with its owner",
@@ -179,8 +163,8 @@ impl Region {
         let lock = self.resource_lock(&req.image_id);
         let _guard = lock.lock().await;
         let image = self.own_image(&req.image_id, caller).await?;
-        if image.state != "NORMAL" {
-            return Err(crate::store::incorrect_state(&image));
+        if image.state != ImageState::Normal {
+            return Err(RegionError::image_state(&image));
         }
         if permission == sharing::SharePermission::Share {
             for account in &req.account_ids {
@@ -194,13 +178,16 @@ impl Region {
                 match found {
                     Ok(_) => {}
                     Err(status) if status.code() == Code::NotFound => {
-                        return Err(error::status(
+                        return Err(imagefleet_proto::error::status(
                             Code::NotFound,
                             "InvalidAccountId.NotFound",
                             format!("account {account} does not exist"),
-                        ))
+                        )
+                        .into())
                     }
-                    Err(status) => return Err(imagefleet_rpc::unavailable("catalog", status)),
+                    Err(status) => {
+                        return Err(imagefleet_rpc::unavailable("catalog", status).into())
+                    }
                 }
             }
         }
@@ -222,7 +209,7 @@ impl Region {
         &self,
         caller: &str,
         req: DescribeImageSharePermissionRequest,
-    ) -> Result<DescribeImageSharePermissionResponse, Status> {
+    ) -> Result<DescribeImageSharePermissionResponse> {
         validate::image_id("image_id", &req.image_id)?;
         self.own_image(&req.image_id, caller).await?;
         let share_permission_set = self
@@ -237,14 +224,5 @@ impl Region {
         Ok(DescribeImageSharePermissionResponse {
             share_permission_set,
         })
-    }
-
-    /// One lock per resource id (instance disks, image share changes and deletes).
-    pub(crate) fn resource_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-        if locks.len() > 10_000 {
-            locks.retain(|_, l| Arc::strong_count(l) > 1);
-        }
-        locks.entry(id.to_string()).or_default().clone()
     }
 }

@@ -3,7 +3,7 @@
 //! of JSON lines and fsynced, so an acknowledged change survives a crash. The log is replayed
 //! at start and then rewritten compactly (one line per entry still in the maps).
 
-use crate::maps::{MapsError, ShareChange, ShareRefusal, MAX_SHARES};
+use crate::rules::{MapsError, OwnershipBackend, ShareChange, ShareRefusal, MAX_SHARES};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -356,6 +356,49 @@ impl EmbeddedMaps {
     pub fn owner(&self, image_id: &str) -> Option<String> {
         let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         guard.0.owners.get(image_id).cloned()
+    }
+}
+
+#[tonic::async_trait]
+impl OwnershipBackend for EmbeddedMaps {
+    async fn set_owner(&self, image_id: &str, owner: &str) -> Result<(), MapsError> {
+        EmbeddedMaps::set_owner(self, image_id, owner).await
+    }
+
+    async fn remove_image(&self, image_id: &str) -> Result<(), MapsError> {
+        EmbeddedMaps::remove_image(self, image_id).await
+    }
+
+    async fn owner(&self, image_id: &str) -> Result<Option<String>, MapsError> {
+        Ok(EmbeddedMaps::owner(self, image_id))
+    }
+
+    async fn modify_shares(
+        &self,
+        image_id: &str,
+        owner: &str,
+        change: ShareChange,
+        accounts: &[String],
+        now: i64,
+    ) -> Result<Result<(), ShareRefusal>, MapsError> {
+        EmbeddedMaps::modify_shares(self, image_id, owner, change, accounts, now).await
+    }
+
+    async fn shares(&self, image_id: &str) -> Result<Vec<(String, i64)>, MapsError> {
+        Ok(EmbeddedMaps::shares(self, image_id))
+    }
+
+    async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, MapsError> {
+        Ok(EmbeddedMaps::is_shared(self, image_id, account))
+    }
+
+    async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError> {
+        Ok(EmbeddedMaps::shared_with(self, account))
+    }
+
+    /// The log is local: it always answers.
+    async fn ping(&self) -> Result<(), MapsError> {
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod maps;
 pub mod readiness;
 pub mod redis_maps;
+pub mod rules;
 pub mod service;
 
 use imagefleet_proto::sharing::v1::sharing_internal_service_server::SharingInternalServiceServer;

@@ -8,7 +8,7 @@
 //! The two share hashes mirror each other; every update that touches more than one key runs as
 //! one Lua script (atomic in Redis), like `REMOVE_IMAGE` below.
 
-use crate::maps::{MapsError, ShareChange, ShareRefusal, MAX_SHARES};
+use crate::rules::{MapsError, OwnershipBackend, ShareChange, ShareRefusal, MAX_SHARES};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use std::future::Future;
@@ -141,8 +141,11 @@ impl RedisMaps {
         .await
         .map_err(|_| MapsError::Timeout)?
     }
+}
 
-    pub async fn set_owner(&self, image_id: &str, owner: &str) -> Result<(), MapsError> {
+#[tonic::async_trait]
+impl OwnershipBackend for RedisMaps {
+    async fn set_owner(&self, image_id: &str, owner: &str) -> Result<(), MapsError> {
         self.with_connection(|mut c| async move {
             c.hset::<_, _, _, ()>(IMAGE_OWNER_KEY, image_id, owner)
                 .await
@@ -150,7 +153,7 @@ impl RedisMaps {
         .await
     }
 
-    pub async fn remove_image(&self, image_id: &str) -> Result<(), MapsError> {
+    async fn remove_image(&self, image_id: &str) -> Result<(), MapsError> {
         self.with_connection(|mut c| async move {
             self.remove_image
                 .key(IMAGE_OWNER_KEY)
@@ -164,12 +167,12 @@ impl RedisMaps {
         .await
     }
 
-    pub async fn owner(&self, image_id: &str) -> Result<Option<String>, MapsError> {
+    async fn owner(&self, image_id: &str) -> Result<Option<String>, MapsError> {
         self.with_connection(|mut c| async move { c.hget(IMAGE_OWNER_KEY, image_id).await })
             .await
     }
 
-    pub async fn modify_shares(
+    async fn modify_shares(
         &self,
         image_id: &str,
         owner: &str,
@@ -210,7 +213,7 @@ impl RedisMaps {
         })
     }
 
-    pub async fn shares(&self, image_id: &str) -> Result<Vec<(String, i64)>, MapsError> {
+    async fn shares(&self, image_id: &str) -> Result<Vec<(String, i64)>, MapsError> {
         self.with_connection(|mut c| async move {
             c.hgetall::<_, Vec<(String, i64)>>(image_shares_key(image_id))
                 .await
@@ -218,19 +221,19 @@ impl RedisMaps {
         .await
     }
 
-    pub async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, MapsError> {
+    async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, MapsError> {
         self.with_connection(
             |mut c| async move { c.hexists(image_shares_key(image_id), account).await },
         )
         .await
     }
 
-    pub async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError> {
+    async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError> {
         self.with_connection(|mut c| async move { c.hkeys(account_shares_key(account)).await })
             .await
     }
 
-    pub async fn ping(&self) -> Result<(), MapsError> {
+    async fn ping(&self) -> Result<(), MapsError> {
         self.with_connection(|mut c| async move {
             redis::cmd("PING")
                 .query_async::<String>(&mut c)

@@ -1,0 +1,326 @@
+//! The region-to-region service: destinations admit and cancel copies, sources serve the
+//! manifests and chunks of the snapshots pinned for them and release the pins.
+
+use super::{MANIFEST_PAGE, MAX_FETCH_DIGESTS, MAX_SYNC_IMAGES, MAX_SYNC_REGIONS};
+use crate::error::{RegionError, Result};
+use crate::meta::{CopySource, Limits, NewContent, NewImage};
+use crate::model::{CopyState, CopyTask, ImageRow, ImageSource, ImageState};
+use crate::region::{blocking, Region};
+use crate::validate;
+use imagefleet_chunkstore::ChunkDigest;
+use imagefleet_proto::region::v1::region_internal_service_server::RegionInternalService;
+use imagefleet_proto::region::v1::*;
+use imagefleet_rpc::time::unix_now;
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// The region-to-region service.
+pub struct RegionPeerApi {
+    region: Arc<Region>,
+}
+
+impl RegionPeerApi {
+    pub fn new(region: Arc<Region>) -> Self {
+        RegionPeerApi { region }
+    }
+
+    /// What a copy may read of `image_id` as `snapshot_id`, or why not.
+    async fn copy_source(&self, image_id: &str, snapshot_id: &str) -> Result<CopySource> {
+        validate::image_id("image_id", image_id)?;
+        let store = self.region.store.clone();
+        let (id, snap) = (image_id.to_string(), snapshot_id.to_string());
+        let found = blocking(move || {
+            let source = store.copy_source(&id, &snap, unix_now())?;
+            let image = if source.is_none() {
+                store.image(&id)?
+            } else {
+                None
+            };
+            Ok((source, image))
+        })
+        .await?;
+        match found {
+            (Some(source), _) => Ok(source),
+            (None, Some(image)) if !image.is_public() && image.state != ImageState::Normal => {
+                Err(RegionError::image_state(&image))
+            }
+            _ => Err(RegionError::ImageNotFound(image_id.to_string())),
+        }
+    }
+
+    /// The destination image one `SyncCopy` asks for.
+    fn new_copy(&self, copy: &SyncCopy, deadline_at: i64) -> Result<NewImage> {
+        let source = copy.source.as_ref().ok_or_else(|| {
+            RegionError::invalid(
+                "copies.source",
+                "MissingParameter",
+                "every copy names its source",
+            )
+        })?;
+        validate::image_id("copies.source.image_id", &source.image_id)?;
+        imagefleet_proto::ids::check_account_id(
+            "copies.source.owner_account_id",
+            &source.owner_account_id,
+        )?;
+        validate::image_name("copies.source.image_name", &source.image_name)?;
+        if copy.request_key.is_empty() || copy.request_key.len() > 128 {
+            return Err(RegionError::invalid(
+                "copies.request_key",
+                "InvalidParameterValue",
+                "request_key is 1 to 128 characters",
+            ));
+        }
+        if source.region == self.region.config.region {
+            return Err(RegionError::unsupported(
+                "UnsupportedOperation.Region",
+                "an image cannot be copied to its own region",
+            ));
+        }
+        let mut row = ImageRow::new_custom(
+            &source.owner_account_id,
+            &source.image_name,
+            ImageSource::Sync,
+            ImageState::Syncing,
+        );
+        row.description = source.image_description.clone();
+        row.os_name = source.os_name.clone();
+        row.platform = source.platform.clone();
+        row.architecture = source.architecture.clone();
+        row.virtual_size = source.virtual_size_bytes;
+        row.license_type = source.license_type.clone();
+        row.parent_image_id = source.image_id.clone();
+        row.parent_region = source.region.clone();
+        row.root_image_id = source.ultimate_source_image_id.clone();
+        row.root_paid = source.ultimate_source_paid;
+        let task = CopyTask {
+            image_id: String::new(),
+            request_key: copy.request_key.clone(),
+            source_region: source.region.clone(),
+            source_image_id: source.image_id.clone(),
+            source_snapshot_id: source.snapshot_id.clone(),
+            expected_digest: source.content_digest.clone(),
+            state: CopyState::Running,
+            manifest_loaded: false,
+            chunks_total: 0,
+            bytes_total: 0,
+            chunks_done: 0,
+            bytes_done: 0,
+            chunks_transferred: 0,
+            bytes_transferred: 0,
+            attempts: 0,
+            last_error: String::new(),
+            deadline_at,
+        };
+        Ok(NewImage {
+            row,
+            content: NewContent::Copy {
+                task: Box::new(task),
+            },
+            refusal_context: Some((source.image_id.clone(), self.region.config.region.clone())),
+        })
+    }
+}
+
+type ManifestStream = Pin<Box<dyn Stream<Item = Result<ManifestPage, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChunkData, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RegionInternalService for RegionPeerApi {
+    async fn start_sync(
+        &self,
+        request: Request<StartSyncRequest>,
+    ) -> Result<Response<StartSyncResponse>, Status> {
+        let req = request.into_inner();
+        if req.copies.is_empty() || req.copies.len() > MAX_SYNC_IMAGES * MAX_SYNC_REGIONS {
+            return Err(RegionError::invalid(
+                "copies",
+                "InvalidParameterValue.LimitExceeded",
+                format!("give 1 to {} copies", MAX_SYNC_IMAGES * MAX_SYNC_REGIONS),
+            )
+            .into());
+        }
+        let deadline_at = unix_now() + self.region.config.copy_deadline.as_secs() as i64;
+        let batch = req
+            .copies
+            .iter()
+            .map(|c| self.new_copy(c, deadline_at))
+            .collect::<Result<Vec<_>>>()?;
+        let owner = batch[0].row.owner.clone();
+        if batch.iter().any(|n| n.row.owner != owner) {
+            return Err(RegionError::invalid(
+                "copies.source.owner_account_id",
+                "InvalidParameterValue",
+                "the copies of one call belong to one account",
+            )
+            .into());
+        }
+        let store = self.region.store.clone();
+        let quota = self.region.config.image_quota;
+        let here = self.region.config.region.clone();
+        let dry_run = req.dry_run;
+        let admitted = blocking(move || {
+            store.admit(
+                &owner,
+                &batch,
+                Limits {
+                    image_quota: quota,
+                    region: &here,
+                },
+                dry_run,
+            )
+        })
+        .await?;
+        if dry_run {
+            return Ok(Response::new(StartSyncResponse { image_ids: vec![] }));
+        }
+        for image in &admitted {
+            if image.state == ImageState::Syncing {
+                self.region.spawn_copy(image.image_id.clone());
+            }
+        }
+        Ok(Response::new(StartSyncResponse {
+            image_ids: admitted.into_iter().map(|i| i.image_id).collect(),
+        }))
+    }
+
+    async fn cancel_sync(
+        &self,
+        request: Request<CancelSyncRequest>,
+    ) -> Result<Response<CancelSyncResponse>, Status> {
+        let req = request.into_inner();
+        validate::id_list("image_ids", &req.image_ids, validate::image_id)?;
+        let mut doomed = Vec::new();
+        for id in req.image_ids {
+            let store = self.region.store.clone();
+            let images = blocking(move || {
+                let Some(image) = store.image(&id)?.filter(|i| i.source == ImageSource::Sync)
+                else {
+                    return Ok(Vec::new());
+                };
+                store.begin_delete(std::slice::from_ref(&id), &image.owner)
+            })
+            .await?;
+            doomed.extend(images);
+        }
+        self.region.delete_images(doomed).await;
+        Ok(Response::new(CancelSyncResponse {}))
+    }
+
+    async fn release_copy_source(
+        &self,
+        request: Request<ReleaseCopySourceRequest>,
+    ) -> Result<Response<ReleaseCopySourceResponse>, Status> {
+        let keys = request.into_inner().request_keys;
+        if keys.len() > MAX_SYNC_IMAGES * MAX_SYNC_REGIONS || keys.iter().any(|k| k.len() > 128) {
+            return Err(RegionError::invalid(
+                "request_keys",
+                "InvalidParameterValue.LimitExceeded",
+                "at most 100 request keys of at most 128 characters",
+            )
+            .into());
+        }
+        let store = self.region.store.clone();
+        let released = blocking(move || store.release_pins(&keys, unix_now())).await?;
+        self.region.reclaim(released).await?;
+        Ok(Response::new(ReleaseCopySourceResponse {}))
+    }
+
+    type GetImageManifestStream = ManifestStream;
+
+    async fn get_image_manifest(
+        &self,
+        request: Request<GetImageManifestRequest>,
+    ) -> Result<Response<Self::GetImageManifestStream>, Status> {
+        let req = request.into_inner();
+        let source = self.copy_source(&req.image_id, &req.snapshot_id).await?;
+        let store = self.region.store.clone();
+        let snapshot = source.snapshot_id.clone();
+        let manifest = blocking(move || store.snapshot_manifest(&snapshot)).await?;
+        let page = |entries: &[(u64, ChunkDigest)]| {
+            Ok(ManifestPage {
+                virtual_size_bytes: source.virtual_size,
+                content_digest: source.content_digest.clone(),
+                entries: entries
+                    .iter()
+                    .map(|(index, digest)| ManifestEntry {
+                        index: *index,
+                        digest: digest.0.to_vec(),
+                    })
+                    .collect(),
+            })
+        };
+        let mut pages: Vec<Result<ManifestPage, Status>> =
+            manifest.chunks(MANIFEST_PAGE).map(page).collect();
+        if pages.is_empty() {
+            pages.push(page(&[]));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(pages))))
+    }
+
+    type FetchChunksStream = ChunkStream;
+
+    async fn fetch_chunks(
+        &self,
+        request: Request<FetchChunksRequest>,
+    ) -> Result<Response<Self::FetchChunksStream>, Status> {
+        let req = request.into_inner();
+        if req.digests.len() > MAX_FETCH_DIGESTS {
+            return Err(RegionError::invalid(
+                "digests",
+                "InvalidParameterValue.LimitExceeded",
+                format!("at most {MAX_FETCH_DIGESTS} digests per call"),
+            )
+            .into());
+        }
+        let mut wanted = Vec::with_capacity(req.digests.len());
+        for d in &req.digests {
+            wanted.push(ChunkDigest::from_slice(d).ok_or_else(|| {
+                RegionError::invalid(
+                    "digests",
+                    "InvalidParameterValue.Digest",
+                    "digests are 32 bytes",
+                )
+            })?);
+        }
+        let source = self.copy_source(&req.image_id, &req.snapshot_id).await?;
+        let store = self.region.store.clone();
+        let snapshot = source.snapshot_id.clone();
+        let manifest = blocking(move || store.snapshot_manifest(&snapshot)).await?;
+        let members: HashSet<ChunkDigest> = manifest.into_iter().map(|(_, d)| d).collect();
+        if let Some(stranger) = wanted.iter().find(|d| !members.contains(d)) {
+            return Err(RegionError::invalid(
+                "digests",
+                "InvalidParameterValue.Digest",
+                format!(
+                    "chunk {} is not part of {}",
+                    stranger.to_hex(),
+                    req.image_id
+                ),
+            )
+            .into());
+        }
+        let chunks = self.region.chunks.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::task::spawn_blocking(move || {
+            for digest in wanted {
+                let message = chunks
+                    .get_unverified(&digest)
+                    .map_err(|e| Status::from(RegionError::from(e)))
+                    .map(|data| ChunkData {
+                        digest: digest.0.to_vec(),
+                        data,
+                    });
+                let failed = message.is_err();
+                if tx.blocking_send(message).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

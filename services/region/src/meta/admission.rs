@@ -1,0 +1,151 @@
+//! Admission of new images, the one transaction every new image goes through whatever its
+//! source (an instance, a copy, an import): ownership of what it is made from, the account's
+//! image quota and the name are checked, and the image row (with its snapshot) reserved,
+//! before any of its bytes are moved. A batch is admitted whole or not at all; a dry run makes
+//! exactly the same checks and writes nothing.
+
+use super::{copies, images, instances, snapshots, Store};
+use crate::error::{RegionError, Result};
+use crate::model::{CopyTask, ImageRow};
+use rusqlite::Transaction;
+use std::collections::HashSet;
+
+/// What a new image's content comes from.
+#[derive(Clone, Debug)]
+pub enum NewContent {
+    /// The disk of one of the owner's instances, frozen at admission.
+    Instance { instance_id: String },
+    /// Another region's image; chunks arrive afterwards. An image already admitted under the
+    /// task's request key is returned as it is (idempotent retries).
+    Copy { task: Box<CopyTask> },
+    /// A disk file read in afterwards.
+    Import,
+}
+
+/// One image to admit.
+#[derive(Clone, Debug)]
+pub struct NewImage {
+    pub row: ImageRow,
+    pub content: NewContent,
+    /// Names the image and region a refusal is about (the source image and destination of a
+    /// copy), so a caller of a many-image call knows which one failed.
+    pub refusal_context: Option<(String, String)>,
+}
+
+impl NewImage {
+    fn refuse(&self, e: RegionError) -> RegionError {
+        match &self.refusal_context {
+            Some((image_id, region)) => RegionError::CopyRefused {
+                image_id: image_id.clone(),
+                region: region.clone(),
+                source: Box::new(e),
+            },
+            None => e,
+        }
+    }
+}
+
+/// Quota and rules the admission applies.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits<'a> {
+    pub image_quota: u32,
+    pub region: &'a str,
+}
+
+fn admit_in(
+    tx: &Transaction<'_>,
+    owner: &str,
+    batch: &[NewImage],
+    limits: Limits<'_>,
+) -> Result<Vec<ImageRow>> {
+    let mut used = images::count_custom_images(tx, owner)?;
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(batch.len());
+    for new in batch {
+        if let NewContent::Copy { task } = &new.content {
+            if let Some(existing) = copies::image_of_request(tx, &task.request_key)? {
+                let row = images::get_image(tx, &existing)?
+                    .ok_or_else(|| RegionError::ImageNotFound(existing.clone()))?;
+                out.push(row);
+                continue;
+            }
+        }
+        let mut row = new.row.clone();
+        debug_assert_eq!(row.owner, owner);
+        if !names.insert(row.name.clone()) {
+            return Err(new.refuse(RegionError::NameTaken(row.name.clone())));
+        }
+        images::check_name_free(tx, owner, &row.name, None).map_err(|e| new.refuse(e))?;
+        if used >= limits.image_quota {
+            return Err(new.refuse(RegionError::ImageQuota {
+                quota: limits.image_quota,
+                region: limits.region.to_string(),
+            }));
+        }
+        used += 1;
+        let snapshot_id = row.snapshot_id.clone().unwrap_or_default();
+        let manifest = match &new.content {
+            NewContent::Instance { instance_id } => {
+                let instance = instances::get_instance(tx, instance_id)?
+                    .filter(|i| i.owner == owner)
+                    .ok_or_else(|| RegionError::InstanceNotFound(instance_id.clone()))?;
+                if !instance.state.has_live_disk() {
+                    return Err(RegionError::InstanceState {
+                        instance_id: instance_id.clone(),
+                        state: instance.state,
+                    });
+                }
+                let manifest = snapshots::instance_manifest(tx, &instance)?;
+                row.virtual_size = instance.disk_size;
+                row.parent_image_id = instance.image_id.clone();
+                row.root_image_id = instance.root_image_id.clone();
+                row.root_paid = instance.root_paid;
+                if let Some(parent) = images::get_image(tx, &instance.image_id)? {
+                    row.os_name = parent.os_name;
+                    row.platform = parent.platform;
+                    row.architecture = parent.architecture;
+                    row.license_type = parent.license_type;
+                }
+                manifest
+            }
+            NewContent::Copy { task } => {
+                let mut task = (**task).clone();
+                task.image_id = row.image_id.clone();
+                copies::insert_task(tx, &task)?;
+                Vec::new()
+            }
+            NewContent::Import => Vec::new(),
+        };
+        snapshots::insert_snapshot(
+            tx,
+            &snapshot_id,
+            &row.image_id,
+            row.virtual_size,
+            &manifest,
+            row.created_at,
+        )?;
+        images::insert_image(tx, &row)?;
+        row.stored_bytes = super::chunk_bytes(manifest.len());
+        out.push(row);
+    }
+    Ok(out)
+}
+
+impl Store {
+    /// Admits `batch` (new images of `owner`): every check, then every row, in one
+    /// transaction. Returns the admitted rows (or, for a copy whose request key was seen
+    /// before, the image it admitted then). With `dry_run`, the same checks and nothing kept.
+    pub fn admit(
+        &self,
+        owner: &str,
+        batch: &[NewImage],
+        limits: Limits<'_>,
+        dry_run: bool,
+    ) -> Result<Vec<ImageRow>> {
+        if dry_run {
+            self.rehearse(|tx| admit_in(tx, owner, batch, limits))
+        } else {
+            self.write(|tx| admit_in(tx, owner, batch, limits))
+        }
+    }
+}

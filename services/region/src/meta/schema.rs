@@ -1,0 +1,150 @@
+//! The metadata schema and its migrations. `PRAGMA user_version` counts the migrations applied;
+//! each runs once, in order, in one transaction with the version bump. Version 1 is the schema
+//! the store had before it was versioned (its statements are idempotent, so a store from then
+//! opens at version 0 and is brought forward without conversion).
+
+use crate::error::Result;
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: images, snapshots and their chunks, instances and their disk overrides, copies.
+    r#"
+CREATE TABLE IF NOT EXISTS images (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    image_type TEXT NOT NULL,
+    source TEXT NOT NULL,
+    state TEXT NOT NULL,
+    state_reason TEXT NOT NULL,
+    os_name TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    architecture TEXT NOT NULL,
+    virtual_size INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    snapshot_id TEXT,
+    license_type TEXT NOT NULL,
+    sync_percent INTEGER NOT NULL,
+    parent_image_id TEXT NOT NULL,
+    parent_region TEXT NOT NULL,
+    root_image_id TEXT NOT NULL,
+    root_paid INTEGER NOT NULL,
+    content_digest TEXT NOT NULL,
+    deprecated INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS images_owner_name ON images(owner, name) WHERE owner <> '';
+CREATE TABLE IF NOT EXISTS snapshots (
+    snapshot_id TEXT PRIMARY KEY,
+    virtual_size INTEGER NOT NULL,
+    stored_bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    image_id TEXT
+);
+CREATE TABLE IF NOT EXISTS snapshot_chunks (
+    snapshot_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY (snapshot_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS snapshot_chunks_digest ON snapshot_chunks(digest);
+CREATE TABLE IF NOT EXISTS instances (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    instance_type TEXT NOT NULL,
+    cpu INTEGER NOT NULL,
+    memory_gib INTEGER NOT NULL,
+    image_id TEXT NOT NULL,
+    base_snapshot_id TEXT,
+    disk_size INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    root_image_id TEXT NOT NULL,
+    root_paid INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_base ON instances(base_snapshot_id);
+CREATE TABLE IF NOT EXISTS instance_chunks (
+    instance_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    digest BLOB,
+    PRIMARY KEY (instance_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS instance_chunks_digest ON instance_chunks(digest);
+CREATE TABLE IF NOT EXISTS sync_tasks (
+    image_id TEXT PRIMARY KEY,
+    request_key TEXT NOT NULL UNIQUE,
+    source_region TEXT NOT NULL,
+    source_image_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    manifest_loaded INTEGER NOT NULL,
+    chunks_total INTEGER NOT NULL,
+    bytes_total INTEGER NOT NULL,
+    chunks_done INTEGER NOT NULL,
+    bytes_done INTEGER NOT NULL,
+    chunks_transferred INTEGER NOT NULL,
+    bytes_transferred INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_error TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sync_chunks (
+    image_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY (image_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sync_chunks_digest ON sync_chunks(digest);
+"#,
+    // 2: lookups by owner and state; terminated instances remember when (for purging); copies
+    // read a pinned source snapshot, carry the digest they must reproduce and a deadline for
+    // retries; the source side pins the snapshots being copied.
+    r#"
+CREATE INDEX images_by_owner ON images(owner, seq);
+CREATE INDEX images_by_state ON images(state);
+ALTER TABLE instances ADD COLUMN terminated_at INTEGER;
+UPDATE instances SET terminated_at = strftime('%s', 'now') WHERE state = 'TERMINATED';
+CREATE INDEX instances_by_owner ON instances(owner, seq);
+CREATE INDEX instances_by_state ON instances(state, terminated_at);
+ALTER TABLE sync_tasks ADD COLUMN source_snapshot_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE sync_tasks ADD COLUMN expected_digest TEXT NOT NULL DEFAULT '';
+ALTER TABLE sync_tasks ADD COLUMN deadline_at INTEGER NOT NULL DEFAULT 0;
+UPDATE sync_tasks SET
+    expected_digest = (SELECT content_digest FROM images WHERE images.image_id = sync_tasks.image_id),
+    deadline_at = strftime('%s', 'now') + 86400;
+UPDATE images SET content_digest = '' WHERE state = 'SYNCING';
+CREATE TABLE copy_pins (
+    request_key TEXT PRIMARY KEY,
+    snapshot_id TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    dest_region TEXT NOT NULL,
+    virtual_size INTEGER NOT NULL,
+    content_digest TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX copy_pins_by_snapshot ON copy_pins(snapshot_id);
+"#,
+];
+
+/// The schema version this build writes.
+pub const CURRENT_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Applies every migration the store has not had yet.
+pub fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > CURRENT_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "the metadata store is at schema version {version}, newer than this build's {CURRENT_VERSION}"
+        ))
+        .into());
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "metadata schema migrated");
+    }
+    Ok(())
+}

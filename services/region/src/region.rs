@@ -1,0 +1,291 @@
+//! A running region: its configuration, its two stores (metadata and chunks), its clients of
+//! the catalog, the sharing service and peer regions, and the few primitives every operation
+//! shares (running store calls off the async threads, per-resource locks, reclaiming chunks).
+
+use crate::error::{RegionError, Result};
+use crate::meta::Store;
+use imagefleet_chunkstore::{ChunkDigest, ChunkStore};
+use imagefleet_proto::catalog::v1::catalog_internal_service_client::CatalogInternalServiceClient;
+use imagefleet_proto::catalog::v1::DescribeRegionsRequest;
+use imagefleet_proto::region::v1::region_internal_service_client::RegionInternalServiceClient;
+use imagefleet_proto::sharing::v1::sharing_internal_service_client::SharingInternalServiceClient;
+use imagefleet_rpc::auth::Credentials;
+use imagefleet_rpc::client::{
+    region_scope, signed_channel, SignedChannel, CATALOG_SCOPE, SHARING_SCOPE,
+};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// How a region service is set up.
+#[derive(Clone, Debug)]
+pub struct RegionConfig {
+    /// e.g. `ap-guangzhou`.
+    pub region: String,
+    /// Where this region keeps its store (`metadata.db`, `chunks/`).
+    pub data_dir: PathBuf,
+    /// The URL other services reach this region at (registered in the catalog).
+    pub advertise_url: String,
+    /// The URL clients reach it at, when that differs (a published port); empty otherwise.
+    pub public_url: String,
+    pub catalog_url: String,
+    pub sharing_url: String,
+    /// The cluster's service key (service-to-service signing).
+    pub service_key: String,
+    /// Custom images per account in this region.
+    pub image_quota: u32,
+    /// How long a copy keeps retrying transient failures (source down, disk full) before it
+    /// fails for good.
+    pub copy_deadline: Duration,
+    /// How long terminated instances stay visible before their rows are purged.
+    pub instance_retention: Duration,
+    /// Where chunks live; `None`: local disk under `data_dir/chunks`.
+    pub chunks: Option<ChunkStore>,
+}
+
+impl RegionConfig {
+    pub const DEFAULT_COPY_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+    pub const DEFAULT_INSTANCE_RETENTION: Duration = Duration::from_secs(3600);
+}
+
+/// A copy running in this process, on the destination side.
+pub(crate) struct RunningCopy {
+    /// Set when the copy is cancelled: in-flight chunk writes check it before storing.
+    pub cancelled: Arc<AtomicBool>,
+    pub task: tokio::task::AbortHandle,
+}
+
+/// A running region: its store and its peers.
+pub struct Region {
+    pub(crate) config: RegionConfig,
+    pub(crate) store: Store,
+    pub(crate) chunks: ChunkStore,
+    pub(crate) catalog: CatalogInternalServiceClient<SignedChannel>,
+    pub(crate) sharing: SharingInternalServiceClient<SignedChannel>,
+    /// Held shared by anything that stores chunks and then records references to them, and
+    /// exclusively while reclaiming unreferenced chunks, so a chunk is never deleted between
+    /// being written and being referenced.
+    pub(crate) chunk_refs: Arc<RwLock<()>>,
+    /// One lock per resource: instance disks (writes are read-modify-write of whole chunks),
+    /// and images whose shares change or which are being deleted.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Region-to-region clients, by region.
+    peers: Mutex<HashMap<String, RegionInternalServiceClient<SignedChannel>>>,
+    /// Copies running in this process, by destination image.
+    pub(crate) copies: Mutex<HashMap<String, RunningCopy>>,
+}
+
+/// Runs a blocking store or chunk operation off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RegionError::Task(e.to_string()))?
+}
+
+impl Region {
+    /// Opens the region's stores (creating them); no network yet.
+    pub fn open(config: RegionConfig) -> anyhow::Result<Arc<Region>> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store = Store::open(&config.data_dir.join(crate::meta::DB_FILE))?;
+        let chunks = match &config.chunks {
+            Some(chunks) => chunks.clone(),
+            None => ChunkStore::local(config.data_dir.join("chunks"))?,
+        };
+        let credentials = Self::credentials(&config);
+        let catalog = CatalogInternalServiceClient::new(signed_channel(
+            &config.catalog_url,
+            credentials.clone(),
+            CATALOG_SCOPE,
+        )?);
+        let sharing = SharingInternalServiceClient::new(signed_channel(
+            &config.sharing_url,
+            credentials,
+            SHARING_SCOPE,
+        )?);
+        let region = Arc::new(Region {
+            config,
+            store,
+            chunks,
+            catalog,
+            sharing,
+            chunk_refs: Arc::new(RwLock::new(())),
+            locks: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            copies: Mutex::new(HashMap::new()),
+        });
+        region.sweep_orphan_chunks()?;
+        crate::seed::seed_public_images(&region)?;
+        Ok(region)
+    }
+
+    fn credentials(config: &RegionConfig) -> Credentials {
+        Credentials::service(&format!("region-{}", config.region), &config.service_key)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.region
+    }
+
+    /// The metadata store (for tests and tools in this process).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The chunk store (for tests and tools in this process).
+    pub fn chunks(&self) -> &ChunkStore {
+        &self.chunks
+    }
+
+    /// Deletes chunks that nothing references: left behind by a crash between storing a chunk
+    /// and recording it. Runs before serving, so nothing is being written.
+    fn sweep_orphan_chunks(&self) -> anyhow::Result<()> {
+        let referenced = self.store.referenced()?;
+        let mut removed = 0;
+        for digest in self.chunks.list()? {
+            if !referenced.contains(&digest) {
+                self.chunks.remove(&digest)?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(region = %self.config.region, removed, "swept orphan chunks");
+        }
+        Ok(())
+    }
+
+    /// Deletes the chunks among `candidates` that nothing references any more.
+    pub(crate) async fn reclaim(&self, candidates: Vec<ChunkDigest>) -> Result<()> {
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let chunks = self.chunks.clone();
+        let lock = self.chunk_refs.clone();
+        blocking(move || {
+            let _exclusive = lock.write().unwrap_or_else(|e| e.into_inner());
+            for digest in store.unreferenced(&candidates)? {
+                chunks.remove(&digest)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// One lock per resource id (instance disks, image share changes and deletes).
+    pub(crate) fn resource_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.len() > 10_000 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Runs `step` until it succeeds, backing off between tries (peers may be restarting).
+    pub(crate) async fn retry<F, Fut>(&self, what: &str, step: F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
+        let mut backoff = Backoff::new();
+        loop {
+            match step().await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(region = %self.config.region, what, error = %e, "retrying");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    /// The region-to-region client of `region`, found through the catalog.
+    pub(crate) async fn peer(
+        &self,
+        region: &str,
+    ) -> Result<RegionInternalServiceClient<SignedChannel>> {
+        if let Some(client) = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(region)
+        {
+            return Ok(client.clone());
+        }
+        let endpoint = self
+            .region_directory()
+            .await?
+            .into_iter()
+            .find(|r| r.region == region)
+            .map(|r| r.endpoint)
+            .ok_or_else(|| {
+                imagefleet_proto::error::status(
+                    tonic::Code::Unavailable,
+                    "InvalidRegion.NotFound",
+                    format!("{region} is not registered"),
+                )
+            })?;
+        let channel = signed_channel(
+            &endpoint,
+            Self::credentials(&self.config),
+            &region_scope(region),
+        )
+        .map_err(|e| {
+            imagefleet_proto::error::status(
+                tonic::Code::Unavailable,
+                "ServiceUnavailable",
+                e.to_string(),
+            )
+        })?;
+        let client = RegionInternalServiceClient::new(channel)
+            .max_decoding_message_size(imagefleet_rpc::client::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(imagefleet_rpc::client::MAX_MESSAGE_BYTES);
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(region.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Registered regions, from the catalog.
+    pub(crate) async fn region_directory(
+        &self,
+    ) -> Result<Vec<imagefleet_proto::catalog::v1::Region>> {
+        let response = self
+            .catalog
+            .clone()
+            .list_regions(DescribeRegionsRequest {})
+            .await
+            .map_err(|s| imagefleet_rpc::unavailable("catalog", s))?;
+        Ok(response.into_inner().region_set)
+    }
+}
+
+/// Exponential backoff from 100 ms to `cap` (5 s by default), for retry loops.
+pub(crate) struct Backoff {
+    delay: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        Backoff::with_cap(Duration::from_secs(5))
+    }
+
+    pub fn with_cap(cap: Duration) -> Self {
+        Backoff {
+            delay: Duration::from_millis(100),
+            cap,
+        }
+    }
+
+    /// Sleeps the current delay, then doubles it (up to the cap).
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(self.cap);
+    }
+}
