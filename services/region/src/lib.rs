@@ -17,7 +17,7 @@
 mod api;
 pub mod catalogue;
 mod copy;
-pub mod disk;
+mod disk;
 pub mod error;
 mod lifecycle;
 pub mod meta;
@@ -25,7 +25,7 @@ pub mod model;
 mod region;
 pub mod seed;
 mod shares;
-pub mod validate;
+mod validate;
 
 pub use region::{Region, RegionConfig};
 

@@ -119,7 +119,12 @@ impl Region {
             copies: Mutex::new(HashMap::new()),
         });
         region.sweep_orphan_chunks()?;
-        crate::seed::seed_public_images(&region)?;
+        crate::seed::seed_public_images(
+            &region.config.region,
+            &region.store,
+            &region.chunks,
+            &region.chunk_refs,
+        )?;
         Ok(region)
     }
 

@@ -89,23 +89,28 @@ pub fn chunk(image: &PublicImage, idx: u64) -> Option<Vec<u8>> {
 
 /// Seeds every public image the region does not have yet: chunks stored and made durable,
 /// then the image and its manifest recorded.
-pub(crate) fn seed_public_images(region: &Region) -> Result<()> {
-    let mainland = catalogue::is_mainland(region.name());
+pub(crate) fn seed_public_images(
+    region: &str,
+    store: &Store,
+    chunks: &ChunkStore,
+    chunk_refs: &RwLock<()>,
+) -> Result<()> {
+    let mainland = catalogue::is_mainland(region);
     for def in catalogue::PUBLIC_IMAGES {
         let id = image_id(def);
-        if region.store.image(&id)?.is_some() {
+        if store.image(&id)?.is_some() {
             continue;
         }
-        let _guard = region.chunk_refs.read().unwrap_or_else(|e| e.into_inner());
+        let _guard = chunk_refs.read().unwrap_or_else(|e| e.into_inner());
         let mut manifest = Vec::new();
         for idx in 0..chunk_count(def) {
             if let Some(data) = chunk(def, idx) {
-                if let Some(d) = region.chunks.put(&data)? {
+                if let Some(d) = chunks.put(&data)? {
                     manifest.push((idx, d));
                 }
             }
         }
-        region.chunks.sync()?;
+        chunks.sync()?;
         let virtual_size = def.virtual_size_mib << 20;
         let row = ImageRow {
             image_id: id.clone(),
@@ -132,8 +137,8 @@ pub(crate) fn seed_public_images(region: &Region) -> Result<()> {
             deprecated: false,
             stored_bytes: 0,
         };
-        region.store.insert_public_image(&row, &manifest)?;
-        tracing::info!(region = %region.name(), image = %id, name = def.name, "seeded public image");
+        store.insert_public_image(&row, &manifest)?;
+        tracing::info!(%region, image = %id, name = def.name, "seeded public image");
     }
     Ok(())
 }
