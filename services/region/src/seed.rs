@@ -6,10 +6,11 @@
 use crate::catalogue::{self, PublicImage};
 use crate::disk;
 use crate::error::Result;
+use crate::meta::Store;
 use crate::model::{ImageKind, ImageRow, ImageSource, ImageState};
-use crate::region::Region;
-use imagefleet_chunkstore::CHUNK_SIZE;
+use imagefleet_chunkstore::{ChunkStore, CHUNK_SIZE};
 use sha2::{Digest, Sha256};
+use std::sync::RwLock;
 
 /// Lowercase alphanumerics derived from a label: deterministic ids for public images.
 pub fn stable_suffix(label: &str) -> String {

@@ -77,7 +77,12 @@ fn a_batch_is_admitted_whole_or_not_at_all() {
     assert_eq!(store.custom_image_count(OWNER).expect("count"), 1);
 
     let err = store
-        .admit(OWNER, &[copy("same", "k5"), copy("same", "k6")], limits(10), false)
+        .admit(
+            OWNER,
+            &[copy("same", "k5"), copy("same", "k6")],
+            limits(10),
+            false,
+        )
         .expect_err("two new images with one name");
     assert_eq!(
         imagefleet_proto::error::reason(&tonic::Status::from(err)).as_deref(),
@@ -94,12 +99,25 @@ fn a_dry_run_checks_the_same_and_keeps_nothing() {
         .expect("fits");
     assert_eq!(admitted.len(), 2);
     assert_eq!(store.custom_image_count(OWNER).expect("count"), 0);
-    assert!(store.copy_task(&admitted[0].image_id).expect("task").is_none());
+    assert!(store
+        .copy_task(&admitted[0].image_id)
+        .expect("task")
+        .is_none());
     let dry = store
-        .admit(OWNER, &[copy("x", "k1"), copy("y", "k2"), copy("z", "k3")], limits(2), true)
+        .admit(
+            OWNER,
+            &[copy("x", "k1"), copy("y", "k2"), copy("z", "k3")],
+            limits(2),
+            true,
+        )
         .expect_err("over quota");
     let real = store
-        .admit(OWNER, &[copy("x", "k1"), copy("y", "k2"), copy("z", "k3")], limits(2), false)
+        .admit(
+            OWNER,
+            &[copy("x", "k1"), copy("y", "k2"), copy("z", "k3")],
+            limits(2),
+            false,
+        )
         .expect_err("over quota");
     assert_eq!(
         tonic::Status::from(dry).code(),
@@ -119,9 +137,15 @@ fn a_request_key_admits_its_copy_once() {
         .expect("a retry is not a duplicate");
     assert_eq!(first[0].image_id, again[0].image_id);
     assert_eq!(store.custom_image_count(OWNER).expect("count"), 1);
-    let image = store.image(&first[0].image_id).expect("read").expect("there");
+    let image = store
+        .image(&first[0].image_id)
+        .expect("read")
+        .expect("there");
     assert_eq!(image.state, ImageState::Syncing);
-    assert_eq!(image.content_digest, "", "a copy's digest is its own, computed at the end");
+    assert_eq!(
+        image.content_digest, "",
+        "a copy's digest is its own, computed at the end"
+    );
 }
 
 fn instance(owner: &str, n: usize, image_id: &str) -> InstanceRow {
@@ -145,7 +169,9 @@ fn instance(owner: &str, n: usize, image_id: &str) -> InstanceRow {
 fn public_image(store: &Store) -> String {
     let mut row = ImageRow::new_custom("", "public", ImageSource::Official, ImageState::Normal);
     row.kind = imagefleet_region::model::ImageKind::Public;
-    store.insert_public_image(&row, &Vec::new()).expect("insert");
+    store
+        .insert_public_image(&row, &Vec::new())
+        .expect("insert");
     row.image_id
 }
 
@@ -154,7 +180,9 @@ fn listings_page_in_sql_and_terminated_instances_are_purged() {
     let (_dir, store) = store();
     let image = public_image(&store);
     let a: Vec<InstanceRow> = (0..30).map(|n| instance(OWNER, n, &image)).collect();
-    let b: Vec<InstanceRow> = (100..1100).map(|n| instance("100000000002", n, &image)).collect();
+    let b: Vec<InstanceRow> = (100..1100)
+        .map(|n| instance("100000000002", n, &image))
+        .collect();
     store.insert_instances(&image, &a).expect("insert");
     store.insert_instances(&image, &b).expect("insert");
     let page = store
@@ -219,43 +247,75 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
 
         for image in want["images"].as_array().expect("images") {
             let id = text(image, "image_id");
-            let got = store.image(&id).expect("read").unwrap_or_else(|| panic!("{db}: {id} lost"));
+            let got = store
+                .image(&id)
+                .expect("read")
+                .unwrap_or_else(|| panic!("{db}: {id} lost"));
             assert_eq!(got.owner, text(image, "owner"), "{id}");
             assert_eq!(got.name, text(image, "name"), "{id}");
             assert_eq!(got.state.as_str(), text(image, "state"), "{id}");
             assert_eq!(got.source.as_str(), text(image, "source"), "{id}");
-            assert_eq!(got.snapshot_id.unwrap_or_default(), text(image, "snapshot_id"), "{id}");
+            assert_eq!(
+                got.snapshot_id.unwrap_or_default(),
+                text(image, "snapshot_id"),
+                "{id}"
+            );
             assert_eq!(got.content_digest, text(image, "content_digest"), "{id}");
             assert_eq!(got.parent_image_id, text(image, "parent_image_id"), "{id}");
             assert_eq!(got.root_image_id, text(image, "root_image_id"), "{id}");
-            assert_eq!(got.root_paid, image["root_paid"].as_i64() == Some(1), "{id}");
+            assert_eq!(
+                got.root_paid,
+                image["root_paid"].as_i64() == Some(1),
+                "{id}"
+            );
         }
         for instance in want["instances"].as_array().expect("instances") {
             let id = text(instance, "instance_id");
-            let got = store.instance(&id).expect("read").unwrap_or_else(|| panic!("{db}: {id} lost"));
+            let got = store
+                .instance(&id)
+                .expect("read")
+                .unwrap_or_else(|| panic!("{db}: {id} lost"));
             assert_eq!(got.owner, text(instance, "owner"), "{id}");
             assert_eq!(got.state.as_str(), text(instance, "state"), "{id}");
             assert_eq!(got.image_id, text(instance, "image_id"), "{id}");
-            assert_eq!(got.base_snapshot_id.unwrap_or_default(), text(instance, "base_snapshot_id"), "{id}");
-            assert_eq!(Some(got.disk_size as i64), instance["disk_size"].as_i64(), "{id}");
+            assert_eq!(
+                got.base_snapshot_id.unwrap_or_default(),
+                text(instance, "base_snapshot_id"),
+                "{id}"
+            );
+            assert_eq!(
+                Some(got.disk_size as i64),
+                instance["disk_size"].as_i64(),
+                "{id}"
+            );
         }
         for task in want["sync_tasks"].as_array().expect("tasks") {
             let id = text(task, "image_id");
-            let got = store.copy_task(&id).expect("read").unwrap_or_else(|| panic!("{db}: task {id} lost"));
+            let got = store
+                .copy_task(&id)
+                .expect("read")
+                .unwrap_or_else(|| panic!("{db}: task {id} lost"));
             assert_eq!(got.state.as_str(), text(task, "state"));
             assert_eq!(got.source_region, text(task, "source_region"));
             assert_eq!(got.source_image_id, text(task, "source_image_id"));
             assert_eq!(Some(got.chunks_total as i64), task["chunks_total"].as_i64());
             let image = store.image(&id).expect("read").expect("copy image");
-            assert_eq!(got.expected_digest, image.content_digest, "a finished copy keeps its digest");
+            assert_eq!(
+                got.expected_digest, image.content_digest,
+                "a finished copy keeps its digest"
+            );
         }
         // Snapshot manifests, entry for entry.
-        let mut by_snapshot: std::collections::BTreeMap<String, Vec<(u64, String)>> = Default::default();
+        let mut by_snapshot: std::collections::BTreeMap<String, Vec<(u64, String)>> =
+            Default::default();
         for entry in want["snapshot_chunks"].as_array().expect("snapshot chunks") {
             by_snapshot
                 .entry(entry[0].as_str().expect("key").to_string())
                 .or_default()
-                .push((entry[1].as_u64().expect("idx"), entry[2].as_str().expect("digest").to_string()));
+                .push((
+                    entry[1].as_u64().expect("idx"),
+                    entry[2].as_str().expect("digest").to_string(),
+                ));
         }
         assert!(!by_snapshot.is_empty());
         for (snapshot, mut entries) in by_snapshot {
@@ -276,10 +336,18 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
                 .instance_chunk(&instance, entry[1].as_u64().expect("idx"))
                 .expect("chunk")
                 .map(|d| d.to_hex());
-            assert_eq!(got.as_deref(), entry[2].as_str(), "{db}: {id} chunk {}", entry[1]);
+            assert_eq!(
+                got.as_deref(),
+                entry[2].as_str(),
+                "{db}: {id} chunk {}",
+                entry[1]
+            );
         }
         let referenced = store.referenced().expect("referenced");
-        let named: usize = want["snapshot_chunks"].as_array().map(Vec::len).unwrap_or(0);
+        let named: usize = want["snapshot_chunks"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0);
         assert!(named > 0 && !referenced.is_empty());
     }
 }

@@ -253,8 +253,8 @@ impl Store {
                 params![snapshot_id, chunk_bytes(moved) as i64],
             )?;
             tx.execute(
-                "UPDATE sync_tasks SET state = ?2, chunks_done = chunks_total, bytes_done = bytes_total, \
-                 last_error = '' WHERE image_id = ?1",
+                "UPDATE sync_tasks SET state = ?2, chunks_done = chunks_total, bytes_done = bytes_total \
+                 WHERE image_id = ?1",
                 params![image_id, CopyState::Done],
             )?;
             Ok(())
