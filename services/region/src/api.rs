@@ -337,13 +337,7 @@ impl RegionApi {
             )
         })
         .await?;
-        let region = self.region.clone();
-        let id = image_id.clone();
-        tokio::spawn(async move {
-            region
-                .retry("finish image creation", || region.finish_image(&id))
-                .await
-        });
+        self.region.finish_in_background(image_id.clone());
         Ok(CreateImageResponse { image_id })
     }
 

@@ -186,16 +186,29 @@ impl Region {
             }
             if let Err(e) = self.finish_delete(&image.image_id).await {
                 tracing::warn!(image = %image.image_id, error = %e, "delete continues in the background");
-                let region = self.clone();
-                tokio::spawn(async move {
-                    region
-                        .retry("finish image deletion", || {
-                            region.finish_delete(&image.image_id)
-                        })
-                        .await
-                });
+                self.delete_in_background(image.image_id);
             }
         }
+    }
+
+    /// Runs the finish step of `image_id` until it succeeds.
+    pub(crate) fn finish_in_background(self: &Arc<Self>, image_id: String) {
+        let region = self.clone();
+        tokio::spawn(async move {
+            region
+                .retry("finish image", || region.finish_image(&image_id))
+                .await
+        });
+    }
+
+    /// Runs the deletion of `image_id` until it succeeds.
+    fn delete_in_background(self: &Arc<Self>, image_id: String) {
+        let region = self.clone();
+        tokio::spawn(async move {
+            region
+                .retry("finish image deletion", || region.finish_delete(&image_id))
+                .await
+        });
     }
 
     /// Puts back what a restart interrupted: instances still `PENDING` boot, images still being
@@ -206,14 +219,7 @@ impl Region {
         self.store
             .set_instances_state(&pending, InstanceState::Pending, InstanceState::Running)?;
         for image in self.store.images_in_state(ImageState::Creating)? {
-            let region = self.clone();
-            tokio::spawn(async move {
-                region
-                    .retry("finish image creation", || {
-                        region.finish_image(&image.image_id)
-                    })
-                    .await
-            });
+            self.finish_in_background(image.image_id);
         }
         for image in self.store.images_in_state(ImageState::Syncing)? {
             self.spawn_copy(image.image_id);
@@ -227,14 +233,7 @@ impl Region {
             )?;
         }
         for image in self.store.images_in_state(ImageState::Deleting)? {
-            let region = self.clone();
-            tokio::spawn(async move {
-                region
-                    .retry("finish image deletion", || {
-                        region.finish_delete(&image.image_id)
-                    })
-                    .await
-            });
+            self.delete_in_background(image.image_id);
         }
         Ok(())
     }

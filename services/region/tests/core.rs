@@ -123,18 +123,7 @@ async fn a_copy_is_normal_only_after_its_chunks_are_durable() {
     let image = image_with(&mut src, &base, "copied", &data).await;
 
     dest_backend.fail_sync(true);
-    let copy = src
-        .sync_images(SyncImagesRequest {
-            image_ids: vec![image.clone()],
-            destination_regions: vec!["ap-shanghai".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("sync")
-        .into_inner()
-        .image_set
-        .remove(0)
-        .image_id;
+    let copy = copy_to(&mut src, &image, "ap-shanghai").await;
     // It waits, says why, and does not become NORMAL while its chunks cannot be made durable.
     let waiting = wait_image(
         &mut dst,
@@ -323,18 +312,7 @@ async fn deleting_the_source_image_does_not_break_a_copy() {
     h.restart_region("ap-shanghai").await;
     let mut dst = h.client("ap-shanghai", 0);
 
-    let copy = src
-        .sync_images(SyncImagesRequest {
-            image_ids: vec![image.clone()],
-            destination_regions: vec!["ap-shanghai".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("sync")
-        .into_inner()
-        .image_set
-        .remove(0)
-        .image_id;
+    let copy = copy_to(&mut src, &image, "ap-shanghai").await;
     wait_image(
         &mut dst,
         &copy,
@@ -345,22 +323,7 @@ async fn deleting_the_source_image_does_not_break_a_copy() {
     .expect("copy");
 
     // The source image goes (its instance first, so nothing else holds its chunks).
-    let terminate_all = |client: Client| async move {
-        let mut client = client;
-        let instances = client
-            .describe_instances(DescribeInstancesRequest::default())
-            .await
-            .expect("instances")
-            .into_inner()
-            .instance_set;
-        client
-            .terminate_instances(TerminateInstancesRequest {
-                instance_ids: instances.into_iter().map(|i| i.instance_id).collect(),
-            })
-            .await
-            .expect("terminate");
-    };
-    terminate_all(h.client("ap-guangzhou", 0)).await;
+    terminate_all(&mut src).await;
     src.delete_images(DeleteImagesRequest {
         image_ids: vec![image.clone()],
     })
@@ -381,7 +344,7 @@ async fn deleting_the_source_image_does_not_break_a_copy() {
     );
 
     // Space comes back: the copy reads the pinned snapshot and completes, byte for byte.
-    terminate_all(h.client("ap-shanghai", 0)).await;
+    terminate_all(&mut dst).await;
     dst.delete_images(DeleteImagesRequest {
         image_ids: vec![filler],
     })
@@ -420,18 +383,7 @@ async fn deleting_a_syncing_copy_cancels_it_and_reclaims_its_chunks() {
     let image = image_with(&mut src, &base, "big", &random_bytes(8 * MIB)).await;
     let dest_chunks = h.region("ap-shanghai").chunks().clone();
     let before = chunk_count(&dest_chunks);
-    let copy = src
-        .sync_images(SyncImagesRequest {
-            image_ids: vec![image.clone()],
-            destination_regions: vec!["ap-shanghai".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("sync")
-        .into_inner()
-        .image_set
-        .remove(0)
-        .image_id;
+    let copy = copy_to(&mut src, &image, "ap-shanghai").await;
     // The source goes away: the copy waits, SYNCING, saying why.
     h.stop_region("ap-guangzhou").await;
     let waiting = wait_image(&mut dst, &copy, Duration::from_secs(30), |r| {
@@ -489,18 +441,7 @@ async fn a_copy_waits_for_space_and_gives_up_at_its_deadline() {
     let image = image_with(&mut src, &base, "eight", &random_bytes(8 * MIB)).await;
     let there = public_image(&mut dst).await;
     let filler = image_with(&mut dst, &there, "filler", &random_bytes(4 * MIB)).await;
-    let copy = src
-        .sync_images(SyncImagesRequest {
-            image_ids: vec![image.clone()],
-            destination_regions: vec!["ap-shanghai".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("sync")
-        .into_inner()
-        .image_set
-        .remove(0)
-        .image_id;
+    let copy = copy_to(&mut src, &image, "ap-shanghai").await;
     let waiting = wait_image(
         &mut dst,
         &copy,
@@ -515,17 +456,7 @@ async fn a_copy_waits_for_space_and_gives_up_at_its_deadline() {
         "{waiting:?}"
     );
     // Free the space (terminate the filler's instance, delete the filler): the copy completes.
-    let instances = dst
-        .describe_instances(DescribeInstancesRequest::default())
-        .await
-        .expect("instances")
-        .into_inner()
-        .instance_set;
-    dst.terminate_instances(TerminateInstancesRequest {
-        instance_ids: instances.into_iter().map(|i| i.instance_id).collect(),
-    })
-    .await
-    .expect("terminate");
+    terminate_all(&mut dst).await;
     dst.delete_images(DeleteImagesRequest {
         image_ids: vec![filler],
     })
@@ -545,18 +476,7 @@ async fn a_copy_waits_for_space_and_gives_up_at_its_deadline() {
     );
 
     // A copy whose source stays down past its deadline fails, saying so.
-    let late = src
-        .sync_images(SyncImagesRequest {
-            image_ids: vec![image.clone()],
-            destination_regions: vec!["ap-beijing".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("sync")
-        .into_inner()
-        .image_set
-        .remove(0)
-        .image_id;
+    let late = copy_to(&mut src, &image, "ap-beijing").await;
     h.stop_region("ap-guangzhou").await;
     let mut bj = h.client("ap-beijing", 0);
     let failed = wait_image(

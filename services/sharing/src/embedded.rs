@@ -256,6 +256,12 @@ impl EmbeddedMaps {
     }
 
     /// Appends `change` to the log, fsyncs it, then applies it to the maps.
+    /// Reads the maps as they are now.
+    fn read<T>(&self, f: impl FnOnce(&Maps) -> T) -> T {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        f(&guard.0)
+    }
+
     async fn commit(&self, change: Change) -> Result<(), MapsError> {
         self.commit_planned(move |_| Ok::<_, ShareRefusal>(vec![change]))
             .await?
@@ -294,8 +300,30 @@ impl EmbeddedMaps {
         .await
         .map_err(|e| MapsError::Task(e.to_string()))?
     }
+}
 
-    pub async fn modify_shares(
+#[tonic::async_trait]
+impl OwnershipBackend for EmbeddedMaps {
+    async fn set_owner(&self, image_id: &str, owner: &str) -> Result<(), MapsError> {
+        self.commit(Change::SetOwner {
+            image_id: image_id.to_string(),
+            owner: owner.to_string(),
+        })
+        .await
+    }
+
+    async fn remove_image(&self, image_id: &str) -> Result<(), MapsError> {
+        self.commit(Change::RemoveImage {
+            image_id: image_id.to_string(),
+        })
+        .await
+    }
+
+    async fn owner(&self, image_id: &str) -> Result<Option<String>, MapsError> {
+        Ok(self.read(|maps| maps.owners.get(image_id).cloned()))
+    }
+
+    async fn modify_shares(
         &self,
         image_id: &str,
         owner: &str,
@@ -309,91 +337,30 @@ impl EmbeddedMaps {
             .await
     }
 
-    pub fn shares(&self, image_id: &str) -> Vec<(String, i64)> {
-        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        guard
-            .0
-            .image_shares
-            .get(image_id)
-            .map(|m| m.iter().map(|(a, t)| (a.clone(), *t)).collect())
-            .unwrap_or_default()
-    }
-
-    pub fn is_shared(&self, image_id: &str, account: &str) -> bool {
-        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        guard
-            .0
-            .image_shares
-            .get(image_id)
-            .is_some_and(|m| m.contains_key(account))
-    }
-
-    pub fn shared_with(&self, account: &str) -> Vec<String> {
-        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        guard
-            .0
-            .account_shares
-            .get(account)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    pub async fn set_owner(&self, image_id: &str, owner: &str) -> Result<(), MapsError> {
-        self.commit(Change::SetOwner {
-            image_id: image_id.to_string(),
-            owner: owner.to_string(),
-        })
-        .await
-    }
-
-    pub async fn remove_image(&self, image_id: &str) -> Result<(), MapsError> {
-        self.commit(Change::RemoveImage {
-            image_id: image_id.to_string(),
-        })
-        .await
-    }
-
-    pub fn owner(&self, image_id: &str) -> Option<String> {
-        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        guard.0.owners.get(image_id).cloned()
-    }
-}
-
-#[tonic::async_trait]
-impl OwnershipBackend for EmbeddedMaps {
-    async fn set_owner(&self, image_id: &str, owner: &str) -> Result<(), MapsError> {
-        EmbeddedMaps::set_owner(self, image_id, owner).await
-    }
-
-    async fn remove_image(&self, image_id: &str) -> Result<(), MapsError> {
-        EmbeddedMaps::remove_image(self, image_id).await
-    }
-
-    async fn owner(&self, image_id: &str) -> Result<Option<String>, MapsError> {
-        Ok(EmbeddedMaps::owner(self, image_id))
-    }
-
-    async fn modify_shares(
-        &self,
-        image_id: &str,
-        owner: &str,
-        change: ShareChange,
-        accounts: &[String],
-        now: i64,
-    ) -> Result<Result<(), ShareRefusal>, MapsError> {
-        EmbeddedMaps::modify_shares(self, image_id, owner, change, accounts, now).await
-    }
-
     async fn shares(&self, image_id: &str) -> Result<Vec<(String, i64)>, MapsError> {
-        Ok(EmbeddedMaps::shares(self, image_id))
+        Ok(self.read(|maps| {
+            maps.image_shares
+                .get(image_id)
+                .map(|m| m.iter().map(|(a, t)| (a.clone(), *t)).collect())
+                .unwrap_or_default()
+        }))
     }
 
     async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, MapsError> {
-        Ok(EmbeddedMaps::is_shared(self, image_id, account))
+        Ok(self.read(|maps| {
+            maps.image_shares
+                .get(image_id)
+                .is_some_and(|m| m.contains_key(account))
+        }))
     }
 
     async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError> {
-        Ok(EmbeddedMaps::shared_with(self, account))
+        Ok(self.read(|maps| {
+            maps.account_shares
+                .get(account)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default()
+        }))
     }
 
     /// The log is local: it always answers.

@@ -67,17 +67,23 @@ pub(super) fn image_of_request(
         .optional()
 }
 
-/// Drops a copy's task and what it had gathered; returns the digests released.
-pub(super) fn drop_copy(
-    tx: &Transaction<'_>,
-    image_id: &str,
-) -> rusqlite::Result<Vec<ChunkDigest>> {
+/// Releases the manifest a copy had gathered; returns its digests.
+fn release_gathered(tx: &Transaction<'_>, image_id: &str) -> rusqlite::Result<Vec<ChunkDigest>> {
     let released = snapshots::digests(
         tx,
         "SELECT digest FROM sync_chunks WHERE image_id = ?1",
         image_id,
     )?;
     tx.execute("DELETE FROM sync_chunks WHERE image_id = ?1", [image_id])?;
+    Ok(released)
+}
+
+/// Drops a copy's task and what it had gathered; returns the digests released.
+pub(super) fn drop_copy(
+    tx: &Transaction<'_>,
+    image_id: &str,
+) -> rusqlite::Result<Vec<ChunkDigest>> {
+    let released = release_gathered(tx, image_id)?;
     tx.execute("DELETE FROM sync_tasks WHERE image_id = ?1", [image_id])?;
     Ok(released)
 }
@@ -265,12 +271,7 @@ impl Store {
     /// arrived is released. Returns the digests released.
     pub fn fail_copy(&self, image_id: &str, reason: &str) -> Result<Vec<ChunkDigest>> {
         self.write(|tx| {
-            let released = snapshots::digests(
-                tx,
-                "SELECT digest FROM sync_chunks WHERE image_id = ?1",
-                image_id,
-            )?;
-            tx.execute("DELETE FROM sync_chunks WHERE image_id = ?1", [image_id])?;
+            let released = release_gathered(tx, image_id)?;
             tx.execute(
                 "UPDATE sync_tasks SET state = ?3, last_error = ?2 WHERE image_id = ?1",
                 params![image_id, reason, CopyState::Failed],

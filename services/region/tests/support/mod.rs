@@ -446,3 +446,38 @@ pub async fn export(client: &mut Client, image_id: &str) -> Vec<(u64, Vec<u8>)> 
     }
     out
 }
+
+/// Copies `image_id` from `client`'s region to `dest`; returns the copy's id.
+pub async fn copy_to(client: &mut Client, image_id: &str, dest: &str) -> String {
+    client
+        .sync_images(SyncImagesRequest {
+            image_ids: vec![image_id.to_string()],
+            destination_regions: vec![dest.to_string()],
+            ..Default::default()
+        })
+        .await
+        .expect("sync")
+        .into_inner()
+        .image_set
+        .remove(0)
+        .image_id
+}
+
+/// Terminates every instance of `client`'s account in its region.
+pub async fn terminate_all(client: &mut Client) {
+    let instances = client
+        .describe_instances(DescribeInstancesRequest {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("instances")
+        .into_inner()
+        .instance_set;
+    client
+        .terminate_instances(TerminateInstancesRequest {
+            instance_ids: instances.into_iter().map(|i| i.instance_id).collect(),
+        })
+        .await
+        .expect("terminate");
+}
