@@ -41,6 +41,9 @@ async fn kill9_region_keeps_every_acknowledged_image_instance_and_chunk() {
         .unwrap()
         .into_inner()
         .instance_id_set;
+    // The sharing service is frozen, so that the creation cannot finish (an image becomes
+    // NORMAL only once its owner is recorded there): it is still CREATING at the kill.
+    cluster.sharing.signal("STOP");
     let second = gz
         .create_image(CreateImageRequest {
             instance_id: instances[1].clone(),
@@ -51,8 +54,49 @@ async fn kill9_region_keeps_every_acknowledged_image_instance_and_chunk() {
         .unwrap()
         .into_inner()
         .image_id;
+    let (first_size, first_bytes) = export(&mut gz, &first.image_id).await;
+    // What the kill interrupts, as seen right before it.
+    let patience = std::time::Duration::from_secs(10);
+    let second_state = tokio::time::timeout(patience, image(&mut gz, &second))
+        .await
+        .expect("DescribeImages answers")
+        .image_state;
+    let launched_states: Vec<i32> = tokio::time::timeout(
+        patience,
+        gz.describe_instances(DescribeInstancesRequest {
+            instance_ids: launched.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("DescribeInstances answers")
+    .unwrap()
+    .into_inner()
+    .instance_set
+    .iter()
+    .map(|i| i.instance_state)
+    .collect();
     let chunks_before = chunk_files(&cluster.region_dir("ap-guangzhou"));
     cluster.kill9_region("ap-guangzhou");
+    cluster.sharing.signal("CONT");
+    assert_eq!(
+        second_state,
+        ImageState::Creating as i32,
+        "the second image must still be CREATING at the kill"
+    );
+    // Launches are immediate: the instances may have been RUNNING already. Each observed
+    // state is one the restart must carry on from.
+    let pending = launched_states
+        .iter()
+        .filter(|s| **s == InstanceState::Pending as i32)
+        .count();
+    assert!(launched_states
+        .iter()
+        .all(|s| *s == InstanceState::Pending as i32 || *s == InstanceState::Running as i32));
+    eprintln!(
+        "at the kill: image CREATING, {pending} of {} launched instances PENDING",
+        launched.len()
+    );
     cluster.restart_region("ap-guangzhou").await;
 
     let mut gz = cluster.region("ap-guangzhou", 0);
@@ -98,7 +142,20 @@ async fn kill9_region_keeps_every_acknowledged_image_instance_and_chunk() {
         read(&mut gz, &from_second[0], 3 << 20, tail.len() as u64).await,
         tail
     );
-    let (_, pieces) = export(&mut gz, &first.image_id).await;
-    let exported: usize = pieces.iter().map(|(_, p)| p.len()).sum();
-    assert!(exported >= data.len());
+    // The first image exports the same bytes as before the crash, with the data in them.
+    let (size, pieces) = export(&mut gz, &first.image_id).await;
+    assert_eq!(size, first_size);
+    assert!(pieces == first_bytes, "the export changed across the crash");
+    let mut disk = vec![0u8; (12 << 20) as usize];
+    for (offset, piece) in &pieces {
+        let offset = *offset as usize;
+        if offset < disk.len() {
+            let end = (offset + piece.len()).min(disk.len());
+            disk[offset..end].copy_from_slice(&piece[..end - offset]);
+        }
+    }
+    assert!(
+        disk[7 << 20..] == data[..],
+        "the export holds the data written"
+    );
 }
