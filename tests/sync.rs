@@ -114,6 +114,51 @@ async fn wait_copy_watching_progress(region: &mut Region, image_id: &str) -> Ima
     }
 }
 
+/// Asserts that a refused `SyncImages` names the destination region and one of the source
+/// images: in its `ErrorInfo` metadata (`region`, `image_id`), or else in its message.
+#[track_caller]
+fn assert_names_the_copy(status: &tonic::Status, region: &str, sources: &[String]) {
+    let metadata = error_metadata(status);
+    let in_metadata = metadata.get("region").map(String::as_str) == Some(region)
+        && metadata
+            .get("image_id")
+            .is_some_and(|id| sources.contains(id));
+    let message = status.message();
+    let in_message =
+        message.contains(region) && sources.iter().any(|id| message.contains(id.as_str()));
+    assert!(
+        in_metadata || in_message,
+        "the refusal does not name region {region} and a source image of {sources:?}: {status:?}"
+    );
+}
+
+/// Checks, for `window`, that `region` keeps listing `expected` custom images.
+async fn assert_image_count_stays(region: &mut Region, expected: u32, window: std::time::Duration) {
+    let end = tokio::time::Instant::now() + window;
+    loop {
+        assert_eq!(
+            custom_image_count(region).await,
+            expected,
+            "a refused SyncImages created images"
+        );
+        if tokio::time::Instant::now() >= end {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Three own images in `region`, named `<prefix>-0..2`, with a little data each.
+async fn three_images(region: &mut Region, prefix: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let data = random_bytes(4096);
+        let (id, _) = image_with(region, "Debian", &[(0, data)], &format!("{prefix}-{n}")).await;
+        ids.push(id);
+    }
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_are_byte_for_byte_run_concurrently_and_can_be_copied_on() {
     let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai", "ap-beijing"]).await;
@@ -657,4 +702,90 @@ async fn a_copy_whose_source_is_deleted_mid_copy_completes_with_the_source_bytes
         copy_bytes == source_bytes,
         "the copy's bytes differ from the source's"
     );
+}
+
+/// Old code: admitted each copy on its own, so the real call made two copies before the third
+/// was refused, and the dry run answered OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_over_the_destination_quota_is_refused_whole_and_creates_no_copy() {
+    let cluster = Cluster::start_with(
+        &["ap-guangzhou", "ap-shanghai"],
+        &[(
+            "ap-shanghai",
+            RegionOptions::env(&[("IMAGEFLEET_IMAGE_QUOTA", "3")]),
+        )],
+    )
+    .await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let sources = three_images(&mut gz, "quota").await;
+    // One of the account's 3 images is already used in the destination: 2 more fit, not 3.
+    image_with(&mut sh, "Debian", &[], "already-there").await;
+    let before = custom_image_count(&mut sh).await;
+    assert_eq!(before, 1);
+    for dry_run in [false, true] {
+        let status = gz
+            .sync_images(SyncImagesRequest {
+                image_ids: sources.clone(),
+                destination_regions: vec!["ap-shanghai".into()],
+                dry_run,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+            .expect_err(&format!(
+                "dry_run {dry_run}: 3 copies were admitted where 2 fit"
+            ));
+        assert_eq!(
+            (status.code(), reason(&status).as_str()),
+            (Code::ResourceExhausted, "ImageQuotaLimitExceeded"),
+            "dry_run {dry_run}: {status:?}"
+        );
+        assert_eq!(
+            custom_image_count(&mut sh).await,
+            before,
+            "dry_run {dry_run}: the refused call created copies"
+        );
+        assert_names_the_copy(&status, "ap-shanghai", &sources);
+    }
+    assert_image_count_stays(&mut sh, before, std::time::Duration::from_secs(3)).await;
+}
+
+/// Old code: admitted each copy on its own, so the real call made the first copy under the
+/// name before refusing the second, and the dry run answered OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_giving_several_images_one_name_is_refused_whole_and_creates_no_copy() {
+    let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let sources = three_images(&mut gz, "named").await;
+    let before = custom_image_count(&mut sh).await;
+    assert_eq!(before, 0);
+    for dry_run in [false, true] {
+        let status = gz
+            .sync_images(SyncImagesRequest {
+                image_ids: sources.clone(),
+                destination_regions: vec!["ap-shanghai".into()],
+                image_name: "one-name".into(),
+                dry_run,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+            .expect_err(&format!(
+                "dry_run {dry_run}: 3 copies under one name were admitted"
+            ));
+        assert_eq!(
+            (status.code(), reason(&status).as_str()),
+            (Code::AlreadyExists, "InvalidImageName.Duplicate"),
+            "dry_run {dry_run}: {status:?}"
+        );
+        assert_eq!(
+            custom_image_count(&mut sh).await,
+            before,
+            "dry_run {dry_run}: the refused call created copies"
+        );
+        assert_names_the_copy(&status, "ap-shanghai", &sources);
+    }
+    assert_image_count_stays(&mut sh, before, std::time::Duration::from_secs(3)).await;
 }
