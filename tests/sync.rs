@@ -9,6 +9,10 @@ use imagefleet_proto::region::v1::*;
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
+/// Chunks of random data in the images of the tests that stop a copy on the way: enough for
+/// the copy to take a while.
+const COPY_CHUNKS: u64 = 64;
+
 /// Makes an image in `region` from `platform`'s public image with `data` written at `offset`.
 async fn image_with(
     region: &mut Region,
@@ -788,4 +792,168 @@ async fn a_sync_giving_several_images_one_name_is_refused_whole_and_creates_no_c
         assert_names_the_copy(&status, "ap-shanghai", &sources);
     }
     assert_image_count_stays(&mut sh, before, std::time::Duration::from_secs(3)).await;
+}
+
+/// Waits until at least `count` more chunk files than `baseline` are in `region_dir` (chunks
+/// of a copy arriving), for at most a minute.
+async fn wait_chunks_arrived(region_dir: &std::path::Path, baseline: usize, count: usize) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while chunk_files(region_dir) < baseline + count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the copy's chunks never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Old code: refused with `InvalidImageId.IncorrectState` (a copy could be deleted only once
+/// it had finished or failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_copy_while_it_is_syncing_removes_it_and_reclaims_its_chunks() {
+    let mut cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, _) = image_with(
+        &mut gz,
+        "Debian",
+        &[(0, random_bytes(COPY_CHUNKS as usize * MIB as usize))],
+        "cancelled",
+    )
+    .await;
+    let dest_dir = cluster.region_dir("ap-shanghai");
+    let baseline = chunk_files(&dest_dir);
+    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+        .await
+        .unwrap()
+        .remove(0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    // Some chunks arrive, then the source goes: the copy waits, SYNCING.
+    wait_chunks_arrived(&dest_dir, baseline, 4).await;
+    cluster.kill9_region("ap-guangzhou");
+    let syncing = image(&mut sh, &copy.image_id).await;
+    assert_eq!(syncing.image_state, ImageState::Syncing as i32);
+    assert!(chunk_files(&dest_dir) > baseline);
+
+    sh.delete_images(DeleteImagesRequest {
+        image_ids: vec![copy.image_id.clone()],
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    while let Some(left) = find_image(&mut sh, &copy.image_id).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted copy is still listed: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let left = wait_chunk_files(&dest_dir, baseline, std::time::Duration::from_secs(90)).await;
+    assert_eq!(left, baseline, "the deleted copy's chunks are reclaimed");
+}
+
+/// Old code: the copy stayed SYNCING, but with an empty state reason (the error of each
+/// retry went only to `sync_progress.last_error`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_waits_for_its_source_while_it_is_down_and_says_what_it_waits_for() {
+    let mut cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, _) = image_with(
+        &mut gz,
+        "Debian",
+        &[(0, random_bytes(COPY_CHUNKS as usize * MIB as usize))],
+        "patient",
+    )
+    .await;
+    let dest_dir = cluster.region_dir("ap-shanghai");
+    let baseline = chunk_files(&dest_dir);
+    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+        .await
+        .unwrap()
+        .remove(0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    wait_chunks_arrived(&dest_dir, baseline, 4).await;
+    cluster.kill9_region("ap-guangzhou");
+    // For a while (many retries): SYNCING, never CREATEFAILED.
+    let window = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut waiting = image(&mut sh, &copy.image_id).await;
+    while tokio::time::Instant::now() < window {
+        waiting = image(&mut sh, &copy.image_id).await;
+        assert_eq!(
+            waiting.image_state,
+            ImageState::Syncing as i32,
+            "with its source down the copy must wait: {}",
+            waiting.state_reason
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        !waiting.state_reason.is_empty(),
+        "a waiting copy says what it waits for: {waiting:?}"
+    );
+    cluster.restart_region("ap-guangzhou").await;
+    let done = wait_copy_normal(&mut sh, &copy.image_id).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    assert_eq!(
+        done.content_digest,
+        image(&mut gz, &own).await.content_digest
+    );
+    let (_, source_bytes) = exported(&mut gz, &own).await;
+    let (_, copy_bytes) = exported(&mut sh, &copy.image_id).await;
+    assert!(copy_bytes == source_bytes, "exports differ");
+}
+
+/// Old code: has no copy deadline (`IMAGEFLEET_COPY_DEADLINE` is ignored): the copy stays
+/// SYNCING for as long as the source is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_source_stays_down_past_the_copy_deadline_fails_saying_so() {
+    let mut cluster = Cluster::start_with(
+        &["ap-guangzhou", "ap-shanghai"],
+        &[(
+            "ap-shanghai",
+            RegionOptions::env(&[("IMAGEFLEET_COPY_DEADLINE", "3s")]),
+        )],
+    )
+    .await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, _) = image_with(
+        &mut gz,
+        "Debian",
+        &[(0, random_bytes(COPY_CHUNKS as usize * MIB as usize))],
+        "deadline",
+    )
+    .await;
+    let dest_dir = cluster.region_dir("ap-shanghai");
+    let baseline = chunk_files(&dest_dir);
+    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+        .await
+        .unwrap()
+        .remove(0);
+    cluster.kill9_region("ap-guangzhou");
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let syncing = image(&mut sh, &copy.image_id).await;
+    assert_eq!(
+        syncing.image_state,
+        ImageState::Syncing as i32,
+        "the copy was over before its source was stopped: {syncing:?}"
+    );
+    let ended = wait_image_until(
+        &mut sh,
+        &copy.image_id,
+        std::time::Duration::from_secs(45),
+        "over (the copy deadline is 3s)",
+        |i| i.image_state != ImageState::Syncing as i32,
+    )
+    .await;
+    assert_eq!(
+        ended.image_state,
+        ImageState::Createfailed as i32,
+        "{ended:?}"
+    );
+    assert!(
+        ended.state_reason.to_lowercase().contains("deadline"),
+        "the reason names the deadline: {}",
+        ended.state_reason
+    );
+    let left = wait_chunk_files(&dest_dir, baseline, std::time::Duration::from_secs(90)).await;
+    assert_eq!(left, baseline, "the failed copy's chunks are released");
 }
