@@ -145,12 +145,34 @@ fn without_redis_the_embedded_fallback_keeps_the_maps_on_disk() {
         ],
     ));
     assert_eq!(created["imageState"], "NORMAL");
+    let image_id = created["imageId"].as_str().unwrap().to_string();
+    // A share: an entry of the maps (image -> accounts, account -> images).
+    let second = cluster.accounts[1].account_id.clone();
+    let shared = imagectl(
+        &cluster_file,
+        &[
+            "images",
+            "share",
+            "--region",
+            "ap-guangzhou",
+            "--image",
+            &image_id,
+            "--accounts",
+            &second,
+        ],
+    );
+    assert!(
+        shared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shared.stderr)
+    );
     stop(child);
     assert!(
         data.join("maps").is_dir(),
         "the embedded maps live in the data directory"
     );
-    // Restarted on the same directory, everything is still there.
+    // Restarted on the same directory, everything is still there: the image, and the share
+    // in both directions of the maps.
     let child = start_dev(&data, "ap-guangzhou", Some("/nonexistent"));
     let listed = json(&imagectl(
         &cluster_file,
@@ -166,6 +188,45 @@ fn without_redis_the_embedded_fallback_keeps_the_maps_on_disk() {
         ],
     ));
     assert_eq!(listed["imageSet"][0]["imageState"], "NORMAL");
+    assert_eq!(listed["imageSet"][0]["imageId"], image_id.as_str());
+    let shares = json(&imagectl(
+        &cluster_file,
+        &[
+            "images",
+            "shares",
+            "--region",
+            "ap-guangzhou",
+            "--image",
+            &image_id,
+            "--output",
+            "json",
+        ],
+    ));
+    let accounts: Vec<&str> = shares["sharePermissionSet"]
+        .as_array()
+        .map(|set| set.iter().filter_map(|s| s["accountId"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(accounts, [second.as_str()], "{shares}");
+    let received = json(&imagectl(
+        &cluster_file,
+        &[
+            "--account",
+            &second,
+            "images",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--type",
+            "SHARED_IMAGE",
+            "--output",
+            "json",
+        ],
+    ));
+    let ids: Vec<&str> = received["imageSet"]
+        .as_array()
+        .map(|set| set.iter().filter_map(|i| i["imageId"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, [image_id.as_str()], "{received}");
     stop(child);
 }
 

@@ -534,3 +534,62 @@ async fn custom_image_quota_is_enforced() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Old code: refused with `InvalidInstanceState`, after storing every chunk of the data (about
+/// 40 MiB of chunk files left behind by the 10 refused calls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writing_to_a_terminated_instance_is_refused_and_stores_nothing() {
+    let cluster = Cluster::start(&["ap-guangzhou"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let ubuntu = public_image(&mut gz, "Ubuntu").await;
+    let instance = run(&mut gz, &ubuntu.image_id, 1).await.remove(0);
+    gz.terminate_instances(TerminateInstancesRequest {
+        instance_ids: vec![instance.clone()],
+    })
+    .await
+    .unwrap();
+    let mut state = 0;
+    for _ in 0..600 {
+        state = gz
+            .describe_instances(DescribeInstancesRequest {
+                instance_ids: vec![instance.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .instance_set[0]
+            .instance_state;
+        if state == InstanceState::Terminated as i32 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, InstanceState::Terminated as i32);
+
+    let region_dir = cluster.region_dir("ap-guangzhou");
+    let before = chunk_files(&region_dir);
+    let mut results = Vec::new();
+    for n in 0..10u64 {
+        results.push(
+            gz.write_instance_disk(WriteInstanceDiskRequest {
+                instance_id: instance.clone(),
+                offset: n * 4 * MIB,
+                data: random_bytes(4 * MIB as usize),
+            })
+            .await,
+        );
+    }
+    assert_eq!(
+        chunk_files(&region_dir),
+        before,
+        "refused writes left chunk files behind"
+    );
+    for result in results {
+        assert_refused(
+            result,
+            Code::FailedPrecondition,
+            "UnsupportedOperation.InstanceStateTerminated",
+        );
+    }
+}

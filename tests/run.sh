@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need (a real Redis), then checks formatting and
-# lints, and runs every unit and integration test. Safe to run again and again.
+# The test command: installs what the tests need (a real Redis, strace), then checks formatting
+# and lints, and runs every unit and integration test. Safe to run again and again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 # The tests start their own redis-server processes (AOF, appendfsync always) on free ports;
 # a system Redis is not needed.
+if ! command -v strace >/dev/null 2>&1; then
+  echo "== installing strace (a durability test watches a region's renames and fsyncs)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

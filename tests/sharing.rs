@@ -452,11 +452,21 @@ async fn redis_failures_fail_closed_recover_by_themselves_and_lose_nothing() {
     let bob_id = cluster.accounts[1].account_id.clone();
     let mut alice = cluster.region("ap-guangzhou", 0);
     let mut bob = cluster.region("ap-guangzhou", 1);
-    share(&mut alice, &image_id, &[&bob_id], SharePermission::Share)
+    let carol_id = cluster.create_account("carol").await.account_id;
+    share(
+        &mut alice,
+        &image_id,
+        &[&bob_id, &carol_id],
+        SharePermission::Share,
+    )
+    .await
+    .unwrap();
+    share(&mut alice, &image_id, &[&carol_id], SharePermission::Cancel)
         .await
         .unwrap();
 
-    // An acknowledged share survives kill -9 of Redis (AOF, appendfsync always).
+    // Acknowledged changes survive kill -9 of Redis (AOF, appendfsync always): bob's share is
+    // there, carol's cancelled one is not.
     cluster.redis.restart();
     let mut shared = Vec::new();
     for _ in 0..200 {
@@ -471,7 +481,8 @@ async fn redis_failures_fail_closed_recover_by_themselves_and_lose_nothing() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(shared.len(), 1, "the share survived");
+    let accounts: Vec<&str> = shared.iter().map(|s| s.account_id.as_str()).collect();
+    assert_eq!(accounts, [bob_id.as_str()], "bob's share survived, alone");
 
     // Redis down: share checks fail closed, health says NOT_SERVING.
     cluster.redis.kill9();

@@ -9,6 +9,9 @@ use imagefleet_proto::region::v1::*;
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
+/// Chunks of random data in the images of the tests that stop a copy on the way: enough for
+/// the copy to take a while.
+const COPY_CHUNKS: u64 = 64;
 
 /// Makes an image in `region` from `platform`'s public image with `data` written at `offset`.
 async fn image_with(
@@ -69,6 +72,97 @@ fn progress(image: &Image) -> SyncProgress {
         .expect("a copied image reports its transfer")
 }
 
+/// Waits for a copy to become `NORMAL` (failing at once if it ends `CREATEFAILED`), checking
+/// at every look that its sync percent and chunks done never go backwards; at the end it is at
+/// 100% with every chunk done. (100% alone proves nothing: callers compare the bytes too.)
+async fn wait_copy_watching_progress(region: &mut Region, image_id: &str) -> Image {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+    let (mut percent, mut chunks_done) = (0, 0);
+    loop {
+        let image = image(region, image_id).await;
+        assert_ne!(
+            image.image_state,
+            ImageState::Createfailed as i32,
+            "the copy failed: {}",
+            image.state_reason
+        );
+        assert!(
+            image.sync_percent >= percent && image.sync_percent <= 100,
+            "sync percent went from {percent} to {}",
+            image.sync_percent
+        );
+        percent = image.sync_percent;
+        if let Some(p) = &image.sync_progress {
+            assert!(
+                p.chunks_done >= chunks_done,
+                "chunks done went from {chunks_done} to {}",
+                p.chunks_done
+            );
+            chunks_done = p.chunks_done;
+        }
+        if image.image_state == ImageState::Normal as i32 {
+            assert_eq!(image.sync_percent, 100);
+            let p = progress(&image);
+            assert_eq!(
+                (p.chunks_done, p.bytes_done),
+                (p.chunks_total, p.bytes_total)
+            );
+            return image;
+        }
+        assert_eq!(image.image_state, ImageState::Syncing as i32);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{image_id} still copying"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts that a refused `SyncImages` names the destination region and one of the source
+/// images: in its `ErrorInfo` metadata (`region`, `image_id`), or else in its message.
+#[track_caller]
+fn assert_names_the_copy(status: &tonic::Status, region: &str, sources: &[String]) {
+    let metadata = error_metadata(status);
+    let in_metadata = metadata.get("region").map(String::as_str) == Some(region)
+        && metadata
+            .get("image_id")
+            .is_some_and(|id| sources.contains(id));
+    let message = status.message();
+    let in_message =
+        message.contains(region) && sources.iter().any(|id| message.contains(id.as_str()));
+    assert!(
+        in_metadata || in_message,
+        "the refusal does not name region {region} and a source image of {sources:?}: {status:?}"
+    );
+}
+
+/// Checks, for `window`, that `region` keeps listing `expected` custom images.
+async fn assert_image_count_stays(region: &mut Region, expected: u32, window: std::time::Duration) {
+    let end = tokio::time::Instant::now() + window;
+    loop {
+        assert_eq!(
+            custom_image_count(region).await,
+            expected,
+            "a refused SyncImages created images"
+        );
+        if tokio::time::Instant::now() >= end {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Three own images in `region`, named `<prefix>-0..2`, with a little data each.
+async fn three_images(region: &mut Region, prefix: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let data = random_bytes(4096);
+        let (id, _) = image_with(region, "Debian", &[(0, data)], &format!("{prefix}-{n}")).await;
+        ids.push(id);
+    }
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_are_byte_for_byte_run_concurrently_and_can_be_copied_on() {
     let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai", "ap-beijing"]).await;
@@ -93,8 +187,9 @@ async fn copies_are_byte_for_byte_run_concurrently_and_can_be_copied_on() {
             ImageState::try_from(syncing.image_state),
             Ok(ImageState::Syncing | ImageState::Normal)
         ));
-        let done = wait_image_state(&mut dest, &copy.image_id, ImageState::Normal).await;
-        assert_eq!(done.sync_percent, 100);
+        // 100% and every chunk done, reached without going backwards; the bytes are compared
+        // below.
+        let done = wait_copy_watching_progress(&mut dest, &copy.image_id).await;
         assert_eq!(done.image_source, ImageSource::Sync as i32);
         assert_eq!(done.image_name, "app-v1");
         assert_eq!(done.content_digest, source_image.content_digest);
@@ -175,11 +270,15 @@ async fn a_copy_of_a_slightly_changed_image_sends_only_the_changed_chunks() {
     let base = random_bytes(100 * MIB as usize);
     let (v1, instance) = image_with(&mut gz, "Debian", &[(0, base)], "data-v1").await;
     let first = sync(&mut gz, &v1, &["ap-shanghai"], "").await.unwrap();
-    let first = wait_image_state(&mut sh, &first[0].image_id, ImageState::Normal).await;
+    let first = wait_copy_watching_progress(&mut sh, &first[0].image_id).await;
     let p = progress(&first);
     assert_eq!(p.chunks_total, 100);
     assert_eq!(p.chunks_transferred, 100);
     assert_eq!(p.bytes_transferred, 100 * MIB);
+    assert!(
+        exported(&mut sh, &first.image_id).await == exported(&mut gz, &v1).await,
+        "the first copy's bytes differ from its source's"
+    );
 
     // Change 1% of it (one chunk) and copy the new version: one chunk travels.
     write(&mut gz, &instance, 42 * MIB + 100, &random_bytes(4096)).await;
@@ -195,11 +294,21 @@ async fn a_copy_of_a_slightly_changed_image_sends_only_the_changed_chunks() {
         .image_id;
     wait_image_state(&mut gz, &v2, ImageState::Normal).await;
     let second = sync(&mut gz, &v2, &["ap-shanghai"], "").await.unwrap();
-    let second = wait_image_state(&mut sh, &second[0].image_id, ImageState::Normal).await;
+    let second = wait_copy_watching_progress(&mut sh, &second[0].image_id).await;
     let p = progress(&second);
     assert_eq!(p.chunks_total, 100);
     assert_eq!(p.chunks_transferred, 1, "{p:?}");
     assert_eq!(p.bytes_transferred, MIB);
+    // The bytes, not only the digests: the copy holds v2 (the changed chunk and the 99 it
+    // reused), and differs from the first copy.
+    let (v2_size, v2_bytes) = exported(&mut gz, &v2).await;
+    let (second_size, second_bytes) = exported(&mut sh, &second.image_id).await;
+    assert_eq!(second_size, v2_size);
+    assert!(
+        second_bytes == v2_bytes,
+        "the second copy's bytes differ from v2's"
+    );
+    assert!(second_bytes != exported(&mut sh, &first.image_id).await.1);
     assert_eq!(
         second.content_digest,
         image(&mut gz, &v2).await.content_digest
@@ -321,25 +430,41 @@ async fn every_rule_is_enforced_with_its_reason_and_refusals_start_nothing() {
         "ImageQuotaLimitExceeded",
     );
 
-    // A copy in progress cannot be deleted or copied on; the source's instance is irrelevant.
+    // A copy in progress cannot be copied on. Its source is stopped right after the call, so
+    // that the copy is still SYNCING when it is tried (and stays so until the source is back).
     let _ = instance;
-    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+    let (big, _) = image_with(
+        &mut gz,
+        "CentOS",
+        &[(0, random_bytes(64 * MIB as usize))],
+        "rules-big",
+    )
+    .await;
+    let copy = sync(&mut gz, &big, &["ap-shanghai"], "")
         .await
         .unwrap()
         .remove(0);
+    cluster.kill9_region("ap-guangzhou");
     let mut sh = cluster.region("ap-shanghai", 0);
-    let state = image(&mut sh, &copy.image_id).await.image_state;
-    if state == ImageState::Syncing as i32 {
-        assert_refused(
-            sh.delete_images(DeleteImagesRequest {
-                image_ids: vec![copy.image_id.clone()],
-            })
-            .await,
-            Code::FailedPrecondition,
-            "InvalidImageId.IncorrectState",
-        );
-    }
-    wait_image_state(&mut sh, &copy.image_id, ImageState::Normal).await;
+    let syncing = image(&mut sh, &copy.image_id).await;
+    assert_eq!(
+        syncing.image_state,
+        ImageState::Syncing as i32,
+        "the copy was over before its source was stopped: {syncing:?}"
+    );
+    assert_refused(
+        sh.sync_images(SyncImagesRequest {
+            image_ids: vec![copy.image_id.clone()],
+            destination_regions: vec!["ap-beijing".into()],
+            image_name: "onward".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::FailedPrecondition,
+        "InvalidImageId.IncorrectState",
+    );
+    cluster.restart_region("ap-guangzhou").await;
+    wait_copy_normal(&mut sh, &copy.image_id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,6 +535,40 @@ async fn wait_partly_copied(region: &mut Region, image_id: &str, fraction: f64) 
     panic!("the copy never got going");
 }
 
+/// Chunks the destination asks for in one `FetchChunks` call.
+const FETCH_BATCH: u64 = 32;
+/// Chunks of random data in the big images below (written at offset 0: one chunk per MiB,
+/// none of them already in any region).
+const BIG_CHUNKS: u64 = 300;
+
+/// Checks that a copy interrupted by `kills` kills did not fetch again what was stored.
+///
+/// `seen` is the progress read just before the first kill and `on_disk` the number of the
+/// copy's chunk files found on the destination's disk at that kill. After it, only the
+/// `BIG_CHUNKS - on_disk` missing chunks have to travel. The counter of chunks that travelled
+/// may also hold what was recorded between that last look and the kill, and some chunks of a
+/// batch in flight at a kill may be fetched again: at most one fetch batch per kill is allowed
+/// on top.
+#[track_caller]
+fn assert_nothing_stored_was_fetched_again(
+    seen: &SyncProgress,
+    on_disk: u64,
+    after: &SyncProgress,
+    kills: u64,
+) {
+    assert!(
+        on_disk >= seen.chunks_transferred,
+        "chunks reported transferred before the kill are not on disk: {on_disk} files, {seen:?}"
+    );
+    let travelled_since = after.chunks_transferred - seen.chunks_transferred;
+    let allowed = BIG_CHUNKS - on_disk + kills * FETCH_BATCH;
+    assert!(
+        travelled_since <= allowed,
+        "{travelled_since} chunks travelled after the kill, at most {allowed} needed \
+         ({on_disk} of {BIG_CHUNKS} were on disk); before {seen:?} after {after:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_destination_mid_copy_resumes_without_resending_what_was_stored() {
     let mut cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
@@ -417,10 +576,12 @@ async fn kill9_of_the_destination_mid_copy_resumes_without_resending_what_was_st
     let (own, _) = image_with(
         &mut gz,
         "Debian",
-        &[(0, random_bytes(300 * MIB as usize))],
+        &[(0, random_bytes((BIG_CHUNKS * MIB) as usize))],
         "big",
     )
     .await;
+    let dest_dir = cluster.region_dir("ap-shanghai");
+    let baseline = chunk_files(&dest_dir) as u64;
     let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
         .await
         .unwrap()
@@ -428,17 +589,16 @@ async fn kill9_of_the_destination_mid_copy_resumes_without_resending_what_was_st
     let mut sh = cluster.region("ap-shanghai", 0);
     let before = wait_partly_copied(&mut sh, &copy.image_id, 0.2).await;
     cluster.kill9_region("ap-shanghai");
+    // The process is gone: what is on disk now is what the kill left.
+    let on_disk = chunk_files(&dest_dir) as u64 - baseline;
     cluster.restart_region("ap-shanghai").await;
     let mut sh = cluster.region("ap-shanghai", 0);
-    let done = wait_image_state(&mut sh, &copy.image_id, ImageState::Normal).await;
+    let done = wait_copy_normal(&mut sh, &copy.image_id).await;
     let after = progress(&done);
     assert!(after.attempts >= 2, "{after:?}");
-    // What had been stored before the kill did not travel again.
-    let resent_at_most = after.chunks_total - before.chunks_done;
-    assert!(
-        after.chunks_transferred - before.chunks_transferred <= resent_at_most,
-        "before {before:?} after {after:?}"
-    );
+    assert_nothing_stored_was_fetched_again(&before, on_disk, &after, 1);
+    // Every chunk once, nothing left over.
+    assert_eq!(chunk_files(&dest_dir) as u64, baseline + BIG_CHUNKS);
     assert_eq!(
         done.content_digest,
         image(&mut gz, &own).await.content_digest
@@ -455,10 +615,12 @@ async fn kill9_of_the_source_mid_copy_is_survived() {
     let (own, _) = image_with(
         &mut gz,
         "Debian",
-        &[(0, random_bytes(300 * MIB as usize))],
+        &[(0, random_bytes((BIG_CHUNKS * MIB) as usize))],
         "big",
     )
     .await;
+    let dest_dir = cluster.region_dir("ap-shanghai");
+    let baseline = chunk_files(&dest_dir) as u64;
     let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
         .await
         .unwrap()
@@ -466,39 +628,57 @@ async fn kill9_of_the_source_mid_copy_is_survived() {
     let mut sh = cluster.region("ap-shanghai", 0);
     let before = wait_partly_copied(&mut sh, &copy.image_id, 0.2).await;
     cluster.kill9_region("ap-guangzhou");
-    // The destination keeps trying while the source is down...
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let waiting = image(&mut sh, &copy.image_id).await;
-    assert_eq!(waiting.image_state, ImageState::Syncing as i32);
+    // The destination notices, records the failed attempt and keeps trying while the source
+    // is down.
+    wait_image_until(
+        &mut sh,
+        &copy.image_id,
+        std::time::Duration::from_secs(60),
+        "waiting after a failed attempt",
+        |i| {
+            assert_eq!(
+                i.image_state,
+                ImageState::Syncing as i32,
+                "{}",
+                i.state_reason
+            );
+            i.sync_progress
+                .as_ref()
+                .is_some_and(|p| !p.last_error.is_empty())
+        },
+    )
+    .await;
+    // With the source gone nothing more arrives: what is on disk now is what the kill left.
+    let on_disk = chunk_files(&dest_dir) as u64 - baseline;
     // ...and finishes by itself once it is back.
     cluster.restart_region("ap-guangzhou").await;
-    let done = wait_image_state(&mut sh, &copy.image_id, ImageState::Normal).await;
+    let done = wait_copy_normal(&mut sh, &copy.image_id).await;
     let after = progress(&done);
     assert!(after.attempts >= 2, "{after:?}");
     assert!(!after.last_error.is_empty());
-    assert!(
-        after.chunks_transferred - before.chunks_transferred
-            <= after.chunks_total - before.chunks_done,
-        "before {before:?} after {after:?}"
-    );
+    assert_nothing_stored_was_fetched_again(&before, on_disk, &after, 1);
+    assert_eq!(chunk_files(&dest_dir) as u64, baseline + BIG_CHUNKS);
     let mut gz = cluster.region("ap-guangzhou", 0);
     let (_, source_bytes) = exported(&mut gz, &own).await;
     let (_, dest_bytes) = exported(&mut sh, &copy.image_id).await;
     assert!(source_bytes == dest_bytes, "exports differ");
 }
 
+/// Old code: the copy ended `CREATEFAILED` ("source refused the copy: ... is DELETING" or
+/// "... does not exist") and released what it had fetched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_copy_whose_source_is_deleted_fails_with_the_reason_and_never_becomes_normal() {
+async fn a_copy_whose_source_is_deleted_mid_copy_completes_with_the_source_bytes() {
     let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
     let mut gz = cluster.region("ap-guangzhou", 0);
     let (own, _) = image_with(
         &mut gz,
         "Debian",
-        &[(0, random_bytes(300 * MIB as usize))],
-        "doomed",
+        &[(0, random_bytes((BIG_CHUNKS * MIB) as usize))],
+        "deleted-mid-copy",
     )
     .await;
-    let baseline = chunk_files(&cluster.region_dir("ap-shanghai"));
+    let source = image(&mut gz, &own).await;
+    let (source_size, source_bytes) = exported(&mut gz, &own).await;
     let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
         .await
         .unwrap()
@@ -510,37 +690,270 @@ async fn a_copy_whose_source_is_deleted_fails_with_the_reason_and_never_becomes_
     })
     .await
     .unwrap();
-    let failed = wait_image_state(&mut sh, &copy.image_id, ImageState::Createfailed).await;
-    assert!(
-        failed.state_reason.contains("source"),
-        "{}",
-        failed.state_reason
-    );
-    // What had arrived is released (right after the state changes), and the failed image
-    // can be deleted.
-    let mut left = usize::MAX;
-    for _ in 0..200 {
-        left = chunk_files(&cluster.region_dir("ap-shanghai"));
-        if left == baseline {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while find_image(&mut gz, &own).await.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted source is still listed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(left, baseline, "chunks of the failed copy are released");
-    assert_refused(
-        sh.run_instances(RunInstancesRequest {
-            image_id: copy.image_id.clone(),
-            instance_type: "S5.MEDIUM4".into(),
-            instance_count: 1,
-            ..Default::default()
-        })
-        .await,
-        Code::FailedPrecondition,
-        "InvalidImageId.IncorrectState",
+    let done = wait_copy_normal(&mut sh, &copy.image_id).await;
+    assert_eq!(done.content_digest, source.content_digest);
+    let (copy_size, copy_bytes) = exported(&mut sh, &copy.image_id).await;
+    assert_eq!(copy_size, source_size);
+    assert!(
+        copy_bytes == source_bytes,
+        "the copy's bytes differ from the source's"
     );
+}
+
+/// Old code: admitted each copy on its own, so the real call made two copies before the third
+/// was refused, and the dry run answered OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_over_the_destination_quota_is_refused_whole_and_creates_no_copy() {
+    let cluster = Cluster::start_with(
+        &["ap-guangzhou", "ap-shanghai"],
+        &[(
+            "ap-shanghai",
+            RegionOptions::env(&[("IMAGEFLEET_IMAGE_QUOTA", "3")]),
+        )],
+    )
+    .await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let sources = three_images(&mut gz, "quota").await;
+    // One of the account's 3 images is already used in the destination: 2 more fit, not 3.
+    image_with(&mut sh, "Debian", &[], "already-there").await;
+    let before = custom_image_count(&mut sh).await;
+    assert_eq!(before, 1);
+    for dry_run in [false, true] {
+        let status = gz
+            .sync_images(SyncImagesRequest {
+                image_ids: sources.clone(),
+                destination_regions: vec!["ap-shanghai".into()],
+                dry_run,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+            .expect_err(&format!(
+                "dry_run {dry_run}: 3 copies were admitted where 2 fit"
+            ));
+        assert_eq!(
+            (status.code(), reason(&status).as_str()),
+            (Code::ResourceExhausted, "ImageQuotaLimitExceeded"),
+            "dry_run {dry_run}: {status:?}"
+        );
+        assert_eq!(
+            custom_image_count(&mut sh).await,
+            before,
+            "dry_run {dry_run}: the refused call created copies"
+        );
+        assert_names_the_copy(&status, "ap-shanghai", &sources);
+    }
+    assert_image_count_stays(&mut sh, before, std::time::Duration::from_secs(3)).await;
+}
+
+/// Old code: admitted each copy on its own, so the real call made the first copy under the
+/// name before refusing the second, and the dry run answered OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_giving_several_images_one_name_is_refused_whole_and_creates_no_copy() {
+    let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let sources = three_images(&mut gz, "named").await;
+    let before = custom_image_count(&mut sh).await;
+    assert_eq!(before, 0);
+    for dry_run in [false, true] {
+        let status = gz
+            .sync_images(SyncImagesRequest {
+                image_ids: sources.clone(),
+                destination_regions: vec!["ap-shanghai".into()],
+                image_name: "one-name".into(),
+                dry_run,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+            .expect_err(&format!(
+                "dry_run {dry_run}: 3 copies under one name were admitted"
+            ));
+        assert_eq!(
+            (status.code(), reason(&status).as_str()),
+            (Code::AlreadyExists, "InvalidImageName.Duplicate"),
+            "dry_run {dry_run}: {status:?}"
+        );
+        assert_eq!(
+            custom_image_count(&mut sh).await,
+            before,
+            "dry_run {dry_run}: the refused call created copies"
+        );
+        assert_names_the_copy(&status, "ap-shanghai", &sources);
+    }
+    assert_image_count_stays(&mut sh, before, std::time::Duration::from_secs(3)).await;
+}
+
+/// Waits until at least `count` more chunk files than `baseline` are in `region_dir` (chunks
+/// of a copy arriving), for at most a minute.
+async fn wait_chunks_arrived(region_dir: &std::path::Path, baseline: usize, count: usize) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while chunk_files(region_dir) < baseline + count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the copy's chunks never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Old code: refused with `InvalidImageId.IncorrectState` (a copy could be deleted only once
+/// it had finished or failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_copy_while_it_is_syncing_removes_it_and_reclaims_its_chunks() {
+    let mut cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, _) = image_with(
+        &mut gz,
+        "Debian",
+        &[(0, random_bytes(COPY_CHUNKS as usize * MIB as usize))],
+        "cancelled",
+    )
+    .await;
+    let dest_dir = cluster.region_dir("ap-shanghai");
+    let baseline = chunk_files(&dest_dir);
+    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+        .await
+        .unwrap()
+        .remove(0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    // Some chunks arrive, then the source goes: the copy waits, SYNCING.
+    wait_chunks_arrived(&dest_dir, baseline, 4).await;
+    cluster.kill9_region("ap-guangzhou");
+    let syncing = image(&mut sh, &copy.image_id).await;
+    assert_eq!(syncing.image_state, ImageState::Syncing as i32);
+    assert!(chunk_files(&dest_dir) > baseline);
+
     sh.delete_images(DeleteImagesRequest {
         image_ids: vec![copy.image_id.clone()],
     })
     .await
     .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    while let Some(left) = find_image(&mut sh, &copy.image_id).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted copy is still listed: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let left = wait_chunk_files(&dest_dir, baseline, std::time::Duration::from_secs(90)).await;
+    assert_eq!(left, baseline, "the deleted copy's chunks are reclaimed");
+}
+
+/// Old code: the copy stayed SYNCING, but with an empty state reason (the error of each
+/// retry went only to `sync_progress.last_error`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_waits_for_its_source_while_it_is_down_and_says_what_it_waits_for() {
+    let mut cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, _) = image_with(
+        &mut gz,
+        "Debian",
+        &[(0, random_bytes(COPY_CHUNKS as usize * MIB as usize))],
+        "patient",
+    )
+    .await;
+    let dest_dir = cluster.region_dir("ap-shanghai");
+    let baseline = chunk_files(&dest_dir);
+    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+        .await
+        .unwrap()
+        .remove(0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    wait_chunks_arrived(&dest_dir, baseline, 4).await;
+    cluster.kill9_region("ap-guangzhou");
+    // For a while (many retries): SYNCING, never CREATEFAILED.
+    let window = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut waiting = image(&mut sh, &copy.image_id).await;
+    while tokio::time::Instant::now() < window {
+        waiting = image(&mut sh, &copy.image_id).await;
+        assert_eq!(
+            waiting.image_state,
+            ImageState::Syncing as i32,
+            "with its source down the copy must wait: {}",
+            waiting.state_reason
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        !waiting.state_reason.is_empty(),
+        "a waiting copy says what it waits for: {waiting:?}"
+    );
+    cluster.restart_region("ap-guangzhou").await;
+    let done = wait_copy_normal(&mut sh, &copy.image_id).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    assert_eq!(
+        done.content_digest,
+        image(&mut gz, &own).await.content_digest
+    );
+    let (_, source_bytes) = exported(&mut gz, &own).await;
+    let (_, copy_bytes) = exported(&mut sh, &copy.image_id).await;
+    assert!(copy_bytes == source_bytes, "exports differ");
+}
+
+/// Old code: has no copy deadline (`IMAGEFLEET_COPY_DEADLINE` is ignored): the copy stays
+/// SYNCING for as long as the source is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_source_stays_down_past_the_copy_deadline_fails_saying_so() {
+    let mut cluster = Cluster::start_with(
+        &["ap-guangzhou", "ap-shanghai"],
+        &[(
+            "ap-shanghai",
+            RegionOptions::env(&[("IMAGEFLEET_COPY_DEADLINE", "3s")]),
+        )],
+    )
+    .await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (own, _) = image_with(
+        &mut gz,
+        "Debian",
+        &[(0, random_bytes(COPY_CHUNKS as usize * MIB as usize))],
+        "deadline",
+    )
+    .await;
+    let dest_dir = cluster.region_dir("ap-shanghai");
+    let baseline = chunk_files(&dest_dir);
+    let copy = sync(&mut gz, &own, &["ap-shanghai"], "")
+        .await
+        .unwrap()
+        .remove(0);
+    cluster.kill9_region("ap-guangzhou");
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let syncing = image(&mut sh, &copy.image_id).await;
+    assert_eq!(
+        syncing.image_state,
+        ImageState::Syncing as i32,
+        "the copy was over before its source was stopped: {syncing:?}"
+    );
+    let ended = wait_image_until(
+        &mut sh,
+        &copy.image_id,
+        std::time::Duration::from_secs(45),
+        "over (the copy deadline is 3s)",
+        |i| i.image_state != ImageState::Syncing as i32,
+    )
+    .await;
+    assert_eq!(
+        ended.image_state,
+        ImageState::Createfailed as i32,
+        "{ended:?}"
+    );
+    assert!(
+        ended.state_reason.to_lowercase().contains("deadline"),
+        "the reason names the deadline: {}",
+        ended.state_reason
+    );
+    let left = wait_chunk_files(&dest_dir, baseline, std::time::Duration::from_secs(90)).await;
+    assert_eq!(left, baseline, "the failed copy's chunks are released");
 }

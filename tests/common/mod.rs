@@ -36,6 +36,9 @@ pub struct Proc {
     program: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// A command the process runs under (e.g. `strace -f -o FILE`); empty: none. A wrapped
+    /// process runs in its own process group, and is killed as a group.
+    wrapper: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -47,7 +50,16 @@ impl Proc {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(&self.program)
+        let mut command = match self.wrapper.split_first() {
+            None => Command::new(&self.program),
+            Some((wrapper, wrapper_args)) => {
+                let mut command = Command::new(wrapper);
+                command.args(wrapper_args).arg(&self.program);
+                std::os::unix::process::CommandExt::process_group(&mut command, 0);
+                command
+            }
+        };
+        let child = command
             .args(&self.args)
             .envs(self.env.iter().cloned())
             .env("RUST_LOG", "info")
@@ -59,12 +71,28 @@ impl Proc {
         self.child = Some(child);
     }
 
-    /// SIGKILL: no chance to flush or clean up.
+    /// SIGKILL: no chance to flush or clean up (a wrapped process: its whole group).
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if !self.wrapper.is_empty() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .status();
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the process is running");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid} failed");
     }
 
     /// SIGTERM, then waits for the exit status.
@@ -143,9 +171,35 @@ pub async fn wait_serving(url: &str) {
     panic!("{url} never became SERVING");
 }
 
+/// How one region process is started, beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct RegionOptions {
+    /// Extra environment (e.g. `IMAGEFLEET_IMAGE_QUOTA`, `IMAGEFLEET_COPY_DEADLINE`).
+    pub env: Vec<(String, String)>,
+    /// A command the region runs under, e.g. `["strace", "-f", "-o", FILE]`.
+    pub wrapper: Vec<String>,
+}
+
+impl RegionOptions {
+    pub fn env(pairs: &[(&str, &str)]) -> RegionOptions {
+        RegionOptions {
+            env: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            wrapper: Vec::new(),
+        }
+    }
+}
+
 impl Cluster {
     /// Starts Redis, catalog, sharing and the given regions, and creates two accounts.
     pub async fn start(regions: &[&str]) -> Cluster {
+        Cluster::start_with(regions, &[]).await
+    }
+
+    /// Like `start`, with options for some of the regions.
+    pub async fn start_with(regions: &[&str], options: &[(&str, RegionOptions)]) -> Cluster {
         require_redis();
         let dir = tempfile::tempdir().expect("temp dir");
         let service_key = hex::encode(rand::random::<[u8; 16]>());
@@ -174,6 +228,7 @@ impl Cluster {
                 "".into(),
             ],
             env: vec![],
+            wrapper: vec![],
             log: log("redis"),
             child: None,
         };
@@ -192,6 +247,7 @@ impl Cluster {
                 root.join("catalog").display().to_string(),
             ],
             env: key_env.clone(),
+            wrapper: vec![],
             log: log("catalog"),
             child: None,
         };
@@ -213,6 +269,7 @@ impl Cluster {
                 catalog_url.clone(),
             ],
             env: key_env.clone(),
+            wrapper: vec![],
             log: log("sharing"),
             child: None,
         };
@@ -221,6 +278,13 @@ impl Cluster {
         let mut region_procs = BTreeMap::new();
         for region in regions {
             let port = free_port();
+            let option = options
+                .iter()
+                .find(|(r, _)| r == region)
+                .map(|(_, o)| o.clone())
+                .unwrap_or_default();
+            let mut env = key_env.clone();
+            env.extend(option.env);
             let mut proc = Proc {
                 name: region.to_string(),
                 port,
@@ -238,7 +302,8 @@ impl Cluster {
                     "--sharing-url".into(),
                     format!("http://127.0.0.1:{sharing_port}"),
                 ],
-                env: key_env.clone(),
+                env,
+                wrapper: option.wrapper,
                 log: log(region),
                 child: None,
             };
@@ -378,16 +443,25 @@ impl Cluster {
     }
 }
 
-/// Number of chunk files a region holds.
+/// Number of chunk files a region holds: the files under `<region dir>/chunks` (at any depth),
+/// leaving out temporary files (names starting with `.`).
 pub fn chunk_files(region_dir: &Path) -> usize {
-    std::fs::read_dir(region_dir.join("chunks"))
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .count()
-        })
-        .unwrap_or(0)
+    fn count(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .map(|e| match e.file_type() {
+                        Ok(t) if t.is_dir() => count(&e.path()),
+                        Ok(t) if t.is_file() => 1,
+                        _ => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    count(&region_dir.join("chunks"))
 }
 
 pub type Region = RegionServiceClient<SignedChannel>;
@@ -548,4 +622,107 @@ pub fn random_bytes(len: usize) -> Vec<u8> {
     let mut bytes = vec![0u8; len];
     rand::fill(&mut bytes[..]);
     bytes
+}
+
+/// The `ErrorInfo` metadata of a status (empty without one).
+pub fn error_metadata(status: &tonic::Status) -> std::collections::HashMap<String, String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|info| info.metadata)
+        .unwrap_or_default()
+}
+
+/// An image's description, or `None` once it is `NOT_FOUND`.
+pub async fn find_image(region: &mut Region, image_id: &str) -> Option<Image> {
+    match region
+        .describe_images(DescribeImagesRequest {
+            image_ids: vec![image_id.into()],
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().image_set.into_iter().next(),
+        Err(status) => {
+            assert_eq!(reason(&status), "InvalidImageId.NotFound", "{status:?}");
+            None
+        }
+    }
+}
+
+/// Polls `image_id` until `done` holds, for at most `patience`; panics with what it last saw.
+pub async fn wait_image_until(
+    region: &mut Region,
+    image_id: &str,
+    patience: Duration,
+    what: &str,
+    done: impl Fn(&Image) -> bool,
+) -> Image {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let image = image(region, image_id).await;
+        if done(&image) {
+            return image;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{image_id}: not {what} after {patience:?}; last seen {:?} ({:?})",
+            ImageState::try_from(image.image_state),
+            image.state_reason
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for a copy to become `NORMAL`; fails at once, with the reason, if it ends
+/// `CREATEFAILED`.
+pub async fn wait_copy_normal(region: &mut Region, image_id: &str) -> Image {
+    let image = wait_image_until(
+        region,
+        image_id,
+        Duration::from_secs(300),
+        "NORMAL or CREATEFAILED",
+        |i| {
+            i.image_state == ImageState::Normal as i32
+                || i.image_state == ImageState::Createfailed as i32
+        },
+    )
+    .await;
+    assert_eq!(
+        image.image_state,
+        ImageState::Normal as i32,
+        "the copy {image_id} failed: {}",
+        image.state_reason
+    );
+    image
+}
+
+/// The number of custom images `region` lists for the client's account (every state).
+pub async fn custom_image_count(region: &mut Region) -> u32 {
+    region
+        .describe_images(DescribeImagesRequest {
+            filters: vec![Filter {
+                name: "image-type".into(),
+                values: vec!["PRIVATE_IMAGE".into()],
+            }],
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .total_count
+}
+
+/// Polls until `region_dir` holds `expected` chunk files, for at most `patience`; returns the
+/// last count seen.
+pub async fn wait_chunk_files(region_dir: &Path, expected: usize, patience: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let count = chunk_files(region_dir);
+        if count == expected || tokio::time::Instant::now() >= deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -119,42 +119,130 @@ impl Served {
     }
 
     fn client(&self) -> SharingInternalServiceClient<SignedChannel> {
-        let creds = Credentials::service("test", SERVICE_KEY);
-        SharingInternalServiceClient::new(signed_channel(&self.url, creds, SHARING_SCOPE).unwrap())
+        client_at(&self.url)
     }
 
-    async fn health(&self) -> (i32, i32) {
-        let channel = tonic::transport::Endpoint::from_shared(self.url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut client = HealthClient::new(channel);
-        let mut status = Vec::new();
-        for service in ["", "imagefleet.sharing.v1.SharingInternalService"] {
-            let request = HealthCheckRequest {
-                service: service.into(),
-            };
-            status.push(client.check(request).await.unwrap().into_inner().status);
-        }
-        (status[0], status[1])
-    }
-
-    /// Waits until both the server and the service report `want`.
     async fn wait_health(&self, want: ServingStatus) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let (server, service) = self.health().await;
-            if server == want as i32 && service == want as i32 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "health stayed ({server}, {service}), wanted {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_health_at(&self.url, want).await
     }
+}
+
+fn client_at(url: &str) -> SharingInternalServiceClient<SignedChannel> {
+    let creds = Credentials::service("test", SERVICE_KEY);
+    SharingInternalServiceClient::new(signed_channel(url, creds, SHARING_SCOPE).unwrap())
+}
+
+/// The health of the server and of the service at `url`; `None` while nothing answers there.
+async fn health_at(url: &str) -> Option<(i32, i32)> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let mut status = Vec::new();
+    for service in ["", "imagefleet.sharing.v1.SharingInternalService"] {
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        status.push(client.check(request).await.ok()?.into_inner().status);
+    }
+    Some((status[0], status[1]))
+}
+
+/// Waits until both the server and the service at `url` report `want`.
+async fn wait_health_at(url: &str, want: ServingStatus) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let health = health_at(url).await;
+        if health == Some((want as i32, want as i32)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health at {url} stayed {health:?}, wanted {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Where `serve_embedded_child` keeps its maps, and the address it listens on.
+const CHILD_DIR_ENV: &str = "IMAGEFLEET_TEST_SHARING_CHILD_DIR";
+const CHILD_LISTEN_ENV: &str = "IMAGEFLEET_TEST_SHARING_CHILD_LISTEN";
+
+/// The sharing service over the embedded backend in a process of its own (this test binary
+/// running `serve_embedded_child`), so that a crash is a real SIGKILL: no graceful shutdown,
+/// no destructors, nothing flushed on the way out.
+struct ServedProcess {
+    url: String,
+    child: Child,
+}
+
+impl ServedProcess {
+    /// Starts the service on the maps in `dir` and waits until it is SERVING.
+    async fn start(dir: &Path) -> ServedProcess {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "serve_embedded_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(CHILD_DIR_ENV, dir)
+            .env(CHILD_LISTEN_ENV, &listen)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the test binary starts again as the service");
+        let served = ServedProcess {
+            url: format!("http://{listen}"),
+            child,
+        };
+        wait_health_at(&served.url, ServingStatus::Serving).await;
+        served
+    }
+
+    fn client(&self) -> SharingInternalServiceClient<SignedChannel> {
+        client_at(&self.url)
+    }
+
+    /// SIGKILL, like a crash.
+    fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServedProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The service process of `ServedProcess`: serves the embedded backend in `$CHILD_DIR_ENV` on
+/// `$CHILD_LISTEN_ENV` until killed. Does nothing when run as an ordinary test.
+#[test]
+#[ignore = "the service process of the crash tests, started by them"]
+fn serve_embedded_child() {
+    let (Some(dir), Some(listen)) = (
+        std::env::var_os(CHILD_DIR_ENV),
+        std::env::var(CHILD_LISTEN_ENV).ok(),
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen).await.unwrap();
+        let config = SharingConfig {
+            backend: embedded(Path::new(&dir)),
+            service_key: SERVICE_KEY.into(),
+            catalog_url: "http://127.0.0.1:1".into(),
+        };
+        run(config, listener, std::future::pending()).await.unwrap();
+    });
 }
 
 async fn set_owner(
@@ -362,13 +450,34 @@ async fn embedded_backend_persists_across_restarts() {
     remove(&mut client, "img-aaaaaaaa").await.unwrap();
     served.stop().await;
 
-    // A change acknowledged just before a crash survives, and a torn last line (a crash in
-    // the middle of an unacknowledged append) is dropped, not fatal.
+    // A change acknowledged just before a crash (SIGKILL of the serving process) survives.
+    let served = ServedProcess::start(dir.path()).await;
+    let mut client = served.client();
+    assert_eq!(owner(&mut client, "img-aaaaaaaa").await.unwrap(), "");
+    set_owner(&mut client, "img-iiiiiiii", "100000000006")
+        .await
+        .unwrap();
+    remove(&mut client, "img-ffffffff").await.unwrap();
+    served.kill9();
+    let served = ServedProcess::start(dir.path()).await;
+    let mut client = served.client();
+    assert_eq!(
+        owner(&mut client, "img-iiiiiiii").await.unwrap(),
+        "100000000006"
+    );
+    assert_eq!(owner(&mut client, "img-ffffffff").await.unwrap(), "");
+    set_owner(&mut client, "img-ffffffff", "100000000004")
+        .await
+        .unwrap();
+    served.kill9();
+
+    // A torn last line (a crash in the middle of an unacknowledged append) is dropped, not
+    // fatal, and what comes after it is kept.
     let log = dir.path().join(imagefleet_sharing::embedded::LOG_FILE);
     let mut text = std::fs::read_to_string(&log).unwrap();
     text.push_str("{\"op\":\"set_owner\",\"image_id\":\"img-gggg");
     std::fs::write(&log, text).unwrap();
-    let served = Served::start(embedded(dir.path())).await;
+    let served = ServedProcess::start(dir.path()).await;
     let mut client = served.client();
     assert_eq!(owner(&mut client, "img-aaaaaaaa").await.unwrap(), "");
     assert_eq!(
@@ -379,12 +488,16 @@ async fn embedded_backend_persists_across_restarts() {
     set_owner(&mut client, "img-hhhhhhhh", "100000000005")
         .await
         .unwrap();
-    served.stop().await;
-    let served = Served::start(embedded(dir.path())).await;
+    served.kill9();
+    let served = ServedProcess::start(dir.path()).await;
     let mut client = served.client();
     assert_eq!(
         owner(&mut client, "img-hhhhhhhh").await.unwrap(),
         "100000000005"
     );
-    served.stop().await;
+    assert_eq!(
+        owner(&mut client, "img-iiiiiiii").await.unwrap(),
+        "100000000006"
+    );
+    served.kill9();
 }
