@@ -19,6 +19,11 @@
 //! - share_rps: signed `CheckShare` calls per second to the sharing service (the check every
 //!   launch of a shared image makes) at 50 concurrent callers, against `redis-benchmark`
 //!   unpipelined GETs with 50 clients on the same Redis.
+//! - noisy_neighbour: account A's p99 latency of `DescribeInstances` (default page) and
+//!   `DescribeImageQuota` in a region where account B holds 200,000 instances and runs 8
+//!   concurrent readers, against A's p99 for the same calls in the same region before B
+//!   arrived; the figure is the larger of the two ratios. A's calls alternate, one at a time:
+//!   200 warm-up calls (at most 10 s), then 2000 measured ones (at most 10 minutes).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -504,6 +509,266 @@ async fn share_rps() {
     );
 }
 
+/// noisy_neighbour: calls A makes per phase (alternating the two kinds), after warm-up calls.
+/// Each part is also bounded in time, so that a slow service still gives a figure (from fewer
+/// calls, which the output says).
+const NOISY_CALLS: usize = 2000;
+const NOISY_WARMUP: usize = 200;
+const NOISY_CALLS_MAX: Duration = Duration::from_secs(600);
+const NOISY_WARMUP_MAX: Duration = Duration::from_secs(10);
+/// Instances account B holds, launched `NOISY_PER_CALL` per `RunInstances` call by
+/// `NOISY_LAUNCHERS` concurrent callers.
+const NOISY_INSTANCES: usize = 200_000;
+const NOISY_PER_CALL: usize = 100;
+const NOISY_LAUNCHERS: usize = 8;
+/// Account B's concurrent readers while A is measured.
+const NOISY_READERS: usize = 8;
+/// Instances A holds in both phases, so that its default page is a full one.
+const NOISY_A_INSTANCES: u32 = 20;
+
+/// A's latencies, in microseconds, of each call kind.
+struct CallLatencies {
+    instances: hdrhistogram::Histogram<u64>,
+    quota: hdrhistogram::Histogram<u64>,
+    /// Whether `NOISY_CALLS_MAX` ran out before `NOISY_CALLS` calls were made.
+    cut_short: bool,
+}
+
+/// One of A's calls: `DescribeInstances` (default page) for even `call`s, else
+/// `DescribeImageQuota`. Returns the latency in microseconds.
+async fn account_a_call(region: &mut Region, call: usize) -> u64 {
+    let start = Instant::now();
+    if call.is_multiple_of(2) {
+        let page = region
+            .describe_instances(DescribeInstancesRequest::default())
+            .await
+            .expect("A describe instances")
+            .into_inner();
+        assert_eq!(page.instance_set.len(), NOISY_A_INSTANCES as usize);
+    } else {
+        region
+            .describe_image_quota(DescribeImageQuotaRequest {})
+            .await
+            .expect("A describe image quota");
+    }
+    (start.elapsed().as_micros() as u64).max(1)
+}
+
+/// A closed loop, one call at a time, the two kinds alternately: `NOISY_WARMUP` calls not
+/// counted, then `NOISY_CALLS` (each part bounded in time).
+async fn account_a_calls(region: &mut Region) -> CallLatencies {
+    let warm_up = Instant::now();
+    for call in 0..NOISY_WARMUP {
+        if warm_up.elapsed() >= NOISY_WARMUP_MAX {
+            break;
+        }
+        account_a_call(region, call).await;
+    }
+    let mut latencies = CallLatencies {
+        instances: hdrhistogram::Histogram::new(3).expect("histogram"),
+        quota: hdrhistogram::Histogram::new(3).expect("histogram"),
+        cut_short: false,
+    };
+    let start = Instant::now();
+    for call in 0..NOISY_CALLS {
+        if start.elapsed() >= NOISY_CALLS_MAX {
+            latencies.cut_short = true;
+            break;
+        }
+        let micros = account_a_call(region, call).await;
+        let hist = if call.is_multiple_of(2) {
+            &mut latencies.instances
+        } else {
+            &mut latencies.quota
+        };
+        let _ = hist.record(micros);
+    }
+    latencies
+}
+
+fn ms(micros: u64) -> String {
+    format!("{:.3} ms", micros as f64 / 1000.0)
+}
+
+fn percentiles(hist: &hdrhistogram::Histogram<u64>) -> String {
+    format!(
+        "p50 {} p99 {} p999 {}",
+        ms(hist.value_at_quantile(0.5)),
+        ms(hist.value_at_quantile(0.99)),
+        ms(hist.value_at_quantile(0.999))
+    )
+}
+
+async fn noisy_neighbour() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    const REGION: &str = "ap-guangzhou";
+    let cluster = Cluster::start(&[REGION]).await;
+    let a = cluster.create_account("noisy-neighbour-a").await;
+    let b = cluster.create_account("noisy-neighbour-b").await;
+    let mut region_a = cluster.region_as(REGION, &a);
+    let debian = public_image(&mut region_a, "Debian").await.image_id;
+    run(&mut region_a, &debian, NOISY_A_INSTANCES).await;
+
+    // Baseline: A alone in the region.
+    let empty = account_a_calls(&mut region_a).await;
+
+    // B's 200,000 instances, NOISY_PER_CALL per call, NOISY_LAUNCHERS calls at a time.
+    let start = Instant::now();
+    let calls = NOISY_INSTANCES / NOISY_PER_CALL;
+    let next = Arc::new(AtomicU64::new(0));
+    let launchers: Vec<_> = (0..NOISY_LAUNCHERS)
+        .map(|_| {
+            let mut region = cluster.region_as(REGION, &b);
+            let image_id = debian.clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < calls as u64 {
+                    region
+                        .run_instances(RunInstancesRequest {
+                            image_id: image_id.clone(),
+                            instance_type: "S5.SMALL1".into(),
+                            instance_count: NOISY_PER_CALL as u32,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("B run instances");
+                }
+            })
+        })
+        .collect();
+    for launcher in launchers {
+        launcher.await.expect("launcher");
+    }
+    // Every instance RUNNING before A is measured, so that no launch work overlaps.
+    let mut region_b = cluster.region_as(REGION, &b);
+    for poll in 0.. {
+        assert!(
+            poll < 600,
+            "B's instances were not all RUNNING after 10 minutes"
+        );
+        let pending = region_b
+            .describe_instances(DescribeInstancesRequest {
+                filters: vec![Filter {
+                    name: "instance-state".into(),
+                    values: vec!["PENDING".into()],
+                }],
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .expect("B pending instances")
+            .into_inner()
+            .total_count;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let held = region_b
+        .describe_instances(DescribeInstancesRequest::default())
+        .await
+        .expect("B describe instances")
+        .into_inner()
+        .total_count;
+    assert_eq!(held as usize, NOISY_INSTANCES, "B's instances");
+    println!(
+        "  noisy_neighbour: B launched {NOISY_INSTANCES} instances in {:.1}s ({calls} calls of {NOISY_PER_CALL}, {NOISY_LAUNCHERS} at a time)",
+        start.elapsed().as_secs_f64()
+    );
+
+    // B's readers, each on its own connection, until A is done.
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..NOISY_READERS)
+        .map(|_| {
+            let mut region = cluster.region_as(REGION, &b);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut calls = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if calls.is_multiple_of(2) {
+                        region
+                            .describe_instances(DescribeInstancesRequest::default())
+                            .await
+                            .expect("B describe instances");
+                    } else {
+                        region
+                            .describe_image_quota(DescribeImageQuotaRequest {})
+                            .await
+                            .expect("B describe image quota");
+                    }
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let pids = [
+        ("region", cluster.regions[REGION].pid()),
+        ("load generator", Some(std::process::id())),
+    ];
+    let before: Vec<(f64, f64)> = pids
+        .iter()
+        .map(|(_, p)| p.map(cpu_split).unwrap_or_default())
+        .collect();
+    let start = Instant::now();
+    let loaded = account_a_calls(&mut region_a).await;
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut reader_calls = 0;
+    for reader in readers {
+        reader_calls += reader.await.expect("reader");
+    }
+    for ((name, pid), (u, s)) in pids.iter().zip(&before) {
+        let (u2, s2) = pid.map(cpu_split).unwrap_or_default();
+        println!(
+            "  noisy_neighbour {name} CPU while A was measured: user {:.2}s system {:.2}s",
+            u2 - u,
+            s2 - s
+        );
+    }
+    println!(
+        "  noisy_neighbour: A's calls took {secs:.1}s while B's {NOISY_READERS} readers made {reader_calls} calls ({:.0} calls/s); services and load generator share this machine's {} cores",
+        reader_calls as f64 / secs,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    for (phase, latencies) in [("empty region", &empty), ("B loaded", &loaded)] {
+        if latencies.cut_short {
+            println!(
+                "  noisy_neighbour: {phase}: only {} of A's {NOISY_CALLS} calls made in {}s",
+                latencies.instances.len() + latencies.quota.len(),
+                NOISY_CALLS_MAX.as_secs()
+            );
+        }
+    }
+    for (kind, empty, loaded) in [
+        ("DescribeInstances", &empty.instances, &loaded.instances),
+        ("DescribeImageQuota", &empty.quota, &loaded.quota),
+    ] {
+        println!(
+            "  noisy_neighbour {kind} latency: empty region {} ({} calls); B loaded {} ({} calls)",
+            percentiles(empty),
+            empty.len(),
+            percentiles(loaded),
+            loaded.len()
+        );
+    }
+    let p99 = |hist: &hdrhistogram::Histogram<u64>| hist.value_at_quantile(0.99);
+    let ratio = |loaded, empty| p99(loaded) as f64 / p99(empty) as f64;
+    report(
+        "noisy_neighbour",
+        ratio(&loaded.instances, &empty.instances).max(ratio(&loaded.quota, &empty.quota)),
+        &format!(
+            "DescribeInstances p99 {} vs {}; DescribeImageQuota p99 {}",
+            ms(p99(&loaded.instances)),
+            ms(p99(&empty.instances)),
+            ms(p99(&loaded.quota))
+        ),
+        &ms(p99(&empty.quota)),
+        "<= 2.0",
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects figures.
     let filter: Vec<String> = std::env::args()
@@ -531,6 +796,9 @@ fn main() {
         }
         if wanted("share") {
             share_rps().await;
+        }
+        if wanted("noisy_neighbour") {
+            noisy_neighbour().await;
         }
     });
 }
