@@ -391,6 +391,17 @@ async fn a_copy_is_normal_only_after_the_renames_of_its_chunks_are_made_durable(
 
     // strace writes a call's line when the call returns, before the traced thread goes on:
     // every call made before NORMAL was answered is in the log already.
+    // The tracer may lag behind the traced process on a loaded machine: wait until its log
+    // stops growing (lines written later are of calls after NORMAL, filtered out below).
+    let mut size = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let now = std::fs::metadata(&trace).map(|m| m.len()).unwrap_or(0);
+        if now == size {
+            break;
+        }
+        size = now;
+    }
     let chunks = std::fs::canonicalize(cluster.region_dir("ap-shanghai").join("chunks")).unwrap();
     let calls = traced_calls(&std::fs::read_to_string(&trace).unwrap());
     let last_rename = calls
@@ -399,7 +410,15 @@ async fn a_copy_is_normal_only_after_the_renames_of_its_chunks_are_made_durable(
         .filter_map(|c| Some((c, rename_target(c)?)))
         .filter(|(_, target)| target.starts_with(&chunks))
         .max_by(|a, b| a.0.ended.total_cmp(&b.0.ended))
-        .unwrap_or_else(|| panic!("no rename into {} before NORMAL", chunks.display()));
+        .unwrap_or_else(|| {
+            let text = std::fs::read_to_string(&trace).unwrap_or_default();
+            let sample: Vec<&str> = text.lines().filter(|l| l.contains("rename")).take(5).collect();
+            panic!(
+                "no rename into {} before NORMAL ({normal_seen:.6}); {} calls traced, renames like: {sample:#?}",
+                chunks.display(),
+                calls.len()
+            )
+        });
     let directory = last_rename.1.parent().unwrap().to_path_buf();
     let fsynced = calls.iter().any(|c| {
         c.name == "fsync"

@@ -16,9 +16,7 @@ use imagefleet_proto::region::v1::region_service_server::RegionService;
 use imagefleet_proto::region::v1::*;
 use imagefleet_rpc::auth::account_id;
 use imagefleet_rpc::time::{rfc3339, unix_now};
-use std::pin::Pin;
 use std::sync::Arc;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 const GIB: u64 = 1 << 30;
@@ -36,7 +34,7 @@ impl RegionApi {
     }
 }
 
-type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportImageChunk, Status>> + Send>>;
+type ExportStream = disk::ChunkStream<ExportImageChunk>;
 
 fn enum_name<E: Into<i32>>(value: E, name: impl Fn(i32) -> Option<&'static str>) -> String {
     name(value.into()).unwrap_or_default().to_string()
@@ -382,41 +380,29 @@ impl RegionApi {
         let chunks = self.region.chunks.clone();
         let snapshot = image.snapshot_id.clone().unwrap_or_default();
         let manifest = blocking(move || store.snapshot_manifest(&snapshot)).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            for (idx, digest) in manifest {
-                let offset = idx * CHUNK_SIZE as u64;
-                let message = chunks
-                    .get(&digest)
-                    .map_err(|e| Status::from(RegionError::from(e)))
-                    .map(|mut data| {
-                        data.truncate(
-                            image
-                                .virtual_size
-                                .saturating_sub(offset)
-                                .min(CHUNK_SIZE as u64) as usize,
-                        );
-                        ExportImageChunk {
-                            offset,
-                            data,
-                            virtual_size_bytes: image.virtual_size,
-                            content_digest: image.content_digest.clone(),
-                        }
-                    });
-                let failed = message.is_err();
-                if tx.blocking_send(message).is_err() || failed {
-                    return;
-                }
-            }
-            // An image of zeros still tells the client its size.
-            let _ = tx.blocking_send(Ok(ExportImageChunk {
-                offset: image.virtual_size,
-                data: Default::default(),
-                virtual_size_bytes: image.virtual_size,
-                content_digest: image.content_digest.clone(),
-            }));
-        });
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        let (size, digest) = (image.virtual_size, image.content_digest.clone());
+        let piece = move |offset: u64, data: Vec<u8>| ExportImageChunk {
+            offset,
+            data,
+            virtual_size_bytes: size,
+            content_digest: digest.clone(),
+        };
+        // An image of zeros still tells the client its size.
+        let last = piece(size, Vec::new());
+        let items = manifest
+            .into_iter()
+            .map(|(idx, d)| (idx * CHUNK_SIZE as u64, d))
+            .collect();
+        Ok(disk::stream_chunks(
+            chunks,
+            items,
+            true,
+            move |offset, mut data| {
+                data.truncate(size.saturating_sub(offset).min(CHUNK_SIZE as u64) as usize);
+                piece(offset, data)
+            },
+            Some(last),
+        ))
     }
 
     async fn run_instances(

@@ -114,6 +114,49 @@ pub fn write(
     outcome.map_err(|error| WriteRefused { error, stored })
 }
 
+/// A stream of messages made from chunks read off the async threads, a couple ahead of the
+/// reader; it ends after `last` (if any), or at the first chunk that cannot be read.
+pub type ChunkStream<T> = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = std::result::Result<T, tonic::Status>> + Send>,
+>;
+
+/// Streams `items` (each with the chunk it needs) as messages made by `make` from the chunk's
+/// bytes: the one way the region streams chunks out (exports, copies to other regions).
+/// `verify`: hash every chunk read (a receiver that verifies itself passes false).
+pub fn stream_chunks<I, T>(
+    chunks: ChunkStore,
+    items: Vec<(I, ChunkDigest)>,
+    verify: bool,
+    make: impl Fn(I, Vec<u8>) -> T + Send + 'static,
+    last: Option<T>,
+) -> ChunkStream<T>
+where
+    I: Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        for (item, digest) in items {
+            let data = if verify {
+                chunks.get(&digest)
+            } else {
+                chunks.get_unverified(&digest)
+            };
+            let message = data
+                .map(|data| make(item, data))
+                .map_err(|e| tonic::Status::from(RegionError::from(e)));
+            let failed = message.is_err();
+            if tx.blocking_send(message).is_err() || failed {
+                return;
+            }
+        }
+        if let Some(last) = last {
+            let _ = tx.blocking_send(Ok(last));
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
 
@@ -43,8 +44,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let scope = verifier.scope().to_string();
+    // The builder's `tcp_nodelay` does not reach connections from an incoming stream: set it
+    // on each accepted socket, or small replies wait for Nagle and delayed ACKs (~40 ms).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(socket) = &conn {
+            if let Err(e) = socket.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        }
+        conn
+    });
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(32 * 1024 * 1024))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -52,7 +62,7 @@ pub async fn serve(
             move |req| tracing::debug_span!("rpc", service = %scope, method = %req.uri().path()),
         )
         .layer(AuthLayer::new(verifier))
-        .serve_with_incoming_shutdown(routes, TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(routes, incoming, shutdown)
         .await
 }
 

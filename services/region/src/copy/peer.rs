@@ -125,7 +125,7 @@ impl RegionPeerApi {
 }
 
 type ManifestStream = Pin<Box<dyn Stream<Item = Result<ManifestPage, Status>> + Send>>;
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChunkData, Status>> + Send>>;
+type ChunkStream = crate::disk::ChunkStream<ChunkData>;
 
 #[tonic::async_trait]
 impl RegionInternalService for RegionPeerApi {
@@ -302,25 +302,15 @@ impl RegionInternalService for RegionPeerApi {
             )
             .into());
         }
-        let chunks = self.region.chunks.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::task::spawn_blocking(move || {
-            for digest in wanted {
-                let message = chunks
-                    .get_unverified(&digest)
-                    .map_err(|e| Status::from(RegionError::from(e)))
-                    .map(|data| ChunkData {
-                        digest: digest.0.to_vec(),
-                        data,
-                    });
-                let failed = message.is_err();
-                if tx.blocking_send(message).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok(Response::new(crate::disk::stream_chunks(
+            self.region.chunks.clone(),
+            wanted.into_iter().map(|d| (d, d)).collect(),
+            false,
+            |digest: ChunkDigest, data| ChunkData {
+                digest: digest.0.to_vec(),
+                data,
+            },
+            None,
         )))
     }
 }
