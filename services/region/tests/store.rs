@@ -289,6 +289,22 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
                 "{id}"
             );
         }
+        // Each owner's instance count (kept beside the rows from this version on) is right.
+        let mut per_owner: std::collections::BTreeMap<String, usize> = Default::default();
+        for instance in want["instances"].as_array().expect("instances") {
+            *per_owner.entry(text(instance, "owner")).or_default() += 1;
+        }
+        for (owner, count) in per_owner {
+            let page = store
+                .list_instances(&imagefleet_region::meta::InstanceQuery {
+                    owner: owner.clone(),
+                    limit: 100,
+                    ..Default::default()
+                })
+                .expect("list");
+            assert_eq!(page.total, count, "{db}: {owner}");
+            assert_eq!(page.instances.len(), count, "{db}: {owner}");
+        }
         for task in want["sync_tasks"].as_array().expect("tasks") {
             let id = text(task, "image_id");
             let got = store

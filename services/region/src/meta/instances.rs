@@ -55,6 +55,16 @@ pub(super) fn live_instance(c: &Connection, instance_id: &str, owner: &str) -> R
     Ok(instance)
 }
 
+/// Adds `n` (may be negative) to the owner's instance count.
+fn count_instances(tx: &Transaction<'_>, owner: &str, n: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO instance_counts (owner, instances) VALUES (?1, ?2) \
+         ON CONFLICT(owner) DO UPDATE SET instances = instances + excluded.instances",
+    )?
+    .execute(params![owner, n])?;
+    Ok(())
+}
+
 fn drop_instance_chunks(
     tx: &Transaction<'_>,
     instance_id: &str,
@@ -105,7 +115,9 @@ impl Store {
                  base_snapshot_id, disk_size, state, created_at, root_image_id, root_paid) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
+            let mut added: std::collections::HashMap<&str, i64> = Default::default();
             for i in instances {
+                *added.entry(i.owner.as_str()).or_default() += 1;
                 stmt.execute(params![
                     i.instance_id,
                     i.owner,
@@ -121,6 +133,9 @@ impl Store {
                     i.root_image_id,
                     i.root_paid
                 ])?;
+            }
+            for (owner, n) in added {
+                count_instances(tx, owner, n)?;
             }
             Ok(())
         })
@@ -195,11 +210,18 @@ impl Store {
             "image_id",
             q.image_ids.iter().cloned().map(Value::Text).collect(),
         );
+        let unfiltered = clauses.len() == 1;
         let filter = clauses.join(" AND ");
         self.read(|c| {
-            let total: i64 = c
-                .prepare_cached(&format!("SELECT COUNT(*) FROM instances WHERE {filter}"))?
-                .query_row(params_from_iter(args.iter()), |r| r.get(0))?;
+            let total: i64 = if unfiltered {
+                c.prepare_cached("SELECT instances FROM instance_counts WHERE owner = ?1")?
+                    .query_row([&q.owner], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0)
+            } else {
+                c.prepare_cached(&format!("SELECT COUNT(*) FROM instances WHERE {filter}"))?
+                    .query_row(params_from_iter(args.iter()), |r| r.get(0))?
+            };
             let mut page_args = args.clone();
             page_args.push(Value::Integer(q.limit as i64));
             page_args.push(Value::Integer(q.offset.min(i64::MAX as usize) as i64));
@@ -243,11 +265,25 @@ impl Store {
     /// `batch` of them; returns how many went.
     pub fn purge_terminated(&self, before: i64, batch: usize) -> Result<usize> {
         self.write(|tx| {
-            Ok(tx.execute(
-                "DELETE FROM instances WHERE instance_id IN (SELECT instance_id FROM instances \
-                 WHERE state = ?1 AND terminated_at < ?2 LIMIT ?3)",
-                params![InstanceState::Terminated, before, batch as i64],
-            )?)
+            let mut removed: std::collections::HashMap<String, i64> = Default::default();
+            {
+                let mut stmt = tx.prepare_cached(
+                    "DELETE FROM instances WHERE instance_id IN (SELECT instance_id FROM instances \
+                     WHERE state = ?1 AND terminated_at < ?2 LIMIT ?3) RETURNING owner",
+                )?;
+                let rows = stmt.query_map(
+                    params![InstanceState::Terminated, before, batch as i64],
+                    |r| r.get::<_, String>(0),
+                )?;
+                for owner in rows {
+                    *removed.entry(owner?).or_default() += 1;
+                }
+            }
+            let purged = removed.values().sum::<i64>() as usize;
+            for (owner, n) in removed {
+                count_instances(tx, &owner, -n)?;
+            }
+            Ok(purged)
         })
     }
 

@@ -97,7 +97,9 @@ CREATE TABLE IF NOT EXISTS sync_chunks (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sync_chunks_digest ON sync_chunks(digest);
 "#,
-    // 2: lookups by owner and state; terminated instances remember when (for purging); copies
+    // 2: lookups by owner and state, each owner's instance count kept beside its rows (so an
+    // unfiltered listing's total costs one row, not a scan); terminated instances remember when
+    // (for purging); copies
     // read a pinned source snapshot, carry the digest they must reproduce and a deadline for
     // retries; the source side pins the snapshots being copied.
     r#"
@@ -107,6 +109,11 @@ ALTER TABLE instances ADD COLUMN terminated_at INTEGER;
 UPDATE instances SET terminated_at = strftime('%s', 'now') WHERE state = 'TERMINATED';
 CREATE INDEX instances_by_owner ON instances(owner, seq);
 CREATE INDEX instances_by_state ON instances(state, terminated_at);
+CREATE TABLE instance_counts (
+    owner TEXT PRIMARY KEY,
+    instances INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO instance_counts (owner, instances) SELECT owner, COUNT(*) FROM instances GROUP BY owner;
 ALTER TABLE sync_tasks ADD COLUMN source_snapshot_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE sync_tasks ADD COLUMN expected_digest TEXT NOT NULL DEFAULT '';
 ALTER TABLE sync_tasks ADD COLUMN deadline_at INTEGER NOT NULL DEFAULT 0;
