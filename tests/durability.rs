@@ -178,9 +178,11 @@ fn traced_calls(log: &str) -> Vec<Call> {
         std::collections::HashMap::new();
     let mut calls = Vec::new();
     for line in log.lines() {
-        let mut fields = line.splitn(3, ' ');
-        let (Some(pid), Some(time), Some(rest)) = (fields.next(), fields.next(), fields.next())
-        else {
+        // strace pads the pid column when pids differ in width: split on runs of spaces.
+        let Some((pid, rest)) = line.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Some((time, rest)) = rest.trim_start().split_once(' ') else {
             continue;
         };
         let Ok(time) = time.parse::<f64>() else {
@@ -483,4 +485,17 @@ fn the_strace_log_parser_reads_renames_and_directory_fsyncs() {
         ]
     );
     assert_eq!(call_args(&calls[2].args), [Arg::Fd("/d/chunks".into())]);
+}
+
+#[test]
+fn the_strace_log_parser_reads_lines_with_a_padded_pid_column() {
+    let log = "3676  1796181524.513835 rename(\"/d/chunks/.tmp-a\", \"/d/chunks/a\") = 0\n\
+               12345 1796181524.600000 fsync(7</d/chunks>) = 0\n";
+    let calls = traced_calls(log);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(
+        rename_target(&calls[0]),
+        Some(std::path::PathBuf::from("/d/chunks/a"))
+    );
+    assert_eq!(calls[1].name, "fsync");
 }
