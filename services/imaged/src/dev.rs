@@ -258,6 +258,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             copy_deadline: imagefleet_region::RegionConfig::DEFAULT_COPY_DEADLINE,
             instance_retention: imagefleet_region::RegionConfig::DEFAULT_INSTANCE_RETENTION,
             chunks: None,
+            account_rate: imagefleet_region::RegionConfig::DEFAULT_ACCOUNT_RATE,
         })?;
         tasks.spawn(imagefleet_region::run(
             region,

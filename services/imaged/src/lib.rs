@@ -153,6 +153,10 @@ struct RegionArgs {
     /// How long terminated instances stay listed before they are purged, e.g. `1h`.
     #[arg(long, env = "IMAGEFLEET_INSTANCE_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
     instance_retention: std::time::Duration,
+    /// Calls per second each account may make to this region (0: unlimited); calls over it
+    /// wait their turn, or are refused with `RequestLimitExceeded` past a second's wait.
+    #[arg(long, env = "IMAGEFLEET_ACCOUNT_RATE", default_value_t = 1000)]
+    account_rate: u32,
     #[command(flatten)]
     key: ServiceKeyArgs,
 }
@@ -244,6 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 copy_deadline: args.copy_deadline,
                 instance_retention: args.instance_retention,
                 chunks: None,
+                account_rate: args.account_rate,
             })?;
             imagefleet_region::run(region, listener, shutdown).await
         }

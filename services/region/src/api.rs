@@ -131,6 +131,13 @@ const IMAGE_FILTERS: &[&str] = &[
 const INSTANCE_FILTERS: &[&str] = &["instance-id", "instance-name", "instance-state", "image-id"];
 
 impl RegionApi {
+    /// The calling account, once the account's pacing lets the call go.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let caller = account_id(request)?;
+        self.region.pacer.turn(&caller).await?;
+        Ok(caller)
+    }
+
     /// An instance of the caller, or `NOT_FOUND`.
     async fn own_instance(&self, instance_id: &str, caller: &str) -> Result<InstanceRow> {
         let store = self.region.store.clone();
@@ -708,7 +715,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<DescribeImagesRequest>,
     ) -> Result<Response<DescribeImagesResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(RegionApi::describe_images(self, caller, request.into_inner()).await)
     }
 
@@ -716,7 +723,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<DescribeImageQuotaRequest>,
     ) -> Result<Response<DescribeImageQuotaResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         let store = self.region.store.clone();
         let used = blocking(move || store.custom_image_count(&caller)).await;
         answer(used.map(|used| DescribeImageQuotaResponse {
@@ -729,7 +736,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<ModifyImageAttributeRequest>,
     ) -> Result<Response<ModifyImageAttributeResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(
             RegionApi::modify_image_attribute(self, caller, request.into_inner())
                 .await
@@ -741,7 +748,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<DeleteImagesRequest>,
     ) -> Result<Response<DeleteImagesResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(
             RegionApi::delete_images(self, caller, request.into_inner())
                 .await
@@ -753,7 +760,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<CreateImageRequest>,
     ) -> Result<Response<CreateImageResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(RegionApi::create_image(self, caller, request.into_inner()).await)
     }
 
@@ -763,7 +770,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<ExportImageRequest>,
     ) -> Result<Response<Self::ExportImageStream>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(RegionApi::export_image(self, caller, request.into_inner()).await)
     }
 
@@ -771,7 +778,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<RunInstancesRequest>,
     ) -> Result<Response<RunInstancesResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(RegionApi::run_instances(self, caller, request.into_inner()).await)
     }
 
@@ -779,7 +786,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<DescribeInstancesRequest>,
     ) -> Result<Response<DescribeInstancesResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(RegionApi::describe_instances(self, caller, request.into_inner()).await)
     }
 
@@ -787,7 +794,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<TerminateInstancesRequest>,
     ) -> Result<Response<TerminateInstancesResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(
             RegionApi::terminate_instances(self, caller, request.into_inner())
                 .await
@@ -799,7 +806,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<ResetInstanceRequest>,
     ) -> Result<Response<ResetInstanceResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(
             RegionApi::reset_instance(self, caller, request.into_inner())
                 .await
@@ -811,7 +818,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<WriteInstanceDiskRequest>,
     ) -> Result<Response<WriteInstanceDiskResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(RegionApi::write_instance_disk(self, caller, request.into_inner()).await)
     }
 
@@ -819,7 +826,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<ReadInstanceDiskRequest>,
     ) -> Result<Response<ReadInstanceDiskResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(RegionApi::read_instance_disk(self, caller, request.into_inner()).await)
     }
 
@@ -827,7 +834,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<SyncImagesRequest>,
     ) -> Result<Response<SyncImagesResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(crate::copy::request::sync_images(&self.region, &caller, request.into_inner()).await)
     }
 
@@ -835,7 +842,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<ModifyImageSharePermissionRequest>,
     ) -> Result<Response<ModifyImageSharePermissionResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(
             self.region
                 .modify_share_permission(&caller, request.into_inner())
@@ -848,7 +855,7 @@ impl RegionService for RegionApi {
         &self,
         request: Request<DescribeImageSharePermissionRequest>,
     ) -> Result<Response<DescribeImageSharePermissionResponse>, Status> {
-        let caller = account_id(&request)?;
+        let caller = self.caller(&request).await?;
         answer(
             self.region
                 .describe_share_permission(&caller, request.into_inner())

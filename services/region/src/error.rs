@@ -40,6 +40,9 @@ pub enum RegionError {
         reason: &'static str,
         message: String,
     },
+    /// The account is over its call rate in this region.
+    #[error("{0}")]
+    RequestLimit(String),
     /// A refusal of one copy of a `SyncImages` call, naming the image and destination.
     #[error("copy of {image_id} to {region}: {source}")]
     CopyRefused {
@@ -82,6 +85,10 @@ impl RegionError {
             reason,
             message: message.into(),
         }
+    }
+
+    pub fn unsupported_limit(message: String) -> Self {
+        RegionError::RequestLimit(message)
     }
 
     pub fn image_state(image: &crate::model::ImageRow) -> Self {
@@ -150,6 +157,9 @@ impl From<RegionError> for Status {
             }
             RegionError::ImageQuota { .. } => {
                 error::status(Code::ResourceExhausted, "ImageQuotaLimitExceeded", message)
+            }
+            RegionError::RequestLimit(_) => {
+                error::status(Code::ResourceExhausted, "RequestLimitExceeded", message)
             }
             RegionError::InShared(_) => {
                 error::status(Code::FailedPrecondition, "InvalidImageId.InShared", message)

@@ -12,7 +12,8 @@
 //! - `lifecycle`: the finish step, deletion, restart recovery and upkeep; `shares`: who may use
 //!   an image;
 //! - `copy`: cross-region copies (source side of the call, the peer service, the engine);
-//! - `api`: the account-facing handlers, with their input checks in `validate`.
+//! - `api`: the account-facing handlers, with their input checks in `validate` and each
+//!   account's calls paced by `pacing`.
 
 mod api;
 pub mod catalogue;
@@ -22,6 +23,7 @@ pub mod error;
 mod lifecycle;
 pub mod meta;
 pub mod model;
+mod pacing;
 mod region;
 pub mod seed;
 mod shares;

@@ -44,11 +44,15 @@ pub struct RegionConfig {
     pub instance_retention: Duration,
     /// Where chunks live; `None`: local disk under `data_dir/chunks`.
     pub chunks: Option<ChunkStore>,
+    /// Calls per second each account may make to this region (0: unlimited); calls over it
+    /// wait their turn, or are refused with `RequestLimitExceeded` past a second's wait.
+    pub account_rate: u32,
 }
 
 impl RegionConfig {
     pub const DEFAULT_COPY_DEADLINE: Duration = Duration::from_secs(24 * 3600);
     pub const DEFAULT_INSTANCE_RETENTION: Duration = Duration::from_secs(3600);
+    pub const DEFAULT_ACCOUNT_RATE: u32 = 1000;
 }
 
 /// A copy running in this process, on the destination side.
@@ -76,6 +80,8 @@ pub struct Region {
     peers: Mutex<HashMap<String, RegionInternalServiceClient<SignedChannel>>>,
     /// Copies running in this process, by destination image.
     pub(crate) copies: Mutex<HashMap<String, RunningCopy>>,
+    /// Paces each account's calls (one account cannot take the region's cores from others).
+    pub(crate) pacer: crate::pacing::Pacer,
 }
 
 /// Runs a blocking store or chunk operation off the async threads.
@@ -107,7 +113,9 @@ impl Region {
             credentials,
             SHARING_SCOPE,
         )?);
+        let pacer = crate::pacing::Pacer::new(config.account_rate, config.account_rate);
         let region = Arc::new(Region {
+            pacer,
             config,
             store,
             chunks,

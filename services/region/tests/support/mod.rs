@@ -191,6 +191,7 @@ impl Harness {
             copy_deadline: deadline,
             instance_retention: Duration::from_secs(3600),
             chunks: Some(chunks.clone()),
+            account_rate: RegionConfig::DEFAULT_ACCOUNT_RATE,
         })
         .expect("region opens");
         let (stop, rx) = watch::channel(false);
