@@ -88,7 +88,14 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "catalog serving");
     }
-    serve(listener, routes, verifier, shutdown).await?;
+    serve(
+        listener,
+        routes,
+        verifier,
+        imagefleet_rpc::server::Delivery::Immediate,
+        shutdown,
+    )
+    .await?;
     tracing::info!("catalog stopped");
     Ok(())
 }

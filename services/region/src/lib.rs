@@ -118,7 +118,14 @@ pub async fn run(
     };
     let upkeep = tokio::spawn(region.clone().keep_up(UPKEEP_EVERY));
     tracing::info!(region = %region.config.region, addr = ?listener.local_addr().ok(), "region service listening");
-    let result = imagefleet_rpc::server::serve(listener, routes, verifier, shutdown).await;
+    let result = imagefleet_rpc::server::serve(
+        listener,
+        routes,
+        verifier,
+        imagefleet_rpc::server::Delivery::Immediate,
+        shutdown,
+    )
+    .await;
     registering.abort();
     upkeep.abort();
     for (_, running) in region

@@ -75,7 +75,14 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "sharing serving");
     }
-    let served = serve(listener, routes, verifier, shutdown).await;
+    let served = serve(
+        listener,
+        routes,
+        verifier,
+        imagefleet_rpc::server::Delivery::Coalesced,
+        shutdown,
+    )
+    .await;
     watcher.abort();
     served?;
     tracing::info!("sharing stopped");
