@@ -273,6 +273,38 @@ pub struct CopyTask {
     pub deadline_at: i64,
 }
 
+impl CopyTask {
+    /// A copy not yet started: nothing fetched, no attempt made.
+    pub fn new(
+        request_key: &str,
+        source_region: &str,
+        source_image_id: &str,
+        source_snapshot_id: &str,
+        expected_digest: &str,
+        deadline_at: i64,
+    ) -> Self {
+        CopyTask {
+            image_id: String::new(),
+            request_key: request_key.to_string(),
+            source_region: source_region.to_string(),
+            source_image_id: source_image_id.to_string(),
+            source_snapshot_id: source_snapshot_id.to_string(),
+            expected_digest: expected_digest.to_string(),
+            state: CopyState::Running,
+            manifest_loaded: false,
+            chunks_total: 0,
+            bytes_total: 0,
+            chunks_done: 0,
+            bytes_done: 0,
+            chunks_transferred: 0,
+            bytes_transferred: 0,
+            attempts: 0,
+            last_error: String::new(),
+            deadline_at,
+        }
+    }
+}
+
 /// Progress of a copy, as last recorded.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CopyCounters {

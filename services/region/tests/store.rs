@@ -4,7 +4,7 @@
 
 use imagefleet_region::meta::{Limits, NewContent, NewImage, Store};
 use imagefleet_region::model::{
-    CopyState, CopyTask, ImageRow, ImageSource, ImageState, InstanceRow, InstanceState,
+    CopyTask, ImageRow, ImageSource, ImageState, InstanceRow, InstanceState,
 };
 
 fn store() -> (tempfile::TempDir, Store) {
@@ -28,25 +28,14 @@ fn copy(name: &str, key: &str) -> NewImage {
     NewImage {
         row,
         content: NewContent::Copy {
-            task: Box::new(CopyTask {
-                image_id: String::new(),
-                request_key: key.to_string(),
-                source_region: "ap-guangzhou".into(),
-                source_image_id: "img-aaaaaaaa".into(),
-                source_snapshot_id: "snap-aaaaaaaa".into(),
-                expected_digest: "sha256:00".into(),
-                state: CopyState::Running,
-                manifest_loaded: false,
-                chunks_total: 0,
-                bytes_total: 0,
-                chunks_done: 0,
-                bytes_done: 0,
-                chunks_transferred: 0,
-                bytes_transferred: 0,
-                attempts: 0,
-                last_error: String::new(),
-                deadline_at: i64::MAX,
-            }),
+            task: Box::new(CopyTask::new(
+                key,
+                "ap-guangzhou",
+                "img-aaaaaaaa",
+                "snap-aaaaaaaa",
+                "sha256:00",
+                i64::MAX,
+            )),
         },
         refusal_context: Some(("img-aaaaaaaa".into(), "ap-shanghai".into())),
     }

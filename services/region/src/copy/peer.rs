@@ -4,7 +4,7 @@
 use super::{MANIFEST_PAGE, MAX_FETCH_DIGESTS, MAX_SYNC_IMAGES, MAX_SYNC_REGIONS};
 use crate::error::{RegionError, Result};
 use crate::meta::{CopySource, Limits, NewContent, NewImage};
-use crate::model::{CopyState, CopyTask, ImageRow, ImageSource, ImageState};
+use crate::model::{CopyTask, ImageRow, ImageSource, ImageState};
 use crate::region::{blocking, Region};
 use crate::validate;
 use imagefleet_chunkstore::ChunkDigest;
@@ -95,25 +95,14 @@ impl RegionPeerApi {
         row.parent_region = source.region.clone();
         row.root_image_id = source.ultimate_source_image_id.clone();
         row.root_paid = source.ultimate_source_paid;
-        let task = CopyTask {
-            image_id: String::new(),
-            request_key: copy.request_key.clone(),
-            source_region: source.region.clone(),
-            source_image_id: source.image_id.clone(),
-            source_snapshot_id: source.snapshot_id.clone(),
-            expected_digest: source.content_digest.clone(),
-            state: CopyState::Running,
-            manifest_loaded: false,
-            chunks_total: 0,
-            bytes_total: 0,
-            chunks_done: 0,
-            bytes_done: 0,
-            chunks_transferred: 0,
-            bytes_transferred: 0,
-            attempts: 0,
-            last_error: String::new(),
+        let task = CopyTask::new(
+            &copy.request_key,
+            &source.region,
+            &source.image_id,
+            &source.snapshot_id,
+            &source.content_digest,
             deadline_at,
-        };
+        );
         Ok(NewImage {
             row,
             content: NewContent::Copy {
