@@ -727,32 +727,13 @@ async fn a_sync_over_the_destination_quota_is_refused_whole_and_creates_no_copy(
     image_with(&mut sh, "Debian", &[], "already-there").await;
     let before = custom_image_count(&mut sh).await;
     assert_eq!(before, 1);
-    for dry_run in [false, true] {
-        let status = gz
-            .sync_images(SyncImagesRequest {
-                image_ids: sources.clone(),
-                destination_regions: vec!["ap-shanghai".into()],
-                dry_run,
-                ..Default::default()
-            })
-            .await
-            .map(|r| r.into_inner())
-            .expect_err(&format!(
-                "dry_run {dry_run}: 3 copies were admitted where 2 fit"
-            ));
-        assert_eq!(
-            (status.code(), reason(&status).as_str()),
-            (Code::ResourceExhausted, "ImageQuotaLimitExceeded"),
-            "dry_run {dry_run}: {status:?}"
-        );
-        assert_eq!(
-            custom_image_count(&mut sh).await,
-            before,
-            "dry_run {dry_run}: the refused call created copies"
-        );
-        assert_names_the_copy(&status, "ap-shanghai", &sources);
-    }
-    assert_image_count_stays(&mut sh, before, std::time::Duration::from_secs(3)).await;
+    let request = SyncImagesRequest {
+        image_ids: sources.clone(),
+        destination_regions: vec!["ap-shanghai".into()],
+        ..Default::default()
+    };
+    let refusal = (Code::ResourceExhausted, "ImageQuotaLimitExceeded");
+    assert_refused_whole(&mut gz, &mut sh, request, refusal, &sources).await;
 }
 
 /// Old code: admitted each copy on its own, so the real call made the first copy under the
@@ -765,33 +746,48 @@ async fn a_sync_giving_several_images_one_name_is_refused_whole_and_creates_no_c
     let sources = three_images(&mut gz, "named").await;
     let before = custom_image_count(&mut sh).await;
     assert_eq!(before, 0);
+    let request = SyncImagesRequest {
+        image_ids: sources.clone(),
+        destination_regions: vec!["ap-shanghai".into()],
+        image_name: "one-name".into(),
+        ..Default::default()
+    };
+    let refusal = (Code::AlreadyExists, "InvalidImageName.Duplicate");
+    assert_refused_whole(&mut gz, &mut sh, request, refusal, &sources).await;
+}
+
+/// Sends `request` for real and as a dry run: both are refused with `refusal`, name the copy
+/// refused, and no copy appears in ap-shanghai (`sh`), also a few seconds later.
+async fn assert_refused_whole(
+    gz: &mut Region,
+    sh: &mut Region,
+    request: SyncImagesRequest,
+    refusal: (Code, &str),
+    sources: &[String],
+) {
+    let before = custom_image_count(sh).await;
     for dry_run in [false, true] {
         let status = gz
             .sync_images(SyncImagesRequest {
-                image_ids: sources.clone(),
-                destination_regions: vec!["ap-shanghai".into()],
-                image_name: "one-name".into(),
                 dry_run,
-                ..Default::default()
+                ..request.clone()
             })
             .await
             .map(|r| r.into_inner())
-            .expect_err(&format!(
-                "dry_run {dry_run}: 3 copies under one name were admitted"
-            ));
+            .expect_err(&format!("dry_run {dry_run}: copies were admitted"));
         assert_eq!(
             (status.code(), reason(&status).as_str()),
-            (Code::AlreadyExists, "InvalidImageName.Duplicate"),
+            refusal,
             "dry_run {dry_run}: {status:?}"
         );
         assert_eq!(
-            custom_image_count(&mut sh).await,
+            custom_image_count(sh).await,
             before,
             "dry_run {dry_run}: the refused call created copies"
         );
-        assert_names_the_copy(&status, "ap-shanghai", &sources);
+        assert_names_the_copy(&status, "ap-shanghai", sources);
     }
-    assert_image_count_stays(&mut sh, before, std::time::Duration::from_secs(3)).await;
+    assert_image_count_stays(sh, before, std::time::Duration::from_secs(3)).await;
 }
 
 /// Waits until at least `count` more chunk files than `baseline` are in `region_dir` (chunks
