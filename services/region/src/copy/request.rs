@@ -144,39 +144,29 @@ pub(crate) async fn sync_images(
     let directory = region.region_directory().await?;
     let first_image = req.image_ids[0].clone();
     for dest in &req.destination_regions {
-        if dest == &here {
-            return Err(refused(
-                &first_image,
-                dest,
-                RegionError::invalid(
-                    "destination_regions",
-                    "UnsupportedOperation.Region",
-                    "an image cannot be copied to its own region",
-                ),
-            ));
-        }
-        if !directory.iter().any(|r| &r.region == dest) {
-            return Err(refused(
-                &first_image,
-                dest,
-                RegionError::invalid(
-                    "destination_regions",
-                    "InvalidRegion.NotFound",
-                    format!("region {dest} does not exist"),
-                ),
-            ));
-        }
-        if catalogue::is_mainland(dest) != catalogue::is_mainland(&here) {
-            return Err(refused(
-                &first_image,
-                dest,
-                RegionError::invalid(
-                    "destination_regions",
-                    "UnsupportedOperation.Region",
-                    format!("copies stay on one side of the mainland China line: {here} -> {dest} is not allowed"),
-                ),
-            ));
-        }
+        let (reason, message) = if dest == &here {
+            (
+                "UnsupportedOperation.Region",
+                "an image cannot be copied to its own region".to_string(),
+            )
+        } else if !directory.iter().any(|r| &r.region == dest) {
+            (
+                "InvalidRegion.NotFound",
+                format!("region {dest} does not exist"),
+            )
+        } else if catalogue::is_mainland(dest) != catalogue::is_mainland(&here) {
+            (
+                "UnsupportedOperation.Region",
+                format!("copies stay on one side of the mainland China line: {here} -> {dest} is not allowed"),
+            )
+        } else {
+            continue;
+        };
+        return Err(refused(
+            &first_image,
+            dest,
+            RegionError::invalid("destination_regions", reason, message),
+        ));
     }
     let first_dest = req.destination_regions[0].clone();
     let mut sources = Vec::new();
