@@ -3,83 +3,8 @@
 
 mod common;
 
+use common::dev::*;
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn imagectl(cluster_file: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(IMAGECTL)
-        .arg("--cluster")
-        .arg(cluster_file)
-        .args(args)
-        .output()
-        .expect("imagectl runs")
-}
-
-fn json(output: &std::process::Output) -> serde_json::Value {
-    assert!(
-        output.status.success(),
-        "imagectl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not one JSON document ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
-}
-
-/// Starts `imaged dev` and waits for its ready line.
-fn start_dev(dir: &std::path::Path, regions: &str, path_env: Option<&str>) -> std::process::Child {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut command = Command::new(IMAGED);
-    command
-        .args(["dev", "--base-port", "0", "--regions", regions])
-        .arg("--data-dir")
-        .arg(dir)
-        .env_remove("REDIS_URL")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("imaged-dev.log")).unwrap());
-    if let Some(path) = path_env {
-        command.env("PATH", path);
-    }
-    let mut child = command.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("a ready line");
-        if line.contains("ready") {
-            break;
-        }
-    }
-    child
-}
-
-fn stop(mut child: std::process::Child) {
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "imaged dev did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "imaged dev exited with {status}");
-}
 
 #[test]
 fn without_redis_the_embedded_fallback_keeps_the_maps_on_disk() {
@@ -276,6 +201,60 @@ fn imaged_dev_runs_a_cluster_that_imagectl_drives() {
         &["images", "list", "--region", "ap-guangzhou"],
     );
     assert!(String::from_utf8_lossy(&table.stdout).contains(&ubuntu));
+
+    // The types `instances run --type` takes, discoverable before launching.
+    let types = json(&imagectl(
+        &cluster_file,
+        &[
+            "instance-types",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--family",
+            "S5",
+            "--output",
+            "json",
+        ],
+    ));
+    let types = types["instanceTypeConfigSet"].as_array().unwrap();
+    assert!(
+        types.iter().all(|t| t["instanceFamily"] == "S5"),
+        "{types:?}"
+    );
+    let medium = types
+        .iter()
+        .find(|t| t["instanceType"] == "S5.MEDIUM4")
+        .expect("S5.MEDIUM4 is offered");
+    assert_eq!(
+        (medium["cpu"].as_u64(), medium["memoryGib"].as_u64()),
+        (Some(2), Some(4))
+    );
+    let table = imagectl(
+        &cluster_file,
+        &["instance-types", "list", "--region", "ap-guangzhou"],
+    );
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("SA2.MEDIUM4") && table.contains("MEMORY_GIB"),
+        "{table}"
+    );
+    let unknown = imagectl(
+        &cluster_file,
+        &[
+            "instance-types",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--family",
+            "Z9",
+        ],
+    );
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("InvalidFilterValue"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
 
     // Global flags after the subcommand; the second account.
     let second = &cluster.accounts[1].account_id;

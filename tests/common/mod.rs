@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod dev;
+
 use imagefleet_proto::catalog::v1::catalog_internal_service_client::CatalogInternalServiceClient;
 use imagefleet_proto::catalog::v1::CreateAccountRequest;
 use imagefleet_proto::region::v1::region_service_client::RegionServiceClient;

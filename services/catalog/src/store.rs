@@ -57,7 +57,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating) `dir/catalog.db` and brings its schema up to date.
     pub fn open(dir: &Path) -> anyhow::Result<Store> {
-        std::fs::create_dir_all(dir)
+        imagefleet_rpc::fsutil::private_dir(dir)
             .with_context(|| format!("creating the catalog directory {}", dir.display()))?;
         let path = dir.join(DB_FILE);
         let mut conn = Connection::open(&path)
@@ -69,6 +69,9 @@ impl Store {
             tracing::warn!(%mode, "sqlite did not switch to WAL");
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // The database holds account secret keys.
+        imagefleet_rpc::fsutil::private_database(&path)
+            .with_context(|| format!("making {} owner-only", path.display()))?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
         Ok(Store {

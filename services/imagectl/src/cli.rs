@@ -57,6 +57,24 @@ pub enum Command {
     /// Instances of a region.
     #[command(subcommand)]
     Instances(InstancesCommand),
+    /// Instance types a region offers.
+    #[command(subcommand, name = "instance-types")]
+    InstanceTypes(InstanceTypesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceTypesCommand {
+    /// List the instance types of a region (for `instances run --type`).
+    List(InstanceTypesList),
+}
+
+#[derive(Debug, Args)]
+pub struct InstanceTypesList {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// Only this family (e.g. S5); repeat for several.
+    #[arg(long, value_name = "FAMILY")]
+    pub family: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -196,6 +196,7 @@ pub fn image_fields(image: &Image) -> String {
     fields.extend([
         ("PARENT_IMAGE_ID", lineage.parent_image_id),
         ("PARENT_REGION", lineage.parent_region),
+        ("PARENT_OWNER", lineage.parent_owner_account_id),
         ("ULTIMATE_SOURCE_IMAGE_ID", lineage.ultimate_source_image_id),
         (
             "ULTIMATE_SOURCE_PAID",
@@ -817,6 +818,7 @@ mod tests {
                 parent_region: "ap-guangzhou".into(),
                 ultimate_source_image_id: "img-root0001".into(),
                 ultimate_source_paid: true,
+                parent_owner_account_id: "100000000001".into(),
             }),
             snapshot_set: vec![Snapshot {
                 snapshot_id: "snap-aaaaaaaa".into(),
@@ -953,6 +955,8 @@ mod tests {
             "SYNC_PERCENT",
             "40",
             "img-parent01",
+            "PARENT_OWNER",
+            "100000000001",
             "img-root0001",
             "ULTIMATE_SOURCE_PAID",
             "sha256:abc",

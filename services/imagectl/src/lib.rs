@@ -4,13 +4,14 @@
 //!
 //! - `cli`: the command line (global flags and one enum per command group).
 //! - `session`: the cluster file, the account, and signed catalog and region clients.
-//! - `regions`, `images`, `instances`: the commands of each group.
+//! - `regions`, `images`, `instances`, `instance_types`: the commands of each group.
 //! - `output`: tables and proto3 JSON; `paging`: `--all`; `error`: how failures are reported.
 //! - `progress`: progress of long waits on stderr (bars on a terminal, plain lines otherwise).
 
 pub mod cli;
 pub mod error;
 pub mod images;
+pub mod instance_types;
 pub mod instances;
 pub mod output;
 pub mod paging;
@@ -73,5 +74,6 @@ pub async fn run_with_progress(cli: Cli, progress: ProgressSink<'_>) -> Result<S
         Command::Regions(command) => regions::run(&session, command, format).await,
         Command::Images(command) => images::run(&session, command, format, progress).await,
         Command::Instances(command) => instances::run(&session, command, format).await,
+        Command::InstanceTypes(command) => instance_types::run(&session, command, format).await,
     }
 }

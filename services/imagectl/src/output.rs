@@ -38,6 +38,7 @@ proto_messages!(
     SyncImagesResponse,
     ModifyImageSharePermissionResponse,
     DescribeImageSharePermissionResponse,
+    DescribeInstanceTypeConfigsResponse,
 );
 
 /// A message as proto3 JSON: enum values by name, every field present (defaults included).
@@ -241,6 +242,7 @@ mod tests {
         check::<region::SyncImagesResponse>();
         check::<region::ModifyImageSharePermissionResponse>();
         check::<region::DescribeImageSharePermissionResponse>();
+        check::<region::DescribeInstanceTypeConfigsResponse>();
     }
 
     #[test]

@@ -453,6 +453,13 @@ impl region::region_service_server::RegionService for Fake {
         Ok(Response::new(region::ModifyImageSharePermissionResponse {}))
     }
 
+    async fn describe_instance_type_configs(
+        &self,
+        _request: Request<region::DescribeInstanceTypeConfigsRequest>,
+    ) -> Result<Response<region::DescribeInstanceTypeConfigsResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
     async fn describe_image_share_permission(
         &self,
         request: Request<region::DescribeImageSharePermissionRequest>,

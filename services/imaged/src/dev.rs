@@ -5,6 +5,7 @@
 
 use clap::Args;
 use imagefleet_rpc::cluster::{AccountEntry, ClusterFile, RegionEndpoint, ServiceEndpoint};
+use imagefleet_rpc::fsutil::{self, DirLock};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -76,7 +77,10 @@ struct RedisChild {
 }
 
 impl RedisChild {
-    async fn start(dir: &Path, port: u16) -> anyhow::Result<(RedisChild, String)> {
+    /// Starts `redis-server` on `dir`. It dies with this process (SIGTERM, which flushes the
+    /// AOF), even on `kill -9`, and holds `lock` with it, so no second cluster can start on the
+    /// directory while it lives.
+    async fn start(dir: &Path, port: u16, lock: &DirLock) -> anyhow::Result<(RedisChild, String)> {
         let port = if port == 0 {
             // Let the kernel pick, then hand the port to redis-server.
             std::net::TcpListener::bind("127.0.0.1:0")?
@@ -85,8 +89,18 @@ impl RedisChild {
         } else {
             port
         };
-        std::fs::create_dir_all(dir)?;
-        let child = tokio::process::Command::new("redis-server")
+        imagefleet_rpc::fsutil::private_dir(dir)?;
+        let parent = std::process::id();
+        let lock_fd = lock.raw_fd();
+        let mut command = tokio::process::Command::new("redis-server");
+        // SAFETY: the closure makes async-signal-safe calls only (fcntl, prctl, getppid).
+        unsafe {
+            command.pre_exec(move || {
+                fsutil::share_with_child(lock_fd)?;
+                fsutil::die_with_parent(parent, libc::SIGTERM)
+            });
+        }
+        let child = command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"])
             .arg(dir)
             .args([
@@ -174,7 +188,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         anyhow::bail!("give at least one region");
     }
     let dir = args.data_dir.clone();
-    std::fs::create_dir_all(&dir)?;
+    // One cluster per data directory: its stores, its Redis AOF and cluster.json.
+    let lock = DirLock::acquire(&dir, super::LOCK_PATIENCE)?;
     let (key, key_file) = service_key(&dir)?;
 
     let catalog_listener = bind(port(args.base_port, 0)).await?;
@@ -194,7 +209,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         ),
         None if on_path("redis-server") => {
             let (child, url) =
-                RedisChild::start(&dir.join("redis"), port(args.base_port, 9)).await?;
+                RedisChild::start(&dir.join("redis"), port(args.base_port, 9), &lock).await?;
             (
                 Some(child),
                 imagefleet_sharing::MapsBackend::Redis { url: url.clone() },

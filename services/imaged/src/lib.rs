@@ -164,6 +164,9 @@ struct RegionArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     imagefleet_rpc::telemetry::init();
+    // Everything a server writes may hold a secret (account keys, the service key): files are
+    // created owner-only, by this process and by the children it starts.
+    imagefleet_rpc::fsutil::owner_only_umask();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -200,6 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Catalog(args) => {
+            let _lock = lock_data_dir(&args.data_dir)?;
             let catalog = imagefleet_catalog::Catalog::open(imagefleet_catalog::CatalogConfig {
                 data_dir: args.data_dir,
                 service_key: args.key.resolve()?,
@@ -212,9 +216,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             imagefleet_catalog::run(catalog, listener, shutdown).await
         }
         Command::Sharing(args) => {
+            let mut _lock = None;
             let backend = match (args.redis_url, args.embedded_dir) {
                 (Some(url), _) => imagefleet_sharing::MapsBackend::Redis { url },
-                (None, Some(dir)) => imagefleet_sharing::MapsBackend::Embedded { dir },
+                (None, Some(dir)) => {
+                    _lock = Some(lock_data_dir(&dir)?);
+                    imagefleet_sharing::MapsBackend::Embedded { dir }
+                }
                 (None, None) => anyhow::bail!("give --redis-url (REDIS_URL) or --embedded-dir"),
             };
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -226,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             imagefleet_sharing::run(config, listener, shutdown).await
         }
         Command::Region(args) => {
+            let _lock = lock_data_dir(&args.data_dir)?;
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             let advertise_url = args.advertise_url.unwrap_or_else(|| {
                 format!(
@@ -253,4 +262,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             imagefleet_region::run(region, listener, shutdown).await
         }
     }
+}
+
+/// How long a server waits for a data directory's lock: long enough for the children of a
+/// server that was just killed to die (they get SIGTERM when it does).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Locks a server's data directory for as long as the server runs: two servers writing one
+/// directory would corrupt each other's stores.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<imagefleet_rpc::fsutil::DirLock> {
+    Ok(imagefleet_rpc::fsutil::DirLock::acquire(
+        dir,
+        LOCK_PATIENCE,
+    )?)
 }

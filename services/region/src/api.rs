@@ -80,6 +80,7 @@ fn image_message(row: &ImageRow, caller: &str, region: &str) -> Image {
             parent_region: row.parent_region.clone(),
             ultimate_source_image_id: row.root_image_id.clone(),
             ultimate_source_paid: row.root_paid,
+            parent_owner_account_id: row.parent_owner.clone(),
         }),
         content_digest: row.content_digest.clone(),
         is_deprecated: row.deprecated,
@@ -495,6 +496,7 @@ impl RegionApi {
                 created_at: now,
                 root_image_id: image.root_image_id.clone(),
                 root_paid: image.root_paid,
+                image_owner: image.owner.clone(),
             })
             .collect();
         let ids: Vec<String> = instances.iter().map(|i| i.instance_id.clone()).collect();
@@ -861,5 +863,51 @@ impl RegionService for RegionApi {
                 .describe_share_permission(&caller, request.into_inner())
                 .await,
         )
+    }
+
+    async fn describe_instance_type_configs(
+        &self,
+        request: Request<DescribeInstanceTypeConfigsRequest>,
+    ) -> Result<Response<DescribeInstanceTypeConfigsResponse>, Status> {
+        self.caller(&request).await?;
+        let filters = request.into_inner().filters;
+        validate::filters(&filters, &["instance-family", "instance-type"])?;
+        let types = catalogue::instance_types_listed();
+        for filter in &filters {
+            let known = |value: &String| {
+                types.iter().any(|t| match filter.name.as_str() {
+                    "instance-family" => t.family() == value,
+                    _ => t.name == value,
+                })
+            };
+            if let Some(unknown) = filter.values.iter().find(|v| !known(v)) {
+                return Err(RegionError::invalid(
+                    "filters",
+                    "InvalidFilterValue",
+                    format!("{} {unknown:?} is not offered here", filter.name),
+                )
+                .into());
+            }
+        }
+        let region = self.region.name();
+        let set = types
+            .into_iter()
+            .filter(|t| {
+                validate::matches(&filters, |name| match name {
+                    "instance-family" => t.family().to_string(),
+                    _ => t.name.to_string(),
+                })
+            })
+            .map(|t| InstanceTypeConfig {
+                instance_type: t.name.to_string(),
+                instance_family: t.family().to_string(),
+                cpu: t.cpu,
+                memory_gib: t.memory_gib,
+                region: region.to_string(),
+            })
+            .collect();
+        Ok(Response::new(DescribeInstanceTypeConfigsResponse {
+            instance_type_config_set: set,
+        }))
     }
 }

@@ -71,6 +71,22 @@ pub fn instance_type(name: &str) -> Option<InstanceType> {
     INSTANCE_TYPES.iter().copied().find(|t| t.name == name)
 }
 
+impl InstanceType {
+    /// The family: the part of the name before the dot (`S5` of `S5.MEDIUM4`).
+    pub fn family(&self) -> &'static str {
+        self.name
+            .split_once('.')
+            .map_or(self.name, |(family, _)| family)
+    }
+}
+
+/// The instance types in the order they are listed: by family, then by CPU and memory.
+pub fn instance_types_listed() -> Vec<InstanceType> {
+    let mut types = INSTANCE_TYPES.to_vec();
+    types.sort_by_key(|t| (t.family(), t.cpu, t.memory_gib));
+    types
+}
+
 /// A public image definition. Content is generated from `name`, so every region holds the
 /// same bytes.
 #[derive(Clone, Copy, Debug)]

@@ -184,6 +184,9 @@ pub struct ImageRow {
     pub sync_percent: u32,
     pub parent_image_id: String,
     pub parent_region: String,
+    /// The parent image's owner: this account for its own images and copies, the sharer for
+    /// an image made from an instance launched from a shared image, empty for public parents.
+    pub parent_owner: String,
     pub root_image_id: String,
     pub root_paid: bool,
     /// Computed from the stored manifest by the finish step; empty before.
@@ -216,6 +219,7 @@ impl ImageRow {
             sync_percent: 0,
             parent_image_id: String::new(),
             parent_region: String::new(),
+            parent_owner: String::new(),
             root_image_id: String::new(),
             root_paid: false,
             content_digest: String::new(),
@@ -245,6 +249,9 @@ pub struct InstanceRow {
     pub created_at: i64,
     pub root_image_id: String,
     pub root_paid: bool,
+    /// The owner of the image it was launched from (or last reset to): empty for a public
+    /// image, another account for a shared one.
+    pub image_owner: String,
 }
 
 /// A copy into this region (the destination side of `SyncImages`).

@@ -96,7 +96,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl Region {
     /// Opens the region's stores (creating them); no network yet.
     pub fn open(config: RegionConfig) -> anyhow::Result<Arc<Region>> {
-        std::fs::create_dir_all(&config.data_dir)?;
+        imagefleet_rpc::fsutil::private_dir(&config.data_dir)?;
         let store = Store::open(&config.data_dir.join(crate::meta::DB_FILE))?;
         let chunks = match &config.chunks {
             Some(chunks) => chunks.clone(),

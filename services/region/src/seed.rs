@@ -132,6 +132,7 @@ pub(crate) fn seed_public_images(
             sync_percent: 100,
             parent_image_id: String::new(),
             parent_region: String::new(),
+            parent_owner: String::new(),
             root_image_id: id.clone(),
             root_paid: def.paid_in(mainland),
             content_digest: disk::manifest_digest(virtual_size, &manifest),

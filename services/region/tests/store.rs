@@ -152,6 +152,7 @@ fn instance(owner: &str, n: usize, image_id: &str) -> InstanceRow {
         created_at: 0,
         root_image_id: image_id.to_string(),
         root_paid: false,
+        image_owner: String::new(),
     }
 }
 
@@ -227,12 +228,26 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
         let path = dir.path().join("metadata.db");
         std::fs::copy(fixtures.join(db), &path).expect("copy fixture");
         let store = Store::open(&path).expect("the old store opens");
-        assert_eq!(store.schema_version().expect("version"), 2, "{db}");
+        assert_eq!(
+            store.schema_version().expect("version"),
+            imagefleet_region::meta::SCHEMA_VERSION,
+            "{db}"
+        );
         // Opening again is a no-op.
         drop(store);
         let store = Store::open(&path).expect("reopens");
         let want = &expected[db];
         let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+        // Owners of the images in this store, for the lineage the migration fills in.
+        let owner_of = |image_id: &str| {
+            want["images"]
+                .as_array()
+                .expect("images")
+                .iter()
+                .find(|i| text(i, "image_id") == image_id)
+                .map(|i| text(i, "owner"))
+                .unwrap_or_default()
+        };
 
         for image in want["images"].as_array().expect("images") {
             let id = text(image, "image_id");
@@ -257,6 +272,12 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
                 image["root_paid"].as_i64() == Some(1),
                 "{id}"
             );
+            let parent_owner = if got.source.as_str() == "SYNC" {
+                got.owner.clone()
+            } else {
+                owner_of(&got.parent_image_id)
+            };
+            assert_eq!(got.parent_owner, parent_owner, "{id}");
         }
         for instance in want["instances"].as_array().expect("instances") {
             let id = text(instance, "instance_id");
@@ -267,6 +288,7 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
             assert_eq!(got.owner, text(instance, "owner"), "{id}");
             assert_eq!(got.state.as_str(), text(instance, "state"), "{id}");
             assert_eq!(got.image_id, text(instance, "image_id"), "{id}");
+            assert_eq!(got.image_owner, owner_of(&got.image_id), "{id}");
             assert_eq!(
                 got.base_snapshot_id.unwrap_or_default(),
                 text(instance, "base_snapshot_id"),

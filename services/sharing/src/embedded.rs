@@ -231,7 +231,7 @@ impl EmbeddedMaps {
     /// Replays `dir/sharing-maps.jsonl` (if any), rewrites it compactly and opens it for
     /// appending.
     pub fn open(dir: &Path) -> std::io::Result<EmbeddedMaps> {
-        std::fs::create_dir_all(dir)?;
+        imagefleet_rpc::fsutil::private_dir(dir)?;
         let path = dir.join(LOG_FILE);
         let text = match std::fs::read(&path) {
             Ok(bytes) => String::from_utf8(bytes)

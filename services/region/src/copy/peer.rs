@@ -93,6 +93,8 @@ impl RegionPeerApi {
         row.license_type = source.license_type.clone();
         row.parent_image_id = source.image_id.clone();
         row.parent_region = source.region.clone();
+        // Only an image's owner copies it.
+        row.parent_owner = row.owner.clone();
         row.root_image_id = source.ultimate_source_image_id.clone();
         row.root_paid = source.ultimate_source_paid;
         let task = CopyTask::new(

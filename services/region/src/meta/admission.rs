@@ -98,6 +98,7 @@ fn admit_in(
                 let manifest = snapshots::instance_manifest(tx, &instance)?;
                 row.virtual_size = instance.disk_size;
                 row.parent_image_id = instance.image_id.clone();
+                row.parent_owner = instance.image_owner.clone();
                 row.root_image_id = instance.root_image_id.clone();
                 row.root_paid = instance.root_paid;
                 if let Some(parent) = images::get_image(tx, &instance.image_id)? {

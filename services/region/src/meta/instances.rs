@@ -10,7 +10,7 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transact
 
 const INSTANCE_COLUMNS: &str =
     "instance_id, owner, name, instance_type, cpu, memory_gib, image_id, \
-    base_snapshot_id, disk_size, state, created_at, root_image_id, root_paid";
+    base_snapshot_id, disk_size, state, created_at, root_image_id, root_paid, image_owner";
 
 fn instance_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
     Ok(InstanceRow {
@@ -27,6 +27,7 @@ fn instance_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
         created_at: r.get(10)?,
         root_image_id: r.get(11)?,
         root_paid: r.get(12)?,
+        image_owner: r.get(13)?,
     })
 }
 
@@ -112,8 +113,8 @@ impl Store {
             }
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO instances (instance_id, owner, name, instance_type, cpu, memory_gib, image_id, \
-                 base_snapshot_id, disk_size, state, created_at, root_image_id, root_paid) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 base_snapshot_id, disk_size, state, created_at, root_image_id, root_paid, image_owner) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?;
             let mut added: std::collections::HashMap<&str, i64> = Default::default();
             for i in instances {
@@ -131,7 +132,8 @@ impl Store {
                     i.state,
                     i.created_at,
                     i.root_image_id,
-                    i.root_paid
+                    i.root_paid,
+                    image.owner
                 ])?;
             }
             for (owner, n) in added {
@@ -308,9 +310,16 @@ impl Store {
             }
             let mut dropped = drop_instance_chunks(tx, instance_id)?;
             tx.execute(
-                "UPDATE instances SET image_id = ?2, base_snapshot_id = ?3, root_image_id = ?4, root_paid = ?5 \
-                 WHERE instance_id = ?1",
-                params![instance_id, current.image_id, current.snapshot_id, current.root_image_id, current.root_paid],
+                "UPDATE instances SET image_id = ?2, base_snapshot_id = ?3, root_image_id = ?4, root_paid = ?5, \
+                 image_owner = ?6 WHERE instance_id = ?1",
+                params![
+                    instance_id,
+                    current.image_id,
+                    current.snapshot_id,
+                    current.root_image_id,
+                    current.root_paid,
+                    current.owner
+                ],
             )?;
             if let Some(base) = instance
                 .base_snapshot_id

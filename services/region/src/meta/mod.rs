@@ -18,6 +18,7 @@ mod copies;
 mod images;
 mod instances;
 mod schema;
+pub use schema::CURRENT_VERSION as SCHEMA_VERSION;
 mod snapshots;
 
 pub use admission::{Limits, NewContent, NewImage};
@@ -64,6 +65,9 @@ impl Store {
         let mut writer = Connection::open(path)?;
         writer.pragma_update(None, "journal_mode", "WAL")?;
         writer.pragma_update(None, "synchronous", "FULL")?;
+        imagefleet_rpc::fsutil::private_database(path).map_err(|e| {
+            crate::error::RegionError::Task(format!("making the store owner-only: {e}"))
+        })?;
         configure(&writer)?;
         schema::migrate(&mut writer)?;
         Ok(Store {

@@ -132,6 +132,19 @@ CREATE TABLE copy_pins (
 );
 CREATE INDEX copy_pins_by_snapshot ON copy_pins(snapshot_id);
 "#,
+    // 3: lineage names the parent image's owner (for an image made from an instance launched
+    // from a shared image: the account that shared it), kept on the instance from its launch
+    // so that neither a cancelled share nor a deleted parent loses it.
+    r#"
+ALTER TABLE instances ADD COLUMN image_owner TEXT NOT NULL DEFAULT '';
+UPDATE instances SET image_owner = COALESCE(
+    (SELECT p.owner FROM images p WHERE p.image_id = instances.image_id), '');
+ALTER TABLE images ADD COLUMN parent_owner TEXT NOT NULL DEFAULT '';
+UPDATE images SET parent_owner = CASE
+    WHEN source = 'SYNC' THEN owner
+    ELSE COALESCE((SELECT p.owner FROM images p WHERE p.image_id = images.parent_image_id), '')
+END WHERE parent_image_id != '';
+"#,
 ];
 
 /// The schema version this build writes.

@@ -1,0 +1,87 @@
+//! `imaged dev` as a user runs it: started with a ready line, driven through `imagectl`, and
+//! stopped with SIGTERM.
+
+use super::{IMAGECTL, IMAGED};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `imagectl --cluster FILE ARGS...` and returns what it printed.
+pub fn imagectl(cluster_file: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(IMAGECTL)
+        .arg("--cluster")
+        .arg(cluster_file)
+        .args(args)
+        .output()
+        .expect("imagectl runs")
+}
+
+/// The one JSON document `imagectl` printed.
+pub fn json(output: &std::process::Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "imagectl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON document ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+/// Starts `imaged dev` and waits for its ready line.
+pub fn start_dev(
+    dir: &std::path::Path,
+    regions: &str,
+    path_env: Option<&str>,
+) -> std::process::Child {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut command = Command::new(IMAGED);
+    command
+        .args(["dev", "--base-port", "0", "--regions", regions])
+        .arg("--data-dir")
+        .arg(dir)
+        .env_remove("REDIS_URL")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("imaged-dev.log")).unwrap());
+    if let Some(path) = path_env {
+        command.env("PATH", path);
+    }
+    let mut child = command.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("a ready line");
+        if line.contains("ready") {
+            break;
+        }
+    }
+    child
+}
+
+/// Stops `imaged dev` with SIGTERM and checks it exits cleanly.
+pub fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "imaged dev did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "imaged dev exited with {status}");
+}
