@@ -31,6 +31,8 @@ pub struct DevArgs {
     /// Use this Redis instead of starting one.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
+    #[command(flatten)]
+    fair_share: crate::FairShareArgs,
 }
 
 fn port(base: u16, offset: u16) -> u16 {
@@ -69,6 +71,54 @@ fn service_key(dir: &Path) -> anyhow::Result<(String, PathBuf)> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok((key, path))
+}
+
+/// Serves `service` on `listener` on a runtime of its own, with its own worker and blocking
+/// threads; completes when the service stops. In one process the services would otherwise
+/// share one blocking pool and one set of workers: a region whose blocking pool is full of
+/// disk work (or whose workers are busy) would hold up the catalog's and sharing service's
+/// calls, and every region's that asks them. On its own runtime a service can only use up
+/// its own threads; the cores are the operating system's to share.
+fn on_own_runtime<F, Fut>(
+    name: &str,
+    listener: TcpListener,
+    service: F,
+) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static
+where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = name.to_string();
+    let thread_name = name.clone();
+    let started = listener.into_std().and_then(|listener| {
+        std::thread::Builder::new()
+            .name(format!("{thread_name}-main"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name(format!("{thread_name}-rt"))
+                    .enable_all()
+                    .build();
+                let result = match runtime {
+                    Ok(runtime) => {
+                        let result = runtime.block_on(async move {
+                            service(TcpListener::from_std(listener)?).await
+                        });
+                        runtime.shutdown_timeout(Duration::from_secs(5));
+                        result
+                    }
+                    Err(e) => Err(anyhow::anyhow!("cannot start a runtime: {e}")),
+                };
+                let _ = tx.send(result);
+            })
+    });
+    async move {
+        started.map_err(|e| anyhow::anyhow!("cannot start {name}: {e}"))?;
+        rx.await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("{name} stopped without an answer")))
+            .map_err(|e| e.context(name))
+    }
 }
 
 /// A Redis child process; stopped when dropped.
@@ -244,24 +294,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
         accounts = catalog.accounts()?;
     }
-    tasks.spawn(imagefleet_catalog::run(
-        catalog,
-        catalog_listener,
-        stopped(stop_rx.clone()),
-    ));
-    tasks.spawn(imagefleet_sharing::run(
-        imagefleet_sharing::SharingConfig {
-            backend,
-            service_key: key.clone(),
-            catalog_url: catalog_url.clone(),
-        },
-        sharing_listener,
-        stopped(stop_rx.clone()),
-    ));
+    let stop = stopped(stop_rx.clone());
+    tasks.spawn(on_own_runtime("catalog", catalog_listener, |listener| {
+        imagefleet_catalog::run(catalog, listener, stop)
+    }));
+    let sharing = imagefleet_sharing::SharingConfig {
+        backend,
+        service_key: key.clone(),
+        catalog_url: catalog_url.clone(),
+    };
+    let stop = stopped(stop_rx.clone());
+    tasks.spawn(on_own_runtime("sharing", sharing_listener, |listener| {
+        imagefleet_sharing::run(sharing, listener, stop)
+    }));
     let mut region_endpoints = Vec::new();
     for (name, listener) in args.regions.iter().zip(region_listeners) {
         let endpoint = url(&listener)?;
-        let region = imagefleet_region::Region::open(imagefleet_region::RegionConfig {
+        let config = imagefleet_region::RegionConfig {
             region: name.clone(),
             data_dir: dir.join("regions").join(name),
             advertise_url: endpoint.clone(),
@@ -274,12 +323,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             instance_retention: imagefleet_region::RegionConfig::DEFAULT_INSTANCE_RETENTION,
             chunks: None,
             account_rate: imagefleet_region::RegionConfig::DEFAULT_ACCOUNT_RATE,
-        })?;
-        tasks.spawn(imagefleet_region::run(
-            region,
-            listener,
-            stopped(stop_rx.clone()),
-        ));
+            fair_share: args.fair_share.limits(),
+        };
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(on_own_runtime(name, listener, |listener| async move {
+            let region = imagefleet_region::Region::open(config)?;
+            imagefleet_region::run(region, listener, stop).await
+        }));
         region_endpoints.push(RegionEndpoint {
             region: name.clone(),
             endpoint,

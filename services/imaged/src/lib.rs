@@ -158,10 +158,60 @@ struct RegionArgs {
     #[arg(long, env = "IMAGEFLEET_ACCOUNT_RATE", default_value_t = 1000)]
     account_rate: u32,
     #[command(flatten)]
+    fair_share: FairShareArgs,
+    #[command(flatten)]
     key: ServiceKeyArgs,
 }
 
+/// Per-account limits of a region on streams, exports and copies, and the stall timeout of
+/// streams (`imaged region` and `imaged dev`).
+#[derive(Args, Debug, Clone)]
+struct FairShareArgs {
+    /// A stream (export, copy) whose reader takes nothing for this long is cut off with
+    /// DEADLINE_EXCEEDED `RequestTimeout.SlowReader`, e.g. `30s`.
+    #[arg(long, env = "IMAGEFLEET_STREAM_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    stream_stall_timeout: std::time::Duration,
+    /// Streams an account may have open at once in a region (its exports and the chunk
+    /// streams of copies of its images); past it RESOURCE_EXHAUSTED
+    /// `LimitExceeded.ConcurrentStreams`. 0: no limit.
+    #[arg(long, env = "IMAGEFLEET_MAX_STREAMS_PER_ACCOUNT", default_value_t = imagefleet_region::FairShare::DEFAULT_MAX_STREAMS)]
+    max_streams_per_account: u32,
+    /// Exports an account may have open at once in a region; past it RESOURCE_EXHAUSTED
+    /// `LimitExceeded.ConcurrentExports`. 0: no limit.
+    #[arg(long, env = "IMAGEFLEET_MAX_EXPORTS_PER_ACCOUNT", default_value_t = imagefleet_region::FairShare::DEFAULT_MAX_EXPORTS)]
+    max_exports_per_account: u32,
+    /// Copies into a region an account may have in flight; past it RESOURCE_EXHAUSTED
+    /// `LimitExceeded.ConcurrentCopies`. 0: no limit.
+    #[arg(long, env = "IMAGEFLEET_MAX_COPIES_PER_ACCOUNT", default_value_t = imagefleet_region::FairShare::DEFAULT_MAX_COPIES)]
+    max_copies_per_account: u32,
+}
+
+impl FairShareArgs {
+    fn limits(&self) -> imagefleet_region::FairShare {
+        imagefleet_region::FairShare {
+            stream_stall_timeout: self.stream_stall_timeout,
+            max_streams: self.max_streams_per_account,
+            max_exports: self.max_exports_per_account,
+            max_copies: self.max_copies_per_account,
+        }
+    }
+}
+
+/// Large buffers (chunks of 1 MiB, the messages that carry them) get pages of their own,
+/// given back to the system when freed. Left to adjust itself, glibc's threshold rises past
+/// the chunk size after the first such buffer is freed; from then on chunks come from the
+/// per-thread heaps and stay resident after a burst of streams ends.
+fn keep_large_buffers_apart() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any other thread
+    // exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}
+
 pub fn main() -> ExitCode {
+    keep_large_buffers_apart();
     let cli = Cli::parse();
     imagefleet_rpc::telemetry::init();
     // Everything a server writes may hold a secret (account keys, the service key): files are
@@ -258,6 +308,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 instance_retention: args.instance_retention,
                 chunks: None,
                 account_rate: args.account_rate,
+                fair_share: args.fair_share.limits(),
             })?;
             imagefleet_region::run(region, listener, shutdown).await
         }

@@ -384,6 +384,7 @@ impl RegionApi {
         if image.state != ImageState::Normal {
             return Err(RegionError::image_state(&image));
         }
+        let permits = self.region.stream_permits(&caller, true)?;
         let store = self.region.store.clone();
         let chunks = self.region.chunks.clone();
         let snapshot = image.snapshot_id.clone().unwrap_or_default();
@@ -401,7 +402,7 @@ impl RegionApi {
             .into_iter()
             .map(|(idx, d)| (idx * CHUNK_SIZE as u64, d))
             .collect();
-        Ok(disk::stream_chunks(
+        let stream = disk::stream_chunks(
             chunks,
             items,
             true,
@@ -410,7 +411,8 @@ impl RegionApi {
                 piece(offset, data)
             },
             Some(last),
-        ))
+        );
+        Ok(self.region.guarded(stream, permits))
     }
 
     async fn run_instances(

@@ -114,15 +114,22 @@ pub fn write(
     outcome.map_err(|error| WriteRefused { error, stored })
 }
 
-/// A stream of messages made from chunks read off the async threads, a couple ahead of the
-/// reader; it ends after `last` (if any), or at the first chunk that cannot be read.
+/// A stream of messages made from chunks read off the async threads, one ahead of the reader;
+/// it ends after `last` (if any), or at the first chunk that cannot be read.
 pub type ChunkStream<T> = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = std::result::Result<T, tonic::Status>> + Send>,
 >;
 
+type ChunkRead =
+    tokio::task::JoinHandle<std::result::Result<Vec<u8>, imagefleet_chunkstore::ChunkError>>;
+
 /// Streams `items` (each with the chunk it needs) as messages made by `make` from the chunk's
 /// bytes: the one way the region streams chunks out (exports, copies to other regions).
 /// `verify`: hash every chunk read (a receiver that verifies itself passes false).
+///
+/// A chunk is read only when the reader has taken the message before the one read ahead:
+/// each read is one short blocking task, and nothing waits on the reader but this stream
+/// (which `fairness::Guarded` cuts off when its reader stalls).
 pub fn stream_chunks<I, T>(
     chunks: ChunkStore,
     items: Vec<(I, ChunkDigest)>,
@@ -134,27 +141,38 @@ where
     I: Send + 'static,
     T: Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tokio::task::spawn_blocking(move || {
-        for (item, digest) in items {
-            let data = if verify {
+    let read = move |digest: ChunkDigest| -> ChunkRead {
+        let chunks = chunks.clone();
+        tokio::task::spawn_blocking(move || {
+            if verify {
                 chunks.get(&digest)
             } else {
                 chunks.get_unverified(&digest)
-            };
-            let message = data
-                .map(|data| make(item, data))
-                .map_err(|e| tonic::Status::from(RegionError::from(e)));
-            let failed = message.is_err();
-            if tx.blocking_send(message).is_err() || failed {
-                return;
             }
+        })
+    };
+    let mut items = items.into_iter();
+    // The read in flight (or done and not yet sent): the chunk read ahead.
+    let ahead = items.next().map(|(item, digest)| (item, read(digest)));
+    let state = (items, ahead, last, read, make);
+    Box::pin(futures::stream::unfold(Some(state), |state| async move {
+        let (mut items, ahead, mut last, read, make) = state?;
+        let Some((item, reading)) = ahead else {
+            return last.take().map(|last| (Ok(last), None));
+        };
+        let data = match reading.await {
+            Ok(data) => data.map_err(|e| tonic::Status::from(RegionError::from(e))),
+            Err(e) => Err(tonic::Status::from(RegionError::Task(e.to_string()))),
+        };
+        match data {
+            Ok(data) => {
+                let ahead = items.next().map(|(item, digest)| (item, read(digest)));
+                let message = make(item, data);
+                Some((Ok(message), Some((items, ahead, last, read, make))))
+            }
+            Err(status) => Some((Err(status), None)),
         }
-        if let Some(last) = last {
-            let _ = tx.blocking_send(Ok(last));
-        }
-    });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }))
 }
 
 #[cfg(test)]

@@ -43,6 +43,14 @@ pub enum RegionError {
     /// The account is over its call rate in this region.
     #[error("{0}")]
     RequestLimit(String),
+    /// The account holds as many streams, exports or copies as it may at once
+    /// (`LimitExceeded.*`).
+    #[error("{message}")]
+    Limit {
+        reason: &'static str,
+        limit: u32,
+        message: String,
+    },
     /// A refusal of one copy of a `SyncImages` call, naming the image and destination.
     #[error("copy of {image_id} to {region}: {source}")]
     CopyRefused {
@@ -161,6 +169,12 @@ impl From<RegionError> for Status {
             RegionError::RequestLimit(_) => {
                 error::status(Code::ResourceExhausted, "RequestLimitExceeded", message)
             }
+            RegionError::Limit { reason, limit, .. } => error::status_with_metadata(
+                Code::ResourceExhausted,
+                reason,
+                message,
+                [("limit".to_string(), limit.to_string())],
+            ),
             RegionError::InShared(_) => {
                 error::status(Code::FailedPrecondition, "InvalidImageId.InShared", message)
             }
@@ -177,8 +191,10 @@ impl From<RegionError> for Status {
                     ("image_id".to_string(), image_id),
                     ("region".to_string(), region),
                 ];
-                if let Some(field) = error::field(&inner) {
-                    extra.push(("field".to_string(), field));
+                for (key, value) in error::metadata(&inner) {
+                    if key != "image_id" && key != "region" {
+                        extra.push((key, value));
+                    }
                 }
                 let reason = error::reason(&inner).unwrap_or_else(|| "FailedOperation".into());
                 error::status_with_metadata(inner.code(), &reason, message, extra)

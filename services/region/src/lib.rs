@@ -20,6 +20,7 @@ pub mod catalogue;
 mod copy;
 mod disk;
 pub mod error;
+pub mod fairness;
 mod lifecycle;
 pub mod meta;
 pub mod model;
@@ -29,6 +30,7 @@ pub mod seed;
 mod shares;
 mod validate;
 
+pub use fairness::FairShare;
 pub use region::{Region, RegionConfig};
 
 use imagefleet_proto::catalog::v1::{RegisterImageRequest, RegisterRegionRequest};

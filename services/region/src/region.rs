@@ -47,6 +47,8 @@ pub struct RegionConfig {
     /// Calls per second each account may make to this region (0: unlimited); calls over it
     /// wait their turn, or are refused with `RequestLimitExceeded` past a second's wait.
     pub account_rate: u32,
+    /// Per-account limits on streams, exports and copies, and the stall timeout of streams.
+    pub fair_share: crate::fairness::FairShare,
 }
 
 impl RegionConfig {
@@ -82,6 +84,8 @@ pub struct Region {
     pub(crate) copies: Mutex<HashMap<String, RunningCopy>>,
     /// Paces each account's calls (one account cannot take the region's cores from others).
     pub(crate) pacer: crate::pacing::Pacer,
+    /// What each account holds of the `fair_share` limits.
+    pub(crate) gate: Arc<crate::fairness::Gate>,
 }
 
 /// Runs a blocking store or chunk operation off the async threads.
@@ -125,6 +129,7 @@ impl Region {
             locks: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             copies: Mutex::new(HashMap::new()),
+            gate: Arc::default(),
         });
         region.sweep_orphan_chunks()?;
         crate::seed::seed_public_images(

@@ -19,6 +19,10 @@ use std::time::Duration;
 /// Longest wait between two attempts of a copy.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
+/// How long a copy waits before asking again for a stream the source refused for the
+/// account's concurrent streams.
+const STREAM_WAIT: Duration = Duration::from_millis(500);
+
 type Source = RegionInternalServiceClient<SignedChannel>;
 
 struct Progress {
@@ -270,7 +274,25 @@ impl Region {
             digests: batch.iter().map(|d| d.0.to_vec()).collect(),
             snapshot_id: task.source_snapshot_id.clone(),
         };
-        let mut stream = source.fetch_chunks(request).await?.into_inner();
+        // The source limits the streams it serves per account: a copy over it waits for a
+        // stream to end rather than starting over.
+        let mut stream = loop {
+            match source.fetch_chunks(request.clone()).await {
+                Ok(response) => break response.into_inner(),
+                Err(status)
+                    if status.code() == tonic::Code::ResourceExhausted
+                        && imagefleet_proto::error::reason(&status).as_deref()
+                            == Some("LimitExceeded.ConcurrentStreams") =>
+                {
+                    if cancelled.load(Ordering::SeqCst) {
+                        return Err(CopyError::Cancelled);
+                    }
+                    let pause = STREAM_WAIT + Duration::from_millis(rand::random::<u64>() % 500);
+                    tokio::time::sleep(pause).await;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        };
         let mut expected = batch.iter();
         let mut arrived = Vec::with_capacity(batch.len());
         while let Some(piece) = stream.message().await? {

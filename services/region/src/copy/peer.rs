@@ -27,28 +27,59 @@ impl RegionPeerApi {
         RegionPeerApi { region }
     }
 
-    /// What a copy may read of `image_id` as `snapshot_id`, or why not.
-    async fn copy_source(&self, image_id: &str, snapshot_id: &str) -> Result<CopySource> {
+    /// What a copy may read of `image_id` as `snapshot_id`, and the image's owner (whose
+    /// streams the copy's streams count as), or why not.
+    async fn copy_source(&self, image_id: &str, snapshot_id: &str) -> Result<(CopySource, String)> {
         validate::image_id("image_id", image_id)?;
         let store = self.region.store.clone();
         let (id, snap) = (image_id.to_string(), snapshot_id.to_string());
         let found = blocking(move || {
             let source = store.copy_source(&id, &snap, unix_now())?;
-            let image = if source.is_none() {
-                store.image(&id)?
-            } else {
-                None
-            };
-            Ok((source, image))
+            Ok((source, store.image(&id)?))
         })
         .await?;
         match found {
-            (Some(source), _) => Ok(source),
+            (Some(source), image) => Ok((source, image.map(|i| i.owner).unwrap_or_default())),
             (None, Some(image)) if !image.is_public() && image.state != ImageState::Normal => {
                 Err(RegionError::image_state(&image))
             }
             _ => Err(RegionError::ImageNotFound(image_id.to_string())),
         }
+    }
+
+    /// Refuses copies that would take `owner` past its copies in flight into this region
+    /// (`LimitExceeded.ConcurrentCopies`, naming the first copy's image and this region).
+    async fn check_copies_limit(
+        &self,
+        owner: &str,
+        copies: &[SyncCopy],
+        first: &NewImage,
+    ) -> Result<()> {
+        let limit = self.region.config.fair_share.max_copies;
+        if limit == 0 {
+            return Ok(());
+        }
+        let store = self.region.store.clone();
+        let who = owner.to_string();
+        let keys: Vec<String> = copies.iter().map(|c| c.request_key.clone()).collect();
+        let (in_flight, new) = blocking(move || store.copies_in_flight(&who, &keys)).await?;
+        if new == 0 || in_flight + new <= limit {
+            return Ok(());
+        }
+        let (image_id, region) = first.refusal_context.clone().unwrap_or_default();
+        Err(RegionError::CopyRefused {
+            image_id,
+            region,
+            source: Box::new(RegionError::Limit {
+                reason: "LimitExceeded.ConcurrentCopies",
+                limit,
+                message: format!(
+                    "at most {limit} copies into {} in flight per account: {in_flight} under \
+                     way, {new} more asked for",
+                    self.region.config.region
+                ),
+            }),
+        })
     }
 
     /// The destination image one `SyncCopy` asks for.
@@ -148,6 +179,12 @@ impl RegionInternalService for RegionPeerApi {
             )
             .into());
         }
+        // One admission at a time per account, so two calls cannot both pass the copies
+        // limit.
+        let lock = self.region.resource_lock(&format!("copies:{owner}"));
+        let _admitting = lock.lock().await;
+        self.check_copies_limit(&owner, &req.copies, &batch[0])
+            .await?;
         let store = self.region.store.clone();
         let quota = self.region.config.image_quota;
         let here = self.region.config.region.clone();
@@ -226,7 +263,8 @@ impl RegionInternalService for RegionPeerApi {
         request: Request<GetImageManifestRequest>,
     ) -> Result<Response<Self::GetImageManifestStream>, Status> {
         let req = request.into_inner();
-        let source = self.copy_source(&req.image_id, &req.snapshot_id).await?;
+        let (source, owner) = self.copy_source(&req.image_id, &req.snapshot_id).await?;
+        let permits = self.region.stream_permits(&owner, false)?;
         let store = self.region.store.clone();
         let snapshot = source.snapshot_id.clone();
         let manifest = blocking(move || store.snapshot_manifest(&snapshot)).await?;
@@ -248,7 +286,8 @@ impl RegionInternalService for RegionPeerApi {
         if pages.is_empty() {
             pages.push(page(&[]));
         }
-        Ok(Response::new(Box::pin(futures::stream::iter(pages))))
+        let pages = Box::pin(futures::stream::iter(pages));
+        Ok(Response::new(self.region.guarded(pages, permits)))
     }
 
     type FetchChunksStream = ChunkStream;
@@ -276,7 +315,8 @@ impl RegionInternalService for RegionPeerApi {
                 )
             })?);
         }
-        let source = self.copy_source(&req.image_id, &req.snapshot_id).await?;
+        let (source, owner) = self.copy_source(&req.image_id, &req.snapshot_id).await?;
+        let permits = self.region.stream_permits(&owner, false)?;
         let store = self.region.store.clone();
         let snapshot = source.snapshot_id.clone();
         let manifest = blocking(move || store.snapshot_manifest(&snapshot)).await?;
@@ -293,7 +333,7 @@ impl RegionInternalService for RegionPeerApi {
             )
             .into());
         }
-        Ok(Response::new(crate::disk::stream_chunks(
+        let chunks = crate::disk::stream_chunks(
             self.region.chunks.clone(),
             wanted.into_iter().map(|d| (d, d)).collect(),
             false,
@@ -302,6 +342,7 @@ impl RegionInternalService for RegionPeerApi {
                 data,
             },
             None,
-        )))
+        );
+        Ok(Response::new(self.region.guarded(chunks, permits)))
     }
 }

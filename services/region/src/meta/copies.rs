@@ -106,6 +106,24 @@ pub struct CopySource {
 }
 
 impl Store {
+    /// How many copies into this region `owner` has in flight (its `SYNCING` images), and
+    /// how many of `request_keys` are not admitted yet (a retried call's copies are not new).
+    pub fn copies_in_flight(&self, owner: &str, request_keys: &[String]) -> Result<(u32, u32)> {
+        self.read(|c| {
+            let in_flight: u32 = c
+                .prepare_cached("SELECT COUNT(*) FROM images WHERE owner = ?1 AND state = ?2")?
+                .query_row(params![owner, ImageState::Syncing.as_str()], |r| r.get(0))?;
+            let mut known = c.prepare_cached("SELECT 1 FROM sync_tasks WHERE request_key = ?1")?;
+            let mut new = 0;
+            for key in request_keys {
+                if known.query_row([key], |_| Ok(())).optional()?.is_none() {
+                    new += 1;
+                }
+            }
+            Ok((in_flight, new))
+        })
+    }
+
     pub fn copy_task(&self, image_id: &str) -> Result<Option<CopyTask>> {
         self.read(|c| {
             Ok(c.prepare_cached(&format!(

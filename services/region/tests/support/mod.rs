@@ -192,6 +192,7 @@ impl Harness {
             instance_retention: Duration::from_secs(3600),
             chunks: Some(chunks.clone()),
             account_rate: RegionConfig::DEFAULT_ACCOUNT_RATE,
+            fair_share: Default::default(),
         })
         .expect("region opens");
         let (stop, rx) = watch::channel(false);
