@@ -31,11 +31,21 @@ pub fn json(output: &std::process::Output) -> serde_json::Value {
     })
 }
 
-/// Starts `imaged dev` and waits for its ready line.
+/// Starts `imaged dev` and waits for its ready line; `path_env` replaces its `PATH`.
 pub fn start_dev(
     dir: &std::path::Path,
     regions: &str,
     path_env: Option<&str>,
+) -> std::process::Child {
+    let env: Vec<(&str, &str)> = path_env.map(|path| ("PATH", path)).into_iter().collect();
+    start_dev_with_env(dir, regions, &env)
+}
+
+/// Starts `imaged dev` with more environment variables and waits for its ready line.
+pub fn start_dev_with_env(
+    dir: &std::path::Path,
+    regions: &str,
+    env: &[(&str, &str)],
 ) -> std::process::Child {
     std::fs::create_dir_all(dir).unwrap();
     let mut command = Command::new(IMAGED);
@@ -46,9 +56,7 @@ pub fn start_dev(
         .env_remove("REDIS_URL")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join("imaged-dev.log")).unwrap());
-    if let Some(path) = path_env {
-        command.env("PATH", path);
-    }
+    command.envs(env.iter().copied());
     let mut child = command.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();

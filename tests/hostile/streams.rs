@@ -441,39 +441,6 @@ async fn limits_on_streams_and_copies_answer_resource_exhausted() {
     wait_copy_normal(&mut sh, &copied.image_set[0].image_id).await;
 }
 
-/// Starts `imaged dev` with one region and `env`, and waits for its ready line.
-fn start_dev(dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Child {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    std::fs::create_dir_all(dir).unwrap();
-    let mut child = Command::new(IMAGED)
-        .args(["dev", "--base-port", "0", "--regions", GZ])
-        .arg("--data-dir")
-        .arg(dir)
-        .env_remove("REDIS_URL")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("imaged-dev.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("a ready line");
-        if line.contains("ready") {
-            return child;
-        }
-    }
-}
-
 /// Defect: under `imaged dev` the services shared one process's threads, and the region's
 /// stalled streams held up the catalog too. 600 stalled exports on a region of `imaged dev`
 /// (default limits) leave the catalog, and the region for another account, answering every
@@ -487,7 +454,11 @@ async fn under_imaged_dev_a_stalled_region_does_not_hold_up_the_catalog() {
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut child = start_dev(&data, &[("IMAGEFLEET_STREAM_STALL_TIMEOUT", "10m")]);
+    let mut child = crate::common::dev::start_dev_with_env(
+        &data,
+        GZ,
+        &[("IMAGEFLEET_STREAM_STALL_TIMEOUT", "10m")],
+    );
     let cluster = imagefleet_rpc::cluster::ClusterFile::load(&data.join("cluster.json")).unwrap();
     let url = cluster.regions[0].endpoint.clone();
     let credentials = |who: usize| Credentials {
