@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Malformed messages are INVALID_ARGUMENT with an ErrorInfo, not INTERNAL.
+        .codec_path("crate::codec::ImagefleetCodec")
         .compile_fds(fds)?;
     Ok(())
 }

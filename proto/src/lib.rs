@@ -1,8 +1,10 @@
 //! The imagefleet gRPC API: generated messages, clients and servers for every service, the
 //! encoded descriptor set, and the error model shared by all services (`error`).
 
+pub mod codec;
 pub mod error;
 pub mod ids;
+pub mod text;
 
 /// The encoded `FileDescriptorSet` of every imagefleet proto (reflection, JSON output, signing).
 pub const FILE_DESCRIPTOR_SET: &[u8] =

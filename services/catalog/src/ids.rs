@@ -34,8 +34,9 @@ pub fn check_account_id(field: &'static str, value: &str) -> Result<(), CatalogE
     }
 }
 
-/// `INVALID_ARGUMENT` naming `field` if `value` is longer than `max` characters or holds control
-/// characters.
+/// `INVALID_ARGUMENT` naming `field` if `value` is longer than `max` characters or is not
+/// acceptable free text (`imagefleet_proto::text`: no control or bidirectional formatting
+/// characters, not blank).
 pub fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), CatalogError> {
     if value.chars().count() > max {
         return Err(CatalogError::invalid(
@@ -44,12 +45,8 @@ pub fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), Ca
             format!("must be at most {max} characters"),
         ));
     }
-    if value.chars().any(char::is_control) {
-        return Err(CatalogError::invalid(
-            field,
-            "InvalidParameterValue",
-            "must not contain control characters",
-        ));
+    match imagefleet_proto::text::problem(value) {
+        None => Ok(()),
+        Some((reason, message)) => Err(CatalogError::invalid(field, reason, message)),
     }
-    Ok(())
 }

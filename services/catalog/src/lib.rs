@@ -75,7 +75,10 @@ pub async fn run(
         catalog.account_keys(),
     ));
     let api = service::CatalogApi::new(catalog);
-    let ServerRoutes { routes, health } = ServerRoutes::new();
+    let ServerRoutes { routes, health } = ServerRoutes::new(&[
+        imagefleet_proto::catalog::v1::catalog_service_server::SERVICE_NAME,
+        imagefleet_proto::catalog::v1::catalog_internal_service_server::SERVICE_NAME,
+    ]);
     health
         .set_serving::<CatalogServiceServer<service::CatalogApi>>()
         .await;

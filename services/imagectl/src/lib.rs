@@ -53,7 +53,12 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "error: {e}");
+            // Error messages carry text from servers (and echo their input): escaped.
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: {}",
+                output::escape(&e.to_string())
+            );
             ExitCode::FAILURE
         }
     }

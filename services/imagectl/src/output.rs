@@ -1,7 +1,37 @@
-//! How results are printed: aligned tables for people, proto3 JSON for programs.
+//! How results are printed: aligned tables for people, proto3 JSON for programs. Text that
+//! came from a server (names, descriptions, reasons, error messages) never reaches the terminal
+//! with its control or bidirectional formatting characters: `escape` makes them visible.
 
 use crate::error::{CliError, Result};
+use imagefleet_proto::text::{is_bidi_control, is_control};
 use prost_reflect::{DynamicMessage, SerializeOptions};
+use std::borrow::Cow;
+
+/// A character that must not reach a terminal as itself: a control character (C0, DEL, C1,
+/// line and paragraph separators) or a bidirectional formatting character.
+pub fn must_escape(c: char) -> bool {
+    is_control(c) || is_bidi_control(c)
+}
+
+/// `text` as it may be printed: every character of `must_escape` written as a visible escape
+/// (`\n`, `\t`, `\r`, else `\u{1b}`), everything else unchanged. Tables, field lists, progress
+/// lines and error messages go through it; JSON output escapes the same characters as `\uXXXX`.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(must_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if must_escape(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// A prost message that knows its full proto name, so it can be rendered as proto3 JSON
 /// through the descriptor pool.
@@ -59,9 +89,21 @@ pub fn json_value<M: ProtoMessage>(message: &M) -> Result<serde_json::Value> {
 /// A JSON value as the one document printed on stdout.
 pub fn json_document(value: &serde_json::Value) -> String {
     // Serializing a `Value` to a string cannot fail (its map keys are strings).
-    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
-    text.push('\n');
-    text
+    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    // serde_json escapes C0 controls inside strings itself (the new lines and spaces left are
+    // the layout's); DEL, C1, the separators and bidirectional formatting characters it writes
+    // as they are. Those can only stand inside strings, where `\uXXXX` means the same
+    // character (all of them are in the Basic Multilingual Plane).
+    let mut out = String::with_capacity(text.len() + 1);
+    for c in text.chars() {
+        if !c.is_ascii() && must_escape(c) || c == '\u{7f}' {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\n');
+    out
 }
 
 /// A message as the one JSON document printed on stdout.
@@ -100,7 +142,7 @@ impl Table {
         let cell = |row: &[String], i: usize| -> String {
             match row.get(i).map(|c| c.as_str()) {
                 None | Some("") => "-".to_string(),
-                Some(text) => text.to_string(),
+                Some(text) => escape(text).into_owned(),
             }
         };
         let all_rows = std::iter::once(&self.header).chain(self.rows.iter());
@@ -135,7 +177,11 @@ pub fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut out = String::new();
     for (key, value) in pairs {
-        let value = if value.is_empty() { "-" } else { value };
+        let value = if value.is_empty() {
+            Cow::Borrowed("-")
+        } else {
+            escape(value)
+        };
         out.push_str(&format!("{key:<width$}  {value}\n"));
     }
     out
@@ -243,6 +289,61 @@ mod tests {
         check::<region::ModifyImageSharePermissionResponse>();
         check::<region::DescribeImageSharePermissionResponse>();
         check::<region::DescribeInstanceTypeConfigsResponse>();
+    }
+
+    /// What an image's owner could write to take over a receiver's terminal: set its title
+    /// (OSC 0 ... BEL), clear the screen (CSI 2J), the 8-bit CSI, DEL, a new line starting a
+    /// fake row, and a right-to-left override reversing what follows.
+    const HOSTILE: &str =
+        "ok\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m\u{7f}\nimg-fake0001  NORMAL\u{202e}exe.txt\u{2066}";
+
+    fn assert_inert(printed: &str) {
+        for c in printed.chars() {
+            assert!(
+                !must_escape(c) || c == '\n',
+                "{c:?} reached the output: {printed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn escape_makes_controls_and_bidi_visible() {
+        let escaped = escape(HOSTILE);
+        assert_eq!(
+            escaped,
+            "ok\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{9b}31m\\u{7f}\\nimg-fake0001  NORMAL\\u{202e}exe.txt\\u{2066}"
+        );
+        assert!(!escaped.chars().any(must_escape));
+        assert!(matches!(escape("plain 镜像 text"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn tables_and_fields_print_hostile_text_inert() {
+        let mut table = Table::new(&["IMAGE_ID", "NAME"]);
+        table.row(vec!["img-aaaaaaaa".into(), HOSTILE.into()]);
+        let printed = table.render();
+        assert_inert(&printed);
+        // One header and one row: the embedded new line did not start a row of its own.
+        assert_eq!(printed.lines().count(), 2, "{printed}");
+        let printed = fields(&[("DESCRIPTION", HOSTILE.to_string())]);
+        assert_inert(&printed);
+        assert_eq!(printed.lines().count(), 1, "{printed}");
+    }
+
+    #[test]
+    fn json_escapes_what_serde_leaves_raw_and_still_parses() {
+        let response = DescribeImagesResponse {
+            image_set: vec![Image {
+                image_id: "img-aaaaaaaa".into(),
+                image_description: HOSTILE.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let printed = json(&response).expect("renders");
+        assert_inert(&printed);
+        let parsed: serde_json::Value = serde_json::from_str(&printed).expect("valid JSON");
+        assert_eq!(parsed["imageSet"][0]["imageDescription"], HOSTILE);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! The formatting is pure (`bar_line`, `plain_line`, `human_bytes`, ...) so it can be tested;
 //! `SyncProgressView` keeps each destination's numbers and writes the lines.
 
+use crate::output::escape;
 use imagefleet_proto::region::v1::{Image, ImageState};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -286,8 +287,8 @@ impl<'a> SyncProgressView<'a> {
                 None => eta(d.done, d.total, d.rate),
             };
             let mut line = bar_line(
-                &format!("{:<region_width$}", d.region),
-                &format!("{:<id_width$}", d.image_id),
+                &format!("{:<region_width$}", escape(&d.region)),
+                &format!("{:<id_width$}", escape(&d.image_id)),
                 d.done,
                 d.total,
                 d.rate,
@@ -308,7 +309,7 @@ impl<'a> SyncProgressView<'a> {
     fn width(&self, field: impl Fn(&Destination) -> &String) -> usize {
         self.destinations
             .iter()
-            .map(|d| field(d).chars().count())
+            .map(|d| escape(field(d)).chars().count())
             .max()
             .unwrap_or(0)
     }
@@ -332,8 +333,8 @@ impl<'a> SyncProgressView<'a> {
                 None => eta(d.done, d.total, d.rate),
             };
             text.push_str(&plain_line(
-                &d.region,
-                &d.image_id,
+                &escape(&d.region),
+                &escape(&d.image_id),
                 d.done,
                 d.total,
                 d.rate,

@@ -122,14 +122,64 @@ fn instance_message(row: &InstanceRow, region: &str) -> Instance {
     }
 }
 
-const IMAGE_FILTERS: &[&str] = &[
-    "image-id",
-    "image-type",
-    "image-name",
-    "platform",
-    "image-state",
-];
-const INSTANCE_FILTERS: &[&str] = &["instance-id", "instance-name", "instance-state", "image-id"];
+/// The filters of `DescribeImages`, with the values each can match.
+fn image_filters() -> Vec<validate::FilterSpec> {
+    use validate::{FilterSpec, FilterValues};
+    vec![
+        FilterSpec {
+            name: "image-id",
+            values: FilterValues::Ids(validate::image_id),
+        },
+        FilterSpec {
+            name: "image-type",
+            values: FilterValues::OneOf(
+                [
+                    ImageType::PublicImage,
+                    ImageType::PrivateImage,
+                    ImageType::SharedImage,
+                ]
+                .iter()
+                .map(|t| t.as_str_name())
+                .collect(),
+            ),
+        },
+        FilterSpec {
+            name: "image-name",
+            values: FilterValues::Text,
+        },
+        FilterSpec {
+            name: "platform",
+            values: FilterValues::Text,
+        },
+        FilterSpec {
+            name: "image-state",
+            values: FilterValues::OneOf(ImageState::ALL.iter().map(|s| s.as_str()).collect()),
+        },
+    ]
+}
+
+/// The filters of `DescribeInstances`, with the values each can match.
+fn instance_filters() -> Vec<validate::FilterSpec> {
+    use validate::{FilterSpec, FilterValues};
+    vec![
+        FilterSpec {
+            name: "instance-id",
+            values: FilterValues::Ids(validate::instance_id),
+        },
+        FilterSpec {
+            name: "instance-name",
+            values: FilterValues::Text,
+        },
+        FilterSpec {
+            name: "instance-state",
+            values: FilterValues::OneOf(InstanceState::ALL.iter().map(|s| s.as_str()).collect()),
+        },
+        FilterSpec {
+            name: "image-id",
+            values: FilterValues::Ids(validate::image_id),
+        },
+    ]
+}
 
 impl RegionApi {
     /// The calling account, once the account's pacing lets the call go.
@@ -162,8 +212,13 @@ impl RegionApi {
             ));
         }
         validate::id_list("image_ids", &req.image_ids, validate::image_id)?;
-        validate::filters(&req.filters, IMAGE_FILTERS)?;
-        let (offset, limit) = validate::page(req.offset, req.limit, &req.page_token)?;
+        validate::filters(&req.filters, &image_filters())?;
+        let (offset, limit) = validate::page(
+            validate::Listing::Images,
+            req.offset,
+            req.limit,
+            &req.page_token,
+        )?;
         let store = self.region.store.clone();
         let owner = caller.clone();
         let mut rows = blocking(move || store.visible_images(&owner)).await?;
@@ -224,7 +279,12 @@ impl RegionApi {
         Ok(DescribeImagesResponse {
             image_set,
             total_count: total as u32,
-            next_page_token: validate::next_page_token(offset, limit, total),
+            next_page_token: validate::next_page_token(
+                validate::Listing::Images,
+                offset,
+                limit,
+                total,
+            ),
         })
     }
 
@@ -440,16 +500,7 @@ impl RegionApi {
                 format!("at most {MAX_INSTANCES_PER_CALL} instances per call"),
             ));
         }
-        if req.instance_name.chars().count() > validate::MAX_NAME_CHARS {
-            return Err(RegionError::invalid(
-                "instance_name",
-                "InvalidParameterValue.TooLong",
-                format!(
-                    "instance names are at most {} characters",
-                    validate::MAX_NAME_CHARS
-                ),
-            ));
-        }
+        validate::instance_name("instance_name", &req.instance_name)?;
         if req.system_disk_size_gib > MAX_SYSTEM_DISK_GIB {
             return Err(RegionError::invalid(
                 "system_disk_size_gib",
@@ -536,8 +587,13 @@ impl RegionApi {
             ));
         }
         validate::id_list("instance_ids", &req.instance_ids, validate::instance_id)?;
-        validate::filters(&req.filters, INSTANCE_FILTERS)?;
-        let (offset, limit) = validate::page(req.offset, req.limit, &req.page_token)?;
+        validate::filters(&req.filters, &instance_filters())?;
+        let (offset, limit) = validate::page(
+            validate::Listing::Instances,
+            req.offset,
+            req.limit,
+            &req.page_token,
+        )?;
         let mut query = InstanceQuery {
             owner: caller,
             instance_ids: req.instance_ids.clone(),
@@ -590,7 +646,12 @@ impl RegionApi {
                 .map(|r| instance_message(r, &region))
                 .collect(),
             total_count: page.total as u32,
-            next_page_token: validate::next_page_token(offset, limit, page.total),
+            next_page_token: validate::next_page_token(
+                validate::Listing::Instances,
+                offset,
+                limit,
+                page.total,
+            ),
         })
     }
 

@@ -87,7 +87,10 @@ pub async fn run(
         service_key,
         accounts,
     ));
-    let routes = imagefleet_rpc::server::ServerRoutes::new();
+    let routes = imagefleet_rpc::server::ServerRoutes::new(&[
+        imagefleet_proto::region::v1::region_service_server::SERVICE_NAME,
+        imagefleet_proto::region::v1::region_internal_service_server::SERVICE_NAME,
+    ]);
     let health = routes.health.clone();
     health
         .set_service_status("", ServingStatus::NotServing)

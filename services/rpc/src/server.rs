@@ -11,28 +11,99 @@ use tokio_stream::StreamExt;
 use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
 
+/// The reason of a call to a service this server does not serve.
+pub const UNKNOWN_SERVICE: &str = "UnsupportedOperation.UnknownService";
+
+/// The service names every server answers besides its own.
+const ALWAYS_SERVED: &[&str] = &[
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+];
+
 /// The routes of one server before its own services are added: health and reflection.
+/// Reflection lists (and describes) only the services the server says it serves, and a call to
+/// any other service is `UNIMPLEMENTED` with reason `UnsupportedOperation.UnknownService`.
 pub struct ServerRoutes {
     pub routes: Routes,
     pub health: HealthReporter,
 }
 
 impl ServerRoutes {
-    pub fn new() -> Self {
+    /// Routes for a server of `served` (full names, e.g. `imagefleet.region.v1.RegionService`;
+    /// every one must be in the imagefleet descriptor set).
+    pub fn new(served: &[&str]) -> Self {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(imagefleet_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let mut reflection = tonic_reflection::server::Builder::configure()
+            .register_file_descriptor_set(served_files(served))
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for name in served.iter().chain(ALWAYS_SERVED) {
+            reflection = reflection.with_service_name(*name);
+        }
+        let reflection = reflection
             .build_v1()
             .expect("the embedded descriptor sets are valid");
-        let routes = Routes::new(health_service).add_service(reflection);
+        let mut routes = Routes::new(health_service).add_service(reflection);
+        let router = std::mem::take(routes.axum_router_mut());
+        *routes.axum_router_mut() = router.fallback_service(UnknownService);
         ServerRoutes { routes, health }
     }
 }
 
-impl Default for ServerRoutes {
-    fn default() -> Self {
-        Self::new()
+/// The files of the imagefleet descriptor set that define `served`, with the files they import.
+fn served_files(served: &[&str]) -> prost_types::FileDescriptorSet {
+    let pool = imagefleet_proto::descriptor_pool();
+    let mut names = Vec::new();
+    let mut file = Vec::new();
+    let mut pending: Vec<prost_reflect::FileDescriptor> = served
+        .iter()
+        .map(|name| {
+            pool.get_service_by_name(name)
+                .unwrap_or_else(|| panic!("{name} is not an imagefleet service"))
+                .parent_file()
+        })
+        .collect();
+    while let Some(next) = pending.pop() {
+        if names.contains(&next.name().to_string()) {
+            continue;
+        }
+        names.push(next.name().to_string());
+        pending.extend(next.dependencies());
+        file.push(next.file_descriptor_proto().clone());
+    }
+    prost_types::FileDescriptorSet { file }
+}
+
+/// Answers every call to a service the server does not serve.
+#[derive(Clone, Copy, Debug)]
+struct UnknownService;
+
+impl<B> tower::Service<http::Request<B>> for UnknownService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        let service = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let status = imagefleet_proto::error::status_with_metadata(
+            tonic::Code::Unimplemented,
+            UNKNOWN_SERVICE,
+            format!("this server does not serve {service:?}"),
+            [("service".to_string(), service)],
+        );
+        std::future::ready(Ok(status.into_http()))
     }
 }
 

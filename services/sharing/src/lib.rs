@@ -66,7 +66,9 @@ pub async fn run(
         config.service_key.clone(),
         Arc::new(account_keys),
     ));
-    let ServerRoutes { routes, health } = ServerRoutes::new();
+    let ServerRoutes { routes, health } = ServerRoutes::new(&[
+        imagefleet_proto::sharing::v1::sharing_internal_service_server::SERVICE_NAME,
+    ]);
     readiness::report(&health, tonic_health::ServingStatus::NotServing).await;
     let watcher = tokio::spawn(readiness::watch(maps.clone(), health));
     let routes = routes.add_service(SharingInternalServiceServer::new(service::SharingApi::new(

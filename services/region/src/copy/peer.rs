@@ -97,6 +97,7 @@ impl RegionPeerApi {
             &source.owner_account_id,
         )?;
         validate::image_name("copies.source.image_name", &source.image_name)?;
+        validate::description("copies.source.image_description", &source.image_description)?;
         if copy.request_key.is_empty() || copy.request_key.len() > 128 {
             return Err(RegionError::invalid(
                 "copies.request_key",

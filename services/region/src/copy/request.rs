@@ -101,13 +101,14 @@ fn check_request(req: &SyncImagesRequest) -> Result<()> {
     if !req.image_name.is_empty() {
         validate::image_name("image_name", &req.image_name)?;
     }
-    if req.client_token.chars().count() > 64 || req.client_token.chars().any(char::is_control) {
+    if req.client_token.chars().count() > 64 {
         return Err(RegionError::invalid(
             "client_token",
             "InvalidParameterValue.ClientToken",
             "client tokens are at most 64 printable characters",
         ));
     }
+    imagefleet_proto::text::check("client_token", &req.client_token)?;
     Ok(())
 }
 
