@@ -934,24 +934,22 @@ impl RegionService for RegionApi {
     ) -> Result<Response<DescribeInstanceTypeConfigsResponse>, Status> {
         self.caller(&request).await?;
         let filters = request.into_inner().filters;
-        validate::filters(&filters, &["instance-family", "instance-type"])?;
         let types = catalogue::instance_types_listed();
-        for filter in &filters {
-            let known = |value: &String| {
-                types.iter().any(|t| match filter.name.as_str() {
-                    "instance-family" => t.family() == value,
-                    _ => t.name == value,
-                })
-            };
-            if let Some(unknown) = filter.values.iter().find(|v| !known(v)) {
-                return Err(RegionError::invalid(
-                    "filters",
-                    "InvalidFilterValue",
-                    format!("{} {unknown:?} is not offered here", filter.name),
-                )
-                .into());
-            }
-        }
+        let mut families: Vec<&'static str> = types.iter().map(|t| t.family()).collect();
+        families.dedup();
+        validate::filters(
+            &filters,
+            &[
+                validate::FilterSpec {
+                    name: "instance-family",
+                    values: validate::FilterValues::OneOf(families),
+                },
+                validate::FilterSpec {
+                    name: "instance-type",
+                    values: validate::FilterValues::OneOf(types.iter().map(|t| t.name).collect()),
+                },
+            ],
+        )?;
         let region = self.region.name();
         let set = types
             .into_iter()
