@@ -19,6 +19,12 @@ if ! command -v strace >/dev/null 2>&1; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null
 fi
 
+if ! command -v sqlite3 >/dev/null 2>&1; then
+  echo "== installing sqlite3 (a hostile-input test plants text the API refuses, as old data)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
