@@ -30,6 +30,9 @@ pub struct DevArgs {
     /// Use this Redis instead of starting one.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
+    /// Every region's per-account limits and free-space reserve.
+    #[command(flatten)]
+    storage: super::StorageArgs,
 }
 
 fn port(base: u16, offset: u16) -> u16 {
@@ -259,6 +262,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             instance_retention: imagefleet_region::RegionConfig::DEFAULT_INSTANCE_RETENTION,
             chunks: None,
             account_rate: imagefleet_region::RegionConfig::DEFAULT_ACCOUNT_RATE,
+            storage: args.storage.limits()?,
         })?;
         tasks.spawn(imagefleet_region::run(
             region,

@@ -29,7 +29,7 @@ pub mod seed;
 mod shares;
 mod validate;
 
-pub use region::{Region, RegionConfig};
+pub use region::{Region, RegionConfig, StorageLimits};
 
 use imagefleet_proto::catalog::v1::{RegisterImageRequest, RegisterRegionRequest};
 use imagefleet_proto::region::v1::region_internal_service_server::RegionInternalServiceServer;

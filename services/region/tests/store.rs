@@ -19,6 +19,8 @@ fn limits(quota: u32) -> Limits<'static> {
     Limits {
         image_quota: quota,
         region: "ap-shanghai",
+        instance_quota: u32::MAX,
+        storage_bytes_quota: u64::MAX,
     }
 }
 
@@ -172,8 +174,8 @@ fn listings_page_in_sql_and_terminated_instances_are_purged() {
     let b: Vec<InstanceRow> = (100..1100)
         .map(|n| instance("100000000002", n, &image))
         .collect();
-    store.insert_instances(&image, &a).expect("insert");
-    store.insert_instances(&image, &b).expect("insert");
+    store.insert_instances(&image, &a, limits(0)).expect("insert");
+    store.insert_instances(&image, &b, limits(0)).expect("insert");
     let page = store
         .list_instances(&imagefleet_region::meta::InstanceQuery {
             owner: OWNER.into(),
@@ -227,7 +229,7 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
         let path = dir.path().join("metadata.db");
         std::fs::copy(fixtures.join(db), &path).expect("copy fixture");
         let store = Store::open(&path).expect("the old store opens");
-        assert_eq!(store.schema_version().expect("version"), 2, "{db}");
+        assert_eq!(store.schema_version().expect("version"), 3, "{db}");
         // Opening again is a no-op.
         drop(store);
         let store = Store::open(&path).expect("reopens");

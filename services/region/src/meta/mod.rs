@@ -20,7 +20,7 @@ mod instances;
 mod schema;
 mod snapshots;
 
-pub use admission::{Limits, NewContent, NewImage};
+pub use admission::{Limits, NewContent, NewImage, Usage};
 pub use copies::{CopyPin, CopySource};
 pub use images::ImageChanges;
 pub use instances::{InstancePage, InstanceQuery};

@@ -192,6 +192,12 @@ impl Harness {
             instance_retention: Duration::from_secs(3600),
             chunks: Some(chunks.clone()),
             account_rate: RegionConfig::DEFAULT_ACCOUNT_RATE,
+            // Chunks live in memory here: tests that want a full store give a backend with a
+            // capacity, and the region's free-space reserve does not get in their way.
+            storage: imagefleet_region::StorageLimits {
+                free_space_reserve_bytes: 0,
+                ..Default::default()
+            },
         })
         .expect("region opens");
         let (stop, rx) = watch::channel(false);
