@@ -232,9 +232,12 @@ impl Region {
     }
 
     /// Refuses (`ResourceInsufficient.DiskSpace`) a call that would store `needed` bytes when
-    /// that would leave less than the free-space reserve on the region's filesystem. Calls
-    /// that store nothing never ask.
+    /// that would leave less than the free-space reserve on the region's filesystem. A call
+    /// that stores data always needs room for at least one chunk: a region that cannot store
+    /// one more chunk above its reserve is out of space for every such call. Calls that
+    /// store nothing never ask.
     pub(crate) async fn check_free_space(&self, needed: u64) -> Result<()> {
+        let needed = needed.max(imagefleet_chunkstore::CHUNK_SIZE as u64);
         let reserve = self.config.storage.free_space_reserve_bytes;
         let chunks = self.chunks.clone();
         let space = blocking(move || Ok(chunks.space()?)).await?;
@@ -256,8 +259,8 @@ impl Region {
         batch: Vec<NewImage>,
         dry_run: bool,
     ) -> Result<Vec<crate::model::ImageRow>> {
-        // A new image stores only metadata now (its rows, its manifest); a copy's chunks ask
-        // for room again as they arrive (and wait for it).
+        // A new image stores its rows and manifest now; a copy's chunks ask for room again as
+        // they arrive (and wait for it).
         self.check_free_space(0).await?;
         let region = self.clone();
         let owner = owner.to_string();
