@@ -40,7 +40,13 @@ impl Mount {
     fn tmpfs(dir: &Path, mib: u64) -> Option<Mount> {
         std::fs::create_dir_all(dir).unwrap();
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir)
             .stderr(std::process::Stdio::null())
             .status()
@@ -208,7 +214,10 @@ async fn one_account_filling_the_disk_leaves_the_other_working() {
     assert_eq!(custom_image_count(&mut alice).await, images_before);
 
     // What she has stays readable; launching from an existing image stores nothing and works.
-    assert!(read(&mut alice, &mine, 0, 4 * MIB).await == data, "her data changed");
+    assert!(
+        read(&mut alice, &mine, 0, 4 * MIB).await == data,
+        "her data changed"
+    );
     assert!(
         read(&mut alice, &mine, 8 * MIB, 4096).await == untouched,
         "a refused write left part of itself"
@@ -224,8 +233,15 @@ async fn one_account_filling_the_disk_leaves_the_other_working() {
         .await
         .expect("the write succeeds once space is freed");
     assert!(read(&mut alice, &mine, 8 * MIB, 4096).await == small);
-    assert!(read(&mut alice, &mine, 0, 4 * MIB).await == data, "her data changed");
-    assert_eq!(cluster.regions[GZ].pid(), pid, "the region was not restarted");
+    assert!(
+        read(&mut alice, &mine, 0, 4 * MIB).await == data,
+        "her data changed"
+    );
+    assert_eq!(
+        cluster.regions[GZ].pid(),
+        pid,
+        "the region was not restarted"
+    );
     drop(mount);
 }
 
@@ -260,7 +276,10 @@ async fn a_full_disk_refuses_for_space_and_recovers() {
     let _ = dd.status();
     match &mount {
         Some(_) => assert_eq!(free_bytes(&dir), 0, "the filler did not fill the tmpfs"),
-        None => assert!(free_bytes(&dir) < reserve, "the filler did not pass the reserve"),
+        None => assert!(
+            free_bytes(&dir) < reserve,
+            "the filler did not pass the reserve"
+        ),
     }
 
     for offset in [4 * MIB, 6 * MIB + 100] {
@@ -294,12 +313,19 @@ async fn a_full_disk_refuses_for_space_and_recovers() {
             Vec::new()
         }
     };
-    assert!(read(&mut alice, &mine, 0, 2 * MIB).await == data, "her data changed");
+    assert!(
+        read(&mut alice, &mine, 0, 2 * MIB).await == data,
+        "her data changed"
+    );
     assert!(
         read(&mut alice, &mine, 4 * MIB, 3 * MIB).await == untouched,
         "a refused write left part of itself"
     );
-    assert_eq!(chunk_files(&dir), chunks_before, "a refused write left chunks");
+    assert_eq!(
+        chunk_files(&dir),
+        chunks_before,
+        "a refused write left chunks"
+    );
 
     // Space comes back; the region carries on by itself.
     std::fs::remove_file(&filler).unwrap();
@@ -343,7 +369,10 @@ async fn a_full_disk_refuses_for_space_and_recovers() {
 async fn instances_past_the_quota_are_refused_whole() {
     let cluster = Cluster::start_with(
         &[GZ],
-        &[(GZ, RegionOptions::env(&[("IMAGEFLEET_INSTANCE_QUOTA", "3")]))],
+        &[(
+            GZ,
+            RegionOptions::env(&[("IMAGEFLEET_INSTANCE_QUOTA", "3")]),
+        )],
     )
     .await;
     let mut alice = cluster.region(GZ, 0);
@@ -359,8 +388,16 @@ async fn instances_past_the_quota_are_refused_whole() {
             ..Default::default()
         })
         .await;
-    assert_refused(refused, Code::ResourceExhausted, "LimitExceeded.InstanceQuota");
-    assert_eq!(instance_total(&mut alice).await, 2, "a refused launch left instances");
+    assert_refused(
+        refused,
+        Code::ResourceExhausted,
+        "LimitExceeded.InstanceQuota",
+    );
+    assert_eq!(
+        instance_total(&mut alice).await,
+        2,
+        "a refused launch left instances"
+    );
     let q = quota(&mut alice).await;
     assert_eq!((q.instance_quota, q.instance_count), (3, 2));
 
@@ -413,7 +450,11 @@ async fn bytes_past_the_storage_quota_are_refused_and_nothing_is_left() {
         Code::ResourceExhausted,
         "LimitExceeded.StorageQuota",
     );
-    assert_eq!(chunk_files(&dir), chunks_before, "a refused write left chunks");
+    assert_eq!(
+        chunk_files(&dir),
+        chunks_before,
+        "a refused write left chunks"
+    );
     assert!(
         read(&mut alice, &mine, 16 * MIB, MIB).await == untouched,
         "a refused write left part of itself"
@@ -492,7 +533,11 @@ async fn quota_answers_show_every_limit_and_usage() {
         }
     };
     assert!(number("imageNumQuota") > 0, "{json}");
-    assert_eq!(number("instanceQuota"), u64::from(q.instance_quota), "{json}");
+    assert_eq!(
+        number("instanceQuota"),
+        u64::from(q.instance_quota),
+        "{json}"
+    );
     assert_eq!(number("storageBytesQuota"), q.storage_bytes_quota, "{json}");
     assert_eq!(number("instanceCount"), 1, "{json}");
     assert_eq!(number("storageBytesUsed"), 2 * MIB, "{json}");

@@ -48,7 +48,11 @@ pub enum RegionError {
     },
     /// The region's filesystem is at (or past) its free-space reserve.
     #[error("the region is short of disk space: {free} bytes free, {reserve} kept in reserve, {needed} needed")]
-    DiskSpace { free: u64, reserve: u64, needed: u64 },
+    DiskSpace {
+        free: u64,
+        reserve: u64,
+        needed: u64,
+    },
     #[error("{0} is shared with other accounts: cancel the shares first")]
     InShared(String),
     /// An operation the rules do not allow (`UnsupportedOperation.*`).
@@ -227,13 +231,11 @@ impl From<RegionError> for Status {
             RegionError::Chunks(_) => {
                 error::status(Code::Internal, "InternalError.ChunkStore", message)
             }
-            RegionError::Database(ref e) if is_disk_full(e) => {
-                error::status(
-                    Code::ResourceExhausted,
-                    "ResourceInsufficient.DiskSpace",
-                    message,
-                )
-            }
+            RegionError::Database(ref e) if is_disk_full(e) => error::status(
+                Code::ResourceExhausted,
+                "ResourceInsufficient.DiskSpace",
+                message,
+            ),
             RegionError::Database(_) => {
                 error::status(Code::Internal, "InternalError.Store", message)
             }

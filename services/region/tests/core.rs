@@ -540,7 +540,11 @@ async fn a_full_chunk_store_refuses_for_space_and_recovers_when_space_is_freed()
         }
         assert!(n < 10, "the store never filled");
     };
-    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
     assert_eq!(reason(&refused), "ResourceInsufficient.DiskSpace");
     let before = chunk_count(&chunks);
     // Alice: a small write, and one over two chunks, are refused the same way, store nothing.
@@ -551,7 +555,11 @@ async fn a_full_chunk_store_refuses_for_space_and_recovers_when_space_is_freed()
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert_eq!(reason(&status), "ResourceInsufficient.DiskSpace");
     }
-    assert_eq!(chunk_count(&chunks), before, "a refused write stored chunks");
+    assert_eq!(
+        chunk_count(&chunks),
+        before,
+        "a refused write stored chunks"
+    );
     // Reads and launches store nothing: they go on.
     let read = alice
         .read_instance_disk(ReadInstanceDiskRequest {

@@ -72,9 +72,7 @@ pub struct Usage {
 pub(super) fn usage(c: &Connection, owner: &str) -> rusqlite::Result<Usage> {
     let images = images::count_custom_images(c, owner)?;
     let instances = c
-        .prepare_cached(
-            "SELECT COUNT(*) FROM instances WHERE owner = ?1 AND state <> ?2",
-        )?
+        .prepare_cached("SELECT COUNT(*) FROM instances WHERE owner = ?1 AND state <> ?2")?
         .query_row(params![owner, InstanceState::Terminated], |r| {
             r.get::<_, i64>(0)
         })? as u64;

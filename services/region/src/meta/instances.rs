@@ -80,12 +80,13 @@ fn count_written(tx: &Transaction<'_>, owner: &str, n: i64) -> rusqlite::Result<
 
 /// Chunks the owner has written to its instances' disks (what they hold beyond their bases).
 pub(super) fn written_chunks(c: &Connection, owner: &str) -> rusqlite::Result<usize> {
-    Ok(c
-        .prepare_cached("SELECT written_chunks FROM account_usage WHERE owner = ?1")?
-        .query_row([owner], |r| r.get::<_, i64>(0))
-        .optional()?
-        .unwrap_or(0)
-        .max(0) as usize)
+    Ok(
+        c.prepare_cached("SELECT written_chunks FROM account_usage WHERE owner = ?1")?
+            .query_row([owner], |r| r.get::<_, i64>(0))
+            .optional()?
+            .unwrap_or(0)
+            .max(0) as usize,
+    )
 }
 
 fn drop_instance_chunks(
