@@ -6,7 +6,7 @@
 
 use super::{copies, images, instances, snapshots, Store};
 use crate::error::{RegionError, Result};
-use crate::model::{CopyTask, ImageRow, ImageState, InstanceState};
+use crate::model::{CopyTask, ImageRow, ImageState};
 use rusqlite::{params, Connection, Transaction};
 use std::collections::HashSet;
 
@@ -70,12 +70,15 @@ pub struct Usage {
 
 /// The account's usage, read inside a transaction (or on a read connection).
 pub(super) fn usage(c: &Connection, owner: &str) -> rusqlite::Result<Usage> {
-    let images = images::count_custom_images(c, owner)?;
-    let instances = c
-        .prepare_cached("SELECT COUNT(*) FROM instances WHERE owner = ?1 AND state <> ?2")?
-        .query_row(params![owner, InstanceState::Terminated], |r| {
-            r.get::<_, i64>(0)
-        })? as u64;
+    Ok(Usage {
+        images: images::count_custom_images(c, owner)?,
+        instances: instances::live_instances(c, owner)?,
+        storage_bytes: storage_bytes(c, owner)?,
+    })
+}
+
+/// The account's stored bytes, as [`Usage`] counts them.
+fn storage_bytes(c: &Connection, owner: &str) -> rusqlite::Result<u64> {
     let image_bytes: i64 = c
         .prepare_cached(
             "SELECT COALESCE(SUM(CASE WHEN i.state = ?2 \
@@ -86,11 +89,7 @@ pub(super) fn usage(c: &Connection, owner: &str) -> rusqlite::Result<Usage> {
         )?
         .query_row(params![owner, ImageState::Syncing], |r| r.get(0))?;
     let written = instances::written_chunks(c, owner)?;
-    Ok(Usage {
-        images,
-        instances,
-        storage_bytes: (image_bytes.max(0) as u64).saturating_add(super::chunk_bytes(written)),
-    })
+    Ok((image_bytes.max(0) as u64).saturating_add(super::chunk_bytes(written)))
 }
 
 /// Refuses `asked` more instances of `owner` past the instance quota.
@@ -100,7 +99,7 @@ pub(super) fn check_instances(
     asked: u64,
     limits: Limits<'_>,
 ) -> Result<()> {
-    let used = usage(c, owner)?.instances;
+    let used = instances::live_instances(c, owner)?;
     if used.saturating_add(asked) > u64::from(limits.instance_quota) {
         return Err(RegionError::InstanceQuota {
             quota: limits.instance_quota,
@@ -123,7 +122,7 @@ pub(super) fn check_storage(
     if asked == 0 {
         return Ok(());
     }
-    let used = usage(c, owner)?.storage_bytes;
+    let used = storage_bytes(c, owner)?;
     if used.saturating_add(asked) > limits.storage_bytes_quota {
         return Err(RegionError::StorageQuota {
             quota: limits.storage_bytes_quota,

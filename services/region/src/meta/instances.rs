@@ -65,28 +65,43 @@ fn count_instances(tx: &Transaction<'_>, owner: &str, n: i64) -> rusqlite::Resul
     Ok(())
 }
 
-/// Adds `n` (may be negative) to the chunks the owner has written to instance disks.
-fn count_written(tx: &Transaction<'_>, owner: &str, n: i64) -> rusqlite::Result<()> {
+/// Adds `n` (may be negative) to one of the owner's counters in `account_usage`.
+fn add_usage(tx: &Transaction<'_>, owner: &str, column: &str, n: i64) -> rusqlite::Result<()> {
     if n == 0 {
         return Ok(());
     }
-    tx.prepare_cached(
-        "INSERT INTO account_usage (owner, written_chunks) VALUES (?1, MAX(?2, 0)) \
-         ON CONFLICT(owner) DO UPDATE SET written_chunks = MAX(written_chunks + ?2, 0)",
-    )?
+    tx.prepare_cached(&format!(
+        "INSERT INTO account_usage (owner, {column}) VALUES (?1, MAX(?2, 0)) \
+         ON CONFLICT(owner) DO UPDATE SET {column} = MAX({column} + ?2, 0)"
+    ))?
     .execute(params![owner, n])?;
     Ok(())
 }
 
+/// Adds `n` (may be negative) to the chunks the owner has written to instance disks.
+fn count_written(tx: &Transaction<'_>, owner: &str, n: i64) -> rusqlite::Result<()> {
+    add_usage(tx, owner, "written_chunks", n)
+}
+
+/// One of the owner's counters in `account_usage` (0 without a row).
+fn usage_counter(c: &Connection, owner: &str, column: &str) -> rusqlite::Result<u64> {
+    Ok(c.prepare_cached(&format!(
+        "SELECT {column} FROM account_usage WHERE owner = ?1"
+    ))?
+    .query_row([owner], |r| r.get::<_, i64>(0))
+    .optional()?
+    .unwrap_or(0)
+    .max(0) as u64)
+}
+
 /// Chunks the owner has written to its instances' disks (what they hold beyond their bases).
 pub(super) fn written_chunks(c: &Connection, owner: &str) -> rusqlite::Result<usize> {
-    Ok(
-        c.prepare_cached("SELECT written_chunks FROM account_usage WHERE owner = ?1")?
-            .query_row([owner], |r| r.get::<_, i64>(0))
-            .optional()?
-            .unwrap_or(0)
-            .max(0) as usize,
-    )
+    Ok(usage_counter(c, owner, "written_chunks")? as usize)
+}
+
+/// The owner's instances that are not terminated.
+pub(super) fn live_instances(c: &Connection, owner: &str) -> rusqlite::Result<u64> {
+    usage_counter(c, owner, "live_instances")
 }
 
 fn drop_instance_chunks(
@@ -174,6 +189,7 @@ impl Store {
             }
             for (owner, n) in added {
                 count_instances(tx, owner, n)?;
+                add_usage(tx, owner, "live_instances", n)?;
             }
             Ok(())
         })
@@ -286,6 +302,7 @@ impl Store {
                     continue;
                 }
                 dropped.extend(drop_instance_chunks(tx, &instance)?);
+                add_usage(tx, owner, "live_instances", -1)?;
                 tx.execute(
                     "UPDATE instances SET state = ?2, base_snapshot_id = NULL, terminated_at = ?3 \
                      WHERE instance_id = ?1",

@@ -132,16 +132,21 @@ CREATE TABLE copy_pins (
 );
 CREATE INDEX copy_pins_by_snapshot ON copy_pins(snapshot_id);
 "#,
-    // 3: each owner's chunks written to instance disks (non-NULL rows of `instance_chunks`),
-    // kept beside the rows so a storage-quota check costs one row, not a scan.
+    // 3: each owner's instances not terminated and chunks written to instance disks (non-NULL
+    // rows of `instance_chunks`), kept beside the rows so a quota check costs one row, not a
+    // scan.
     r#"
 CREATE TABLE account_usage (
     owner TEXT PRIMARY KEY,
-    written_chunks INTEGER NOT NULL
+    live_instances INTEGER NOT NULL DEFAULT 0,
+    written_chunks INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+INSERT INTO account_usage (owner, live_instances)
+    SELECT owner, COUNT(*) FROM instances WHERE state <> 'TERMINATED' GROUP BY owner;
 INSERT INTO account_usage (owner, written_chunks)
     SELECT i.owner, COUNT(*) FROM instance_chunks c JOIN instances i ON i.instance_id = c.instance_id
-    WHERE c.digest IS NOT NULL GROUP BY i.owner;
+    WHERE c.digest IS NOT NULL GROUP BY i.owner
+    ON CONFLICT(owner) DO UPDATE SET written_chunks = excluded.written_chunks;
 "#,
 ];
 
