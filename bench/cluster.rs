@@ -603,7 +603,15 @@ async fn noisy_neighbour() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     const REGION: &str = "ap-guangzhou";
-    let cluster = Cluster::start(&[REGION]).await;
+    // B's instances are far past the default instance quota: the figure measures pacing.
+    let cluster = Cluster::start_with(
+        &[REGION],
+        &[(
+            REGION,
+            RegionOptions::env(&[("IMAGEFLEET_INSTANCE_QUOTA", "1000000")]),
+        )],
+    )
+    .await;
     let a = cluster.create_account("noisy-neighbour-a").await;
     let b = cluster.create_account("noisy-neighbour-b").await;
     let mut region_a = cluster.region_as(REGION, &a);
@@ -784,7 +792,15 @@ fn main() {
     runtime.block_on(async {
         println!("# imagefleet cluster benchmarks: services and load generator share this machine's {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         if wanted("launch") {
-            let cluster = Cluster::start(&["ap-guangzhou"]).await;
+            // ROUNDS launches of 100 instances: past the default instance quota.
+            let cluster = Cluster::start_with(
+                &["ap-guangzhou"],
+                &[(
+                    "ap-guangzhou",
+                    RegionOptions::env(&[("IMAGEFLEET_INSTANCE_QUOTA", "100000")]),
+                )],
+            )
+            .await;
             let mut region = cluster.region("ap-guangzhou", 0);
             let content = cluster.dir.path().join("content.bin");
             std::fs::write(&content, random_bytes(1024 * MIB as usize)).expect("content file");

@@ -118,7 +118,7 @@ pub enum ImagesCommand {
     Modify(ImagesModify),
     /// Export an image's content to a local file.
     Export(ImagesExport),
-    /// Show the account's custom-image quota in a region.
+    /// Show the account's quotas in a region (images, instances, stored bytes) and its usage.
     Quota(RegionArg),
     /// Copy custom images of --region to the --to regions (SyncImages).
     ///

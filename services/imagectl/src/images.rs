@@ -697,12 +697,25 @@ async fn quota(session: &Session, args: RegionArg, format: OutputFormat) -> Resu
     match format {
         OutputFormat::Json => output::json(&response),
         OutputFormat::Table => {
-            let mut table = Table::new(&["REGION", "ACCOUNT", "IMAGE_NUM_QUOTA", "IMAGE_NUM_USED"]);
+            let mut table = Table::new(&[
+                "REGION",
+                "ACCOUNT",
+                "IMAGE_NUM_QUOTA",
+                "IMAGE_NUM_USED",
+                "INSTANCE_QUOTA",
+                "INSTANCE_COUNT",
+                "STORAGE_BYTES_QUOTA",
+                "STORAGE_BYTES_USED",
+            ]);
             table.row(vec![
                 args.region,
                 session.account().account_id.clone(),
                 response.image_num_quota.to_string(),
                 response.image_num_used.to_string(),
+                response.instance_quota.to_string(),
+                response.instance_count.to_string(),
+                response.storage_bytes_quota.to_string(),
+                response.storage_bytes_used.to_string(),
             ]);
             Ok(table.render())
         }

@@ -296,6 +296,10 @@ impl region::region_service_server::RegionService for Fake {
         Ok(Response::new(region::DescribeImageQuotaResponse {
             image_num_quota: 500,
             image_num_used: 3,
+            instance_quota: 200,
+            instance_count: 2,
+            storage_bytes_quota: 1 << 40,
+            storage_bytes_used: 5 << 20,
         }))
     }
 
@@ -637,6 +641,10 @@ async fn regions_come_from_the_catalog() {
         .json(&["images", "quota", "--region", "ap-guangzhou"])
         .await;
     assert_eq!(quota["imageNumQuota"], 500);
+    assert_eq!(quota["instanceQuota"], 200);
+    assert_eq!(quota["instanceCount"], 2);
+    assert_eq!(quota["storageBytesQuota"], "1099511627776");
+    assert_eq!(quota["storageBytesUsed"], "5242880");
     let err = h
         .run(&["images", "quota", "--region", "eu-frankfurt"])
         .await;

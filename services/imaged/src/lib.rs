@@ -74,6 +74,35 @@ impl ServiceKeyArgs {
     }
 }
 
+/// Per-account storage and instance limits of a region, and its free-space reserve.
+#[derive(Args, Debug, Clone)]
+struct StorageArgs {
+    /// Instances (not terminated) each account may have in a region.
+    #[arg(long, env = "IMAGEFLEET_INSTANCE_QUOTA", default_value_t = imagefleet_region::StorageLimits::DEFAULT_INSTANCE_QUOTA)]
+    instance_quota: u32,
+    /// Bytes each account may store in a region: its custom images' stored bytes plus what
+    /// was written to its instances' disks (see `DescribeImageQuota`).
+    #[arg(long, env = "IMAGEFLEET_STORAGE_BYTES_QUOTA", default_value_t = imagefleet_region::StorageLimits::DEFAULT_STORAGE_BYTES_QUOTA)]
+    storage_bytes_quota: u64,
+    /// Free bytes a region keeps on the filesystem of its data directory: calls that would
+    /// store data are refused (`ResourceInsufficient.DiskSpace`) rather than go below it.
+    #[arg(long, env = "IMAGEFLEET_FREE_SPACE_RESERVE_BYTES", default_value_t = imagefleet_region::StorageLimits::DEFAULT_FREE_SPACE_RESERVE_BYTES)]
+    free_space_reserve_bytes: u64,
+}
+
+impl StorageArgs {
+    fn limits(&self) -> anyhow::Result<imagefleet_region::StorageLimits> {
+        if self.instance_quota == 0 || self.storage_bytes_quota == 0 {
+            anyhow::bail!("--instance-quota and --storage-bytes-quota must be positive");
+        }
+        Ok(imagefleet_region::StorageLimits {
+            instance_quota: self.instance_quota,
+            storage_bytes_quota: self.storage_bytes_quota,
+            free_space_reserve_bytes: self.free_space_reserve_bytes,
+        })
+    }
+}
+
 #[derive(Args, Debug)]
 struct CatalogArgs {
     #[arg(long, env = "IMAGEFLEET_LISTEN", default_value = "127.0.0.1:7100")]
@@ -159,6 +188,8 @@ struct RegionArgs {
     account_rate: u32,
     #[command(flatten)]
     fair_share: FairShareArgs,
+    #[command(flatten)]
+    storage: StorageArgs,
     #[command(flatten)]
     key: ServiceKeyArgs,
 }
@@ -309,6 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 chunks: None,
                 account_rate: args.account_rate,
                 fair_share: args.fair_share.limits(),
+                storage: args.storage.limits()?,
             })?;
             imagefleet_region::run(region, listener, shutdown).await
         }

@@ -3,7 +3,7 @@
 //! does not exist for the caller (`NOT_FOUND`).
 
 use crate::error::{RegionError, Result};
-use crate::meta::{ImageChanges, InstanceQuery, Limits, NewContent, NewImage};
+use crate::meta::{ImageChanges, InstanceQuery, NewContent, NewImage};
 use crate::model::{
     random_id, CopyTask, ImageRow, ImageSource, ImageState, InstanceRow, InstanceState,
 };
@@ -388,21 +388,7 @@ impl RegionApi {
             },
             refusal_context: None,
         };
-        let store = self.region.store.clone();
-        let quota = self.region.config.image_quota;
-        let here = self.region.name().to_string();
-        blocking(move || {
-            store.admit(
-                &caller,
-                &[new],
-                Limits {
-                    image_quota: quota,
-                    region: &here,
-                },
-                false,
-            )
-        })
-        .await?;
+        self.region.admit(&caller, vec![new], false).await?;
         self.region.finish_in_background(image_id.clone());
         Ok(CreateImageResponse { image_id })
     }
@@ -553,20 +539,35 @@ impl RegionApi {
             })
             .collect();
         let ids: Vec<String> = instances.iter().map(|i| i.instance_id.clone()).collect();
-        let store = self.region.store.clone();
+        let region = self.region.clone();
         let image_id = image.image_id.clone();
-        blocking(move || store.insert_instances(&image_id, &instances)).await?;
-        // The disk is ready when the rows are: boot is immediate.
-        let store = self.region.store.clone();
+        blocking(move || {
+            region
+                .store
+                .insert_instances(&image_id, &instances, region.limits())
+        })
+        .await?;
+        // The disk is ready when the rows are: boot is immediate (retried until it is
+        // recorded, e.g. once a full disk has room again).
+        let region = self.region.clone();
         let booting = ids.clone();
         tokio::spawn(async move {
-            let booted = blocking(move || {
-                store.set_instances_state(&booting, InstanceState::Pending, InstanceState::Running)
-            })
-            .await;
-            if let Err(e) = booted {
-                tracing::warn!(error = %e, "instances stay PENDING until restart");
-            }
+            region
+                .retry("boot instances", || {
+                    let store = region.store.clone();
+                    let booting = booting.clone();
+                    async move {
+                        blocking(move || {
+                            store.set_instances_state(
+                                &booting,
+                                InstanceState::Pending,
+                                InstanceState::Running,
+                            )
+                        })
+                        .await
+                    }
+                })
+                .await
         });
         tracing::info!(image = %image.image_id, count, "instances launched");
         Ok(RunInstancesResponse {
@@ -716,14 +717,24 @@ impl RegionApi {
         let (id, owner) = (req.instance_id.clone(), caller.clone());
         let instance = blocking(move || store.writable_instance(&id, &owner)).await?;
         disk::check_range(&instance, req.offset, req.data.len() as u64)?;
-        let store = self.region.store.clone();
-        let chunks = self.region.chunks.clone();
-        let refs = self.region.chunk_refs.clone();
+        self.region
+            .check_free_space(disk::chunks_touched_bytes(
+                req.offset,
+                req.data.len() as u64,
+            ))
+            .await?;
+        let region = self.region.clone();
         let written = req.data.len() as u64;
         let outcome = blocking(move || {
-            let _shared = refs.read().unwrap_or_else(|e| e.into_inner());
+            let _shared = region.chunk_refs.read().unwrap_or_else(|e| e.into_inner());
             Ok(disk::write(
-                &store, &chunks, &instance, &caller, req.offset, &req.data,
+                &region.store,
+                &region.chunks,
+                &instance,
+                &caller,
+                req.offset,
+                &req.data,
+                region.limits(),
             ))
         })
         .await?;
@@ -790,10 +801,15 @@ impl RegionService for RegionApi {
     ) -> Result<Response<DescribeImageQuotaResponse>, Status> {
         let caller = self.caller(&request).await?;
         let store = self.region.store.clone();
-        let used = blocking(move || store.custom_image_count(&caller)).await;
+        let used = blocking(move || store.usage(&caller)).await;
+        let limits = self.region.config.storage;
         answer(used.map(|used| DescribeImageQuotaResponse {
             image_num_quota: self.region.config.image_quota,
-            image_num_used: used,
+            image_num_used: used.images,
+            instance_quota: limits.instance_quota,
+            instance_count: used.instances.min(u64::from(u32::MAX)) as u32,
+            storage_bytes_quota: limits.storage_bytes_quota,
+            storage_bytes_used: used.storage_bytes,
         }))
     }
 

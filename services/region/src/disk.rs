@@ -2,7 +2,7 @@
 //! an instance's copy-on-write system disk.
 
 use crate::error::{RegionError, Result};
-use crate::meta::Store;
+use crate::meta::{Limits, Store};
 use crate::model::InstanceRow;
 use imagefleet_chunkstore::{ChunkDigest, ChunkStore, CHUNK_SIZE};
 use sha2::{Digest, Sha256};
@@ -19,6 +19,17 @@ pub fn manifest_digest(virtual_size: u64, manifest: &[(u64, ChunkDigest)]) -> St
         h.update(digest.0);
     }
     format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// Bytes of chunks a write of `len` bytes at `offset` may store (every chunk it touches).
+pub fn chunks_touched_bytes(offset: u64, len: u64) -> u64 {
+    if len == 0 {
+        return 0;
+    }
+    let size = CHUNK_SIZE as u64;
+    let first = offset / size;
+    let last = offset.saturating_add(len - 1) / size;
+    (last - first + 1).saturating_mul(size)
 }
 
 /// Checks that `[offset, offset + len)` lies on the disk.
@@ -82,6 +93,7 @@ pub fn write(
     owner: &str,
     offset: u64,
     data: &[u8],
+    limits: Limits<'_>,
 ) -> std::result::Result<Vec<ChunkDigest>, WriteRefused> {
     let mut stored = Vec::new();
     let outcome = (|| {
@@ -109,7 +121,7 @@ pub fn write(
             rest = &rest[take..];
         }
         chunks.sync()?;
-        store.write_instance_chunks(&instance.instance_id, owner, &updates)
+        store.write_instance_chunks(&instance.instance_id, owner, &updates, limits)
     })();
     outcome.map_err(|error| WriteRefused { error, stored })
 }

@@ -32,6 +32,27 @@ pub enum RegionError {
     NameTaken(String),
     #[error("the custom image quota of {quota} in {region} is used up")]
     ImageQuota { quota: u32, region: String },
+    #[error("the instance quota of {quota} in {region} is used up ({used} instances, {asked} more asked)")]
+    InstanceQuota {
+        quota: u32,
+        used: u64,
+        asked: u64,
+        region: String,
+    },
+    #[error("the storage quota of {quota} bytes in {region} is used up ({used} bytes stored, {asked} more asked)")]
+    StorageQuota {
+        quota: u64,
+        used: u64,
+        asked: u64,
+        region: String,
+    },
+    /// The region's filesystem is at (or past) its free-space reserve.
+    #[error("the region is short of disk space: {free} bytes free, {reserve} kept in reserve, {needed} needed")]
+    DiskSpace {
+        free: u64,
+        reserve: u64,
+        needed: u64,
+    },
     #[error("{0} is shared with other accounts: cancel the shares first")]
     InShared(String),
     /// An operation the rules do not allow (`UnsupportedOperation.*`).
@@ -110,6 +131,7 @@ impl RegionError {
     pub fn is_transient(&self) -> bool {
         match self {
             RegionError::Chunks(ChunkError::NoSpace(_) | ChunkError::Io(_)) => true,
+            RegionError::DiskSpace { .. } => true,
             RegionError::Database(_) | RegionError::Task(_) => true,
             RegionError::Status(s) => matches!(
                 s.code(),
@@ -166,6 +188,21 @@ impl From<RegionError> for Status {
             RegionError::ImageQuota { .. } => {
                 error::status(Code::ResourceExhausted, "ImageQuotaLimitExceeded", message)
             }
+            RegionError::InstanceQuota { .. } => error::status(
+                Code::ResourceExhausted,
+                "LimitExceeded.InstanceQuota",
+                message,
+            ),
+            RegionError::StorageQuota { .. } => error::status(
+                Code::ResourceExhausted,
+                "LimitExceeded.StorageQuota",
+                message,
+            ),
+            RegionError::DiskSpace { .. } => error::status(
+                Code::ResourceExhausted,
+                "ResourceInsufficient.DiskSpace",
+                message,
+            ),
             RegionError::RequestLimit(_) => {
                 error::status(Code::ResourceExhausted, "RequestLimitExceeded", message)
             }
@@ -210,15 +247,11 @@ impl From<RegionError> for Status {
             RegionError::Chunks(_) => {
                 error::status(Code::Internal, "InternalError.ChunkStore", message)
             }
-            RegionError::Database(rusqlite::Error::SqliteFailure(f, _))
-                if f.code == rusqlite::ErrorCode::DiskFull =>
-            {
-                error::status(
-                    Code::ResourceExhausted,
-                    "ResourceInsufficient.DiskSpace",
-                    message,
-                )
-            }
+            RegionError::Database(ref e) if is_disk_full(e) => error::status(
+                Code::ResourceExhausted,
+                "ResourceInsufficient.DiskSpace",
+                message,
+            ),
             RegionError::Database(_) => {
                 error::status(Code::Internal, "InternalError.Store", message)
             }
@@ -228,4 +261,78 @@ impl From<RegionError> for Status {
     }
 }
 
+/// Whether SQLite failed for want of space: `SQLITE_FULL` (a write hit ENOSPC), or the
+/// shared-memory index could not grow (`SQLITE_IOERR_SHMSIZE`, also ENOSPC underneath).
+pub fn is_disk_full(e: &rusqlite::Error) -> bool {
+    const SQLITE_IOERR_SHMSIZE: std::ffi::c_int = 10 | (19 << 8);
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => {
+            f.code == rusqlite::ErrorCode::DiskFull || f.extended_code == SQLITE_IOERR_SHMSIZE
+        }
+        _ => false,
+    }
+}
+
 pub type Result<T, E = RegionError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite(code: std::ffi::c_int) -> RegionError {
+        RegionError::Database(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            Some("database or disk is full".into()),
+        ))
+    }
+
+    #[test]
+    fn running_out_of_space_is_resource_exhausted_never_internal() {
+        let shmsize = 10 | (19 << 8);
+        for e in [
+            RegionError::Chunks(ChunkError::NoSpace("No space left on device".into())),
+            sqlite(rusqlite::ffi::SQLITE_FULL),
+            sqlite(shmsize),
+            RegionError::DiskSpace {
+                free: 0,
+                reserve: 1,
+                needed: 1,
+            },
+        ] {
+            assert!(e.is_transient(), "{e:?}");
+            let status = Status::from(e);
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert_eq!(
+                error::reason(&status).as_deref(),
+                Some("ResourceInsufficient.DiskSpace")
+            );
+        }
+        let status = Status::from(sqlite(rusqlite::ffi::SQLITE_CORRUPT));
+        assert_eq!(status.code(), Code::Internal);
+    }
+
+    #[test]
+    fn quotas_have_their_reasons() {
+        let status = Status::from(RegionError::InstanceQuota {
+            quota: 2,
+            used: 2,
+            asked: 1,
+            region: "ap-guangzhou".into(),
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            error::reason(&status).as_deref(),
+            Some("LimitExceeded.InstanceQuota")
+        );
+        let status = Status::from(RegionError::StorageQuota {
+            quota: 2,
+            used: 2,
+            asked: 1,
+            region: "ap-guangzhou".into(),
+        });
+        assert_eq!(
+            error::reason(&status).as_deref(),
+            Some("LimitExceeded.StorageQuota")
+        );
+    }
+}

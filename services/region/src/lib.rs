@@ -31,7 +31,7 @@ mod shares;
 mod validate;
 
 pub use fairness::FairShare;
-pub use region::{Region, RegionConfig};
+pub use region::{Region, RegionConfig, StorageLimits};
 
 use imagefleet_proto::catalog::v1::{RegisterImageRequest, RegisterRegionRequest};
 use imagefleet_proto::region::v1::region_internal_service_server::RegionInternalServiceServer;

@@ -3,7 +3,7 @@
 //! shares (running store calls off the async threads, per-resource locks, reclaiming chunks).
 
 use crate::error::{RegionError, Result};
-use crate::meta::Store;
+use crate::meta::{Limits, NewImage, Store};
 use imagefleet_chunkstore::{ChunkDigest, ChunkStore};
 use imagefleet_proto::catalog::v1::catalog_internal_service_client::CatalogInternalServiceClient;
 use imagefleet_proto::catalog::v1::DescribeRegionsRequest;
@@ -49,6 +49,38 @@ pub struct RegionConfig {
     pub account_rate: u32,
     /// Per-account limits on streams, exports and copies, and the stall timeout of streams.
     pub fair_share: crate::fairness::FairShare,
+    /// Per-account instance and stored-bytes quotas, and the region's free-space reserve.
+    pub storage: StorageLimits,
+}
+
+/// What one account may hold in a region, and the free space the region keeps for itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StorageLimits {
+    /// Instances (not terminated) per account (`LimitExceeded.InstanceQuota`).
+    pub instance_quota: u32,
+    /// Stored bytes per account, as `DescribeImageQuota` defines them
+    /// (`LimitExceeded.StorageQuota`).
+    pub storage_bytes_quota: u64,
+    /// Free bytes the filesystem under the region's directory must keep: a call that would
+    /// store data (disk writes, new images, copies arriving) is refused with
+    /// `ResourceInsufficient.DiskSpace` when it would leave less.
+    pub free_space_reserve_bytes: u64,
+}
+
+impl StorageLimits {
+    pub const DEFAULT_INSTANCE_QUOTA: u32 = 200;
+    pub const DEFAULT_STORAGE_BYTES_QUOTA: u64 = 1 << 40;
+    pub const DEFAULT_FREE_SPACE_RESERVE_BYTES: u64 = 256 << 20;
+}
+
+impl Default for StorageLimits {
+    fn default() -> Self {
+        StorageLimits {
+            instance_quota: Self::DEFAULT_INSTANCE_QUOTA,
+            storage_bytes_quota: Self::DEFAULT_STORAGE_BYTES_QUOTA,
+            free_space_reserve_bytes: Self::DEFAULT_FREE_SPACE_RESERVE_BYTES,
+        }
+    }
 }
 
 impl RegionConfig {
@@ -192,6 +224,52 @@ impl Region {
             Ok(())
         })
         .await
+    }
+
+    /// What admission applies in this region: the configured quotas.
+    pub(crate) fn limits(&self) -> Limits<'_> {
+        Limits {
+            image_quota: self.config.image_quota,
+            region: &self.config.region,
+            instance_quota: self.config.storage.instance_quota,
+            storage_bytes_quota: self.config.storage.storage_bytes_quota,
+        }
+    }
+
+    /// Refuses (`ResourceInsufficient.DiskSpace`) a call that would store `needed` bytes when
+    /// that would leave less than the free-space reserve on the region's filesystem. A call
+    /// that stores data always needs room for at least one chunk: a region that cannot store
+    /// one more chunk above its reserve is out of space for every such call. Calls that
+    /// store nothing never ask.
+    pub(crate) async fn check_free_space(&self, needed: u64) -> Result<()> {
+        let needed = needed.max(imagefleet_chunkstore::CHUNK_SIZE as u64);
+        let reserve = self.config.storage.free_space_reserve_bytes;
+        let chunks = self.chunks.clone();
+        let space = blocking(move || Ok(chunks.space()?)).await?;
+        if space.free_bytes < reserve.saturating_add(needed) {
+            return Err(RegionError::DiskSpace {
+                free: space.free_bytes,
+                reserve,
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    /// Admits new images of `owner` (see [`Store::admit`]) once the region has room for them:
+    /// the one way every new image (created, copied in, imported) is admitted.
+    pub(crate) async fn admit(
+        self: &Arc<Self>,
+        owner: &str,
+        batch: Vec<NewImage>,
+        dry_run: bool,
+    ) -> Result<Vec<crate::model::ImageRow>> {
+        // A new image stores its rows and manifest now; a copy's chunks ask for room again as
+        // they arrive (and wait for it).
+        self.check_free_space(0).await?;
+        let region = self.clone();
+        let owner = owner.to_string();
+        blocking(move || region.store.admit(&owner, &batch, region.limits(), dry_run)).await
     }
 
     /// One lock per resource id (instance disks, image share changes and deletes).

@@ -277,13 +277,14 @@ async fn sync_images_admits_every_copy_or_none_and_the_dry_run_agrees() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_source_image_does_not_break_a_copy() {
-    // The destination has room for 8 chunks, all taken by a filler: the copy waits for space
-    // after reading the manifest and before fetching any chunk.
+    // The destination has room for 9 chunks, 8 taken by a filler: the copy is admitted (a
+    // region admits new images while it has room for a chunk) and waits for space after its
+    // first chunk.
     let mut h = Harness::start(vec![
         RegionSpec::memory("ap-guangzhou"),
         RegionSpec {
             chunks: ChunkStore::new(Arc::new(Memory::with_capacity(
-                (imagefleet_chunkstore::CHUNK_SIZE * 8 + public_chunks()) as u64,
+                (imagefleet_chunkstore::CHUNK_SIZE * 9 + public_chunks()) as u64,
             ))),
             ..RegionSpec::memory("ap-shanghai")
         },
@@ -510,4 +511,131 @@ fn public_chunks() -> usize {
         }
     }
     seen.len() * imagefleet_chunkstore::CHUNK_SIZE
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_chunk_store_refuses_for_space_and_recovers_when_space_is_freed() {
+    // Room for the public images and 6 more chunks.
+    let chunks = ChunkStore::new(Arc::new(Memory::with_capacity(
+        (imagefleet_chunkstore::CHUNK_SIZE * 6 + public_chunks()) as u64,
+    )));
+    let h = Harness::start(vec![RegionSpec {
+        chunks: chunks.clone(),
+        ..RegionSpec::memory("ap-guangzhou")
+    }])
+    .await;
+    let mut alice = h.client("ap-guangzhou", 0);
+    let mut bob = h.client("ap-guangzhou", 1);
+    let base = public_image(&mut alice).await;
+    let mine = launch(&mut alice, &base).await;
+    let kept = random_bytes(MIB);
+    write(&mut alice, &mine, 0, &kept).await.expect("write");
+    // Bob takes the rest, one chunk at a time, until he is refused for space.
+    let his = launch(&mut bob, &base).await;
+    let mut n = 0u64;
+    let refused = loop {
+        match write(&mut bob, &his, n * MIB as u64, &random_bytes(MIB)).await {
+            Ok(()) => n += 1,
+            Err(status) => break status,
+        }
+        assert!(n < 10, "the store never filled");
+    };
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert_eq!(reason(&refused), "ResourceInsufficient.DiskSpace");
+    let before = chunk_count(&chunks);
+    // Alice: a small write, and one over two chunks, are refused the same way, store nothing.
+    for (offset, len) in [(4 * MIB as u64, 4096), (6 * MIB as u64 - 10, MIB)] {
+        let status = write(&mut alice, &mine, offset, &random_bytes(len))
+            .await
+            .expect_err("no room");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert_eq!(reason(&status), "ResourceInsufficient.DiskSpace");
+    }
+    assert_eq!(
+        chunk_count(&chunks),
+        before,
+        "a refused write stored chunks"
+    );
+    // Reads and launches store nothing: they go on.
+    let read = alice
+        .read_instance_disk(ReadInstanceDiskRequest {
+            instance_id: mine.clone(),
+            offset: 0,
+            length: MIB as u64,
+        })
+        .await
+        .expect("read")
+        .into_inner()
+        .data;
+    assert!(read == kept, "her data changed");
+    launch(&mut alice, &base).await;
+    // Bob frees his space: Alice writes again.
+    alice
+        .describe_image_quota(DescribeImageQuotaRequest {})
+        .await
+        .expect("quota");
+    bob.terminate_instances(TerminateInstancesRequest {
+        instance_ids: vec![his],
+    })
+    .await
+    .expect("terminate");
+    write(&mut alice, &mine, 4 * MIB as u64, &random_bytes(4096))
+        .await
+        .expect("a write once space is freed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_count_what_an_account_stores_and_runs() {
+    let h = Harness::start(vec![RegionSpec::memory("ap-guangzhou")]).await;
+    let mut alice = h.client("ap-guangzhou", 0);
+    let base = public_image(&mut alice).await;
+    let quota = |q: DescribeImageQuotaResponse| (q.instance_count, q.storage_bytes_used);
+    let describe = |c: &mut support::Client| {
+        let mut c = c.clone();
+        async move {
+            c.describe_image_quota(DescribeImageQuotaRequest {})
+                .await
+                .expect("quota")
+                .into_inner()
+        }
+    };
+    let q = describe(&mut alice).await;
+    assert!(q.instance_quota > 0 && q.storage_bytes_quota > 0, "{q:?}");
+    assert_eq!(quota(q), (0, 0));
+    let mine = launch(&mut alice, &base).await;
+    // Three chunks written, one of them twice, one of them zeros (not stored).
+    write(&mut alice, &mine, 0, &random_bytes(2 * MIB))
+        .await
+        .expect("write");
+    write(&mut alice, &mine, 0, &random_bytes(MIB))
+        .await
+        .expect("write");
+    write(&mut alice, &mine, 5 * MIB as u64, &vec![0u8; MIB])
+        .await
+        .expect("write");
+    assert_eq!(quota(describe(&mut alice).await), (1, 2 * MIB as u64));
+    // Zeros over a written chunk drop it.
+    write(&mut alice, &mine, MIB as u64, &vec![0u8; MIB])
+        .await
+        .expect("write");
+    assert_eq!(quota(describe(&mut alice).await), (1, MIB as u64));
+    alice
+        .reset_instance(ResetInstanceRequest {
+            instance_id: mine.clone(),
+            image_id: String::new(),
+        })
+        .await
+        .expect("reset");
+    assert_eq!(quota(describe(&mut alice).await), (1, 0));
+    alice
+        .terminate_instances(TerminateInstancesRequest {
+            instance_ids: vec![mine],
+        })
+        .await
+        .expect("terminate");
+    assert_eq!(quota(describe(&mut alice).await), (0, 0));
 }

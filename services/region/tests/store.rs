@@ -19,6 +19,8 @@ fn limits(quota: u32) -> Limits<'static> {
     Limits {
         image_quota: quota,
         region: "ap-shanghai",
+        instance_quota: u32::MAX,
+        storage_bytes_quota: u64::MAX,
     }
 }
 
@@ -173,8 +175,12 @@ fn listings_page_in_sql_and_terminated_instances_are_purged() {
     let b: Vec<InstanceRow> = (100..1100)
         .map(|n| instance("100000000002", n, &image))
         .collect();
-    store.insert_instances(&image, &a).expect("insert");
-    store.insert_instances(&image, &b).expect("insert");
+    store
+        .insert_instances(&image, &a, limits(0))
+        .expect("insert");
+    store
+        .insert_instances(&image, &b, limits(0))
+        .expect("insert");
     let page = store
         .list_instances(&imagefleet_region::meta::InstanceQuery {
             owner: OWNER.into(),
@@ -377,4 +383,64 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
             .unwrap_or(0);
         assert!(named > 0 && !referenced.is_empty());
     }
+}
+
+#[test]
+fn instance_and_storage_quotas_are_checked_in_the_writing_transaction() {
+    use imagefleet_chunkstore::{ChunkDigest, CHUNK_SIZE};
+    let (_dir, store) = store();
+    let image = public_image(&store);
+    let chunk = CHUNK_SIZE as u64;
+    let tight = Limits {
+        instance_quota: 2,
+        storage_bytes_quota: 3 * chunk,
+        ..limits(10)
+    };
+    let vms: Vec<InstanceRow> = (0..3).map(|n| instance(OWNER, n, &image)).collect();
+    let err = store
+        .insert_instances(&image, &vms, tight)
+        .expect_err("three instances do not fit in a quota of two");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(
+        imagefleet_proto::error::reason(&status).as_deref(),
+        Some("LimitExceeded.InstanceQuota")
+    );
+    assert_eq!(store.usage(OWNER).expect("usage").instances, 0, "none kept");
+    store
+        .insert_instances(&image, &vms[..2], tight)
+        .expect("two fit");
+    let ids: Vec<String> = vms[..2].iter().map(|v| v.instance_id.clone()).collect();
+    store
+        .set_instances_state(&ids, InstanceState::Pending, InstanceState::Running)
+        .expect("boot");
+
+    let d = |n: u8| Some(ChunkDigest::of(&[n; 8]));
+    let id = vms[0].instance_id.clone();
+    store
+        .write_instance_chunks(&id, OWNER, &[(0, d(1)), (1, d(2))], tight)
+        .expect("two chunks");
+    // Overwriting, zeroing and refilling chunks counts only what is added.
+    store
+        .write_instance_chunks(&id, OWNER, &[(0, d(3)), (1, None), (2, d(4))], tight)
+        .expect("still two");
+    assert_eq!(store.usage(OWNER).expect("usage").storage_bytes, 2 * chunk);
+    let err = store
+        .write_instance_chunks(&id, OWNER, &[(5, d(5)), (6, d(6))], tight)
+        .expect_err("four chunks do not fit in three");
+    assert_eq!(
+        imagefleet_proto::error::reason(&tonic::Status::from(err)).as_deref(),
+        Some("LimitExceeded.StorageQuota")
+    );
+    assert_eq!(store.usage(OWNER).expect("usage").storage_bytes, 2 * chunk);
+    // Another account's usage is its own; a terminated instance holds nothing.
+    assert_eq!(
+        store.usage("100000000002").expect("usage"),
+        Default::default()
+    );
+    store
+        .terminate(std::slice::from_ref(&id), OWNER, 0)
+        .expect("terminate");
+    let usage = store.usage(OWNER).expect("usage");
+    assert_eq!((usage.instances, usage.storage_bytes), (1, 0));
 }

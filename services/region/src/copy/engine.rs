@@ -309,6 +309,11 @@ impl Region {
             if stop {
                 return Err(CopyError::Cancelled);
             }
+            // Below the free-space reserve the copy waits (and retries) instead of filling
+            // the disk other accounts' data lives on.
+            self.check_free_space(CHUNK_SIZE as u64)
+                .await
+                .map_err(CopyError::Retry)?;
             blocking(move || {
                 let _shared = refs.read().unwrap_or_else(|e| e.into_inner());
                 chunks.put_verified(&[(digest, &piece.data)])?;

@@ -3,7 +3,7 @@
 
 use super::{MANIFEST_PAGE, MAX_FETCH_DIGESTS, MAX_SYNC_IMAGES, MAX_SYNC_REGIONS};
 use crate::error::{RegionError, Result};
-use crate::meta::{CopySource, Limits, NewContent, NewImage};
+use crate::meta::{CopySource, NewContent, NewImage};
 use crate::model::{CopyTask, ImageRow, ImageSource, ImageState};
 use crate::region::{blocking, Region};
 use crate::validate;
@@ -129,7 +129,7 @@ impl RegionPeerApi {
         row.parent_owner = row.owner.clone();
         row.root_image_id = source.ultimate_source_image_id.clone();
         row.root_paid = source.ultimate_source_paid;
-        let task = CopyTask::new(
+        let mut task = CopyTask::new(
             &copy.request_key,
             &source.region,
             &source.image_id,
@@ -137,6 +137,7 @@ impl RegionPeerApi {
             &source.content_digest,
             deadline_at,
         );
+        task.bytes_total = source.stored_bytes;
         Ok(NewImage {
             row,
             content: NewContent::Copy {
@@ -186,22 +187,8 @@ impl RegionInternalService for RegionPeerApi {
         let _admitting = lock.lock().await;
         self.check_copies_limit(&owner, &req.copies, &batch[0])
             .await?;
-        let store = self.region.store.clone();
-        let quota = self.region.config.image_quota;
-        let here = self.region.config.region.clone();
         let dry_run = req.dry_run;
-        let admitted = blocking(move || {
-            store.admit(
-                &owner,
-                &batch,
-                Limits {
-                    image_quota: quota,
-                    region: &here,
-                },
-                dry_run,
-            )
-        })
-        .await?;
+        let admitted = self.region.admit(&owner, batch, dry_run).await?;
         if dry_run {
             return Ok(Response::new(StartSyncResponse { image_ids: vec![] }));
         }

@@ -132,6 +132,7 @@ fn sync_source(image: &ImageRow, here: &str, caller: &str, name: &str) -> SyncSo
         ultimate_source_image_id: image.root_image_id.clone(),
         ultimate_source_paid: image.root_paid,
         snapshot_id: image.snapshot_id.clone().unwrap_or_default(),
+        stored_bytes: image.stored_bytes,
     }
 }
 

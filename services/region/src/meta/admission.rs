@@ -6,8 +6,8 @@
 
 use super::{copies, images, instances, snapshots, Store};
 use crate::error::{RegionError, Result};
-use crate::model::{CopyTask, ImageRow};
-use rusqlite::Transaction;
+use crate::model::{CopyTask, ImageRow, ImageState};
+use rusqlite::{params, Connection, Transaction};
 use std::collections::HashSet;
 
 /// What a new image's content comes from.
@@ -50,6 +50,88 @@ impl NewImage {
 pub struct Limits<'a> {
     pub image_quota: u32,
     pub region: &'a str,
+    /// Instances (not terminated) per account.
+    pub instance_quota: u32,
+    /// Stored bytes per account (as [`Usage`] counts them).
+    pub storage_bytes_quota: u64,
+}
+
+/// What an account holds in a region, as its quotas count it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub images: u32,
+    /// Instances not terminated.
+    pub instances: u64,
+    /// Stored bytes: each of the account's custom images' stored bytes (its snapshot's
+    /// non-zero chunks; for a copy still arriving, the source's), plus the chunks written to
+    /// its instances' disks (beyond their base images), in whole chunks.
+    pub storage_bytes: u64,
+}
+
+/// The account's usage, read inside a transaction (or on a read connection).
+pub(super) fn usage(c: &Connection, owner: &str) -> rusqlite::Result<Usage> {
+    Ok(Usage {
+        images: images::count_custom_images(c, owner)?,
+        instances: instances::live_instances(c, owner)?,
+        storage_bytes: storage_bytes(c, owner)?,
+    })
+}
+
+/// The account's stored bytes, as [`Usage`] counts them.
+fn storage_bytes(c: &Connection, owner: &str) -> rusqlite::Result<u64> {
+    let image_bytes: i64 = c
+        .prepare_cached(
+            "SELECT COALESCE(SUM(CASE WHEN i.state = ?2 \
+                 THEN MAX(COALESCE(s.stored_bytes, 0), COALESCE(t.bytes_total, 0)) \
+                 ELSE COALESCE(s.stored_bytes, 0) END), 0) \
+             FROM images i LEFT JOIN snapshots s ON s.snapshot_id = i.snapshot_id \
+             LEFT JOIN sync_tasks t ON t.image_id = i.image_id WHERE i.owner = ?1",
+        )?
+        .query_row(params![owner, ImageState::Syncing], |r| r.get(0))?;
+    let written = instances::written_chunks(c, owner)?;
+    Ok((image_bytes.max(0) as u64).saturating_add(super::chunk_bytes(written)))
+}
+
+/// Refuses `asked` more instances of `owner` past the instance quota.
+pub(super) fn check_instances(
+    c: &Connection,
+    owner: &str,
+    asked: u64,
+    limits: Limits<'_>,
+) -> Result<()> {
+    let used = instances::live_instances(c, owner)?;
+    if used.saturating_add(asked) > u64::from(limits.instance_quota) {
+        return Err(RegionError::InstanceQuota {
+            quota: limits.instance_quota,
+            used,
+            asked,
+            region: limits.region.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses storing `asked` more bytes for `owner` past the storage quota. Nothing asked is
+/// never refused (rewriting what is there, dropping chunks).
+pub(super) fn check_storage(
+    c: &Connection,
+    owner: &str,
+    asked: u64,
+    limits: Limits<'_>,
+) -> Result<()> {
+    if asked == 0 {
+        return Ok(());
+    }
+    let used = storage_bytes(c, owner)?;
+    if used.saturating_add(asked) > limits.storage_bytes_quota {
+        return Err(RegionError::StorageQuota {
+            quota: limits.storage_bytes_quota,
+            used,
+            asked,
+            region: limits.region.to_string(),
+        });
+    }
+    Ok(())
 }
 
 fn admit_in(
@@ -96,6 +178,7 @@ fn admit_in(
                     });
                 }
                 let manifest = snapshots::instance_manifest(tx, &instance)?;
+                check_storage(tx, owner, super::chunk_bytes(manifest.len()), limits)?;
                 row.virtual_size = instance.disk_size;
                 row.parent_image_id = instance.image_id.clone();
                 row.parent_owner = instance.image_owner.clone();
@@ -112,6 +195,8 @@ fn admit_in(
             NewContent::Copy { task } => {
                 let mut task = (**task).clone();
                 task.image_id = row.image_id.clone();
+                // Earlier copies of the batch are in the transaction, so they count already.
+                check_storage(tx, owner, task.bytes_total, limits).map_err(|e| new.refuse(e))?;
                 copies::insert_task(tx, &task)?;
                 Vec::new()
             }
@@ -133,6 +218,11 @@ fn admit_in(
 }
 
 impl Store {
+    /// What `owner` holds in this region, as its quotas count it.
+    pub fn usage(&self, owner: &str) -> Result<Usage> {
+        self.read(|c| Ok(usage(c, owner)?))
+    }
+
     /// Admits `batch` (new images of `owner`): every check, then every row, in one
     /// transaction. Returns the admitted rows (or, for a copy whose request key was seen
     /// before, the image it admitted then). With `dry_run`, the same checks and nothing kept.

@@ -41,7 +41,7 @@ pub(super) fn insert_task(tx: &Transaction<'_>, task: &CopyTask) -> rusqlite::Re
     tx.execute(
         &format!(
             "INSERT INTO sync_tasks ({TASK_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, 0, 0, 0, 0, 0, 0, 0, '', ?8)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, 0, ?9, 0, 0, 0, 0, 0, '', ?8)"
         ),
         params![
             task.image_id,
@@ -51,7 +51,8 @@ pub(super) fn insert_task(tx: &Transaction<'_>, task: &CopyTask) -> rusqlite::Re
             task.source_snapshot_id,
             task.expected_digest,
             CopyState::Running,
-            task.deadline_at
+            task.deadline_at,
+            task.bytes_total as i64
         ],
     )?;
     Ok(())

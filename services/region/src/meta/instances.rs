@@ -1,7 +1,7 @@
 //! Instance rows and their disks: launching, listing (paged in SQL, by the owner index),
 //! terminating, resetting, the chunks behind a disk range, and purging old terminated rows.
 
-use super::{digest_of, snapshots, Store};
+use super::{digest_of, snapshots, Limits, Store};
 use crate::error::{RegionError, Result};
 use crate::model::{ImageRow, ImageState, InstanceRow, InstanceState};
 use imagefleet_chunkstore::ChunkDigest;
@@ -66,19 +66,59 @@ fn count_instances(tx: &Transaction<'_>, owner: &str, n: i64) -> rusqlite::Resul
     Ok(())
 }
 
+/// Adds `n` (may be negative) to one of the owner's counters in `account_usage`.
+fn add_usage(tx: &Transaction<'_>, owner: &str, column: &str, n: i64) -> rusqlite::Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    tx.prepare_cached(&format!(
+        "INSERT INTO account_usage (owner, {column}) VALUES (?1, MAX(?2, 0)) \
+         ON CONFLICT(owner) DO UPDATE SET {column} = MAX({column} + ?2, 0)"
+    ))?
+    .execute(params![owner, n])?;
+    Ok(())
+}
+
+/// Adds `n` (may be negative) to the chunks the owner has written to instance disks.
+fn count_written(tx: &Transaction<'_>, owner: &str, n: i64) -> rusqlite::Result<()> {
+    add_usage(tx, owner, "written_chunks", n)
+}
+
+/// One of the owner's counters in `account_usage` (0 without a row).
+fn usage_counter(c: &Connection, owner: &str, column: &str) -> rusqlite::Result<u64> {
+    Ok(c.prepare_cached(&format!(
+        "SELECT {column} FROM account_usage WHERE owner = ?1"
+    ))?
+    .query_row([owner], |r| r.get::<_, i64>(0))
+    .optional()?
+    .unwrap_or(0)
+    .max(0) as u64)
+}
+
+/// Chunks the owner has written to its instances' disks (what they hold beyond their bases).
+pub(super) fn written_chunks(c: &Connection, owner: &str) -> rusqlite::Result<usize> {
+    Ok(usage_counter(c, owner, "written_chunks")? as usize)
+}
+
+/// The owner's instances that are not terminated.
+pub(super) fn live_instances(c: &Connection, owner: &str) -> rusqlite::Result<u64> {
+    usage_counter(c, owner, "live_instances")
+}
+
 fn drop_instance_chunks(
     tx: &Transaction<'_>,
-    instance_id: &str,
+    instance: &InstanceRow,
 ) -> rusqlite::Result<Vec<ChunkDigest>> {
     let dropped = snapshots::digests(
         tx,
         "SELECT digest FROM instance_chunks WHERE instance_id = ?1 AND digest IS NOT NULL",
-        instance_id,
+        &instance.instance_id,
     )?;
     tx.execute(
         "DELETE FROM instance_chunks WHERE instance_id = ?1",
-        [instance_id],
+        [&instance.instance_id],
     )?;
+    count_written(tx, &instance.owner, -(dropped.len() as i64))?;
     Ok(dropped)
 }
 
@@ -103,13 +143,26 @@ pub struct InstancePage {
 }
 
 impl Store {
-    /// Creates `instances` from `image_id` if it is still launchable; all or none.
-    pub fn insert_instances(&self, image_id: &str, instances: &[InstanceRow]) -> Result<()> {
+    /// Creates `instances` from `image_id` if it is still launchable and each owner's
+    /// instance quota has room for them; all or none.
+    pub fn insert_instances(
+        &self,
+        image_id: &str,
+        instances: &[InstanceRow],
+        limits: Limits<'_>,
+    ) -> Result<()> {
         self.write(|tx| {
             let image = super::images::get_image(tx, image_id)?
                 .ok_or_else(|| RegionError::ImageNotFound(image_id.to_string()))?;
             if image.state != ImageState::Normal {
                 return Err(RegionError::image_state(&image));
+            }
+            let mut asked: std::collections::BTreeMap<&str, u64> = Default::default();
+            for i in instances {
+                *asked.entry(i.owner.as_str()).or_default() += 1;
+            }
+            for (owner, n) in asked {
+                super::admission::check_instances(tx, owner, n, limits)?;
             }
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO instances (instance_id, owner, name, instance_type, cpu, memory_gib, image_id, \
@@ -138,6 +191,7 @@ impl Store {
             }
             for (owner, n) in added {
                 count_instances(tx, owner, n)?;
+                add_usage(tx, owner, "live_instances", n)?;
             }
             Ok(())
         })
@@ -249,7 +303,8 @@ impl Store {
                 if instance.state == InstanceState::Terminated {
                     continue;
                 }
-                dropped.extend(drop_instance_chunks(tx, id)?);
+                dropped.extend(drop_instance_chunks(tx, &instance)?);
+                add_usage(tx, owner, "live_instances", -1)?;
                 tx.execute(
                     "UPDATE instances SET state = ?2, base_snapshot_id = NULL, terminated_at = ?3 \
                      WHERE instance_id = ?1",
@@ -308,7 +363,7 @@ impl Store {
                     "the image is larger than the instance's system disk",
                 ));
             }
-            let mut dropped = drop_instance_chunks(tx, instance_id)?;
+            let mut dropped = drop_instance_chunks(tx, &instance)?;
             tx.execute(
                 "UPDATE instances SET image_id = ?2, base_snapshot_id = ?3, root_image_id = ?4, root_paid = ?5, \
                  image_owner = ?6 WHERE instance_id = ?1",
@@ -361,15 +416,18 @@ impl Store {
     }
 
     /// Records new content for chunks of an instance's disk (`None`: zeros); the chunks must
-    /// be durable already. Returns the digests the instance itself no longer references.
+    /// be durable already. Refused whole if the owner's storage quota has no room for the
+    /// chunks it adds. Returns the digests the instance itself no longer references.
     pub fn write_instance_chunks(
         &self,
         instance_id: &str,
         owner: &str,
         chunks: &[(u64, Option<ChunkDigest>)],
+        limits: Limits<'_>,
     ) -> Result<Vec<ChunkDigest>> {
         self.write(|tx| {
             live_instance(tx, instance_id, owner)?;
+            let mut added = 0i64;
             let mut dropped = Vec::new();
             let mut old_of = tx.prepare_cached(
                 "SELECT digest FROM instance_chunks WHERE instance_id = ?1 AND idx = ?2",
@@ -383,6 +441,10 @@ impl Store {
                     .optional()?;
                 if let Some(old) = old.flatten().and_then(digest_of) {
                     dropped.push(old);
+                    added -= 1;
+                }
+                if digest.is_some() {
+                    added += 1;
                 }
                 put.execute(params![
                     instance_id,
@@ -390,6 +452,12 @@ impl Store {
                     digest.as_ref().map(|d| d.0.to_vec())
                 ])?;
             }
+            drop((old_of, put));
+            if added > 0 {
+                let asked = super::chunk_bytes(added as usize);
+                super::admission::check_storage(tx, owner, asked, limits)?;
+            }
+            count_written(tx, owner, added)?;
             Ok(dropped)
         })
     }

@@ -21,7 +21,7 @@ mod schema;
 pub use schema::CURRENT_VERSION as SCHEMA_VERSION;
 mod snapshots;
 
-pub use admission::{Limits, NewContent, NewImage};
+pub use admission::{Limits, NewContent, NewImage, Usage};
 pub use copies::{CopyPin, CopySource};
 pub use images::ImageChanges;
 pub use instances::{InstancePage, InstanceQuery};

@@ -145,6 +145,22 @@ UPDATE images SET parent_owner = CASE
     ELSE COALESCE((SELECT p.owner FROM images p WHERE p.image_id = images.parent_image_id), '')
 END WHERE parent_image_id != '';
 "#,
+    // 4: each owner's instances not terminated and chunks written to instance disks (non-NULL
+    // rows of `instance_chunks`), kept beside the rows so a quota check costs one row, not a
+    // scan.
+    r#"
+CREATE TABLE account_usage (
+    owner TEXT PRIMARY KEY,
+    live_instances INTEGER NOT NULL DEFAULT 0,
+    written_chunks INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+INSERT INTO account_usage (owner, live_instances)
+    SELECT owner, COUNT(*) FROM instances WHERE state <> 'TERMINATED' GROUP BY owner;
+INSERT INTO account_usage (owner, written_chunks)
+    SELECT i.owner, COUNT(*) FROM instance_chunks c JOIN instances i ON i.instance_id = c.instance_id
+    WHERE c.digest IS NOT NULL GROUP BY i.owner
+    ON CONFLICT(owner) DO UPDATE SET written_chunks = excluded.written_chunks;
+"#,
 ];
 
 /// The schema version this build writes.
