@@ -327,6 +327,11 @@ fn row(method: &str, f: &Fixture) -> Option<(Vec<u8>, [Expect; 3])> {
             DescribeImageQuotaRequest {}.encode_to_vec(),
             [Allowed, Allowed, Allowed],
         ),
+        // The region's catalogue of types: the same for every account.
+        "imagefleet.region.v1.RegionService/DescribeInstanceTypeConfigs" => (
+            DescribeInstanceTypeConfigsRequest::default().encode_to_vec(),
+            [Allowed, Allowed, Allowed],
+        ),
         "imagefleet.region.v1.RegionService/ModifyImageAttribute" => (
             ModifyImageAttributeRequest {
                 image_id: image,
