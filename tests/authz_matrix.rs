@@ -5,53 +5,15 @@
 
 mod common;
 
-use bytes::BufMut;
+use common::raw::RawCodec;
 use common::*;
 use imagefleet_proto::region::v1::*;
 use imagefleet_rpc::auth::{self, Credentials};
 use imagefleet_rpc::client::{region_scope, CATALOG_SCOPE, SHARING_SCOPE};
 use prost::Message;
 use std::collections::BTreeSet;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::Code;
-
-/// Passes request and response messages through as bytes, so any method can be called.
-#[derive(Clone, Default)]
-struct RawCodec;
-struct RawEncoder;
-struct RawDecoder;
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        use bytes::Buf;
-        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
 
 /// One method of one service, from the descriptor set.
 #[derive(Clone, Debug)]

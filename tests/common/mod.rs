@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod dev;
+pub mod raw;
 
 use imagefleet_proto::catalog::v1::catalog_internal_service_client::CatalogInternalServiceClient;
 use imagefleet_proto::catalog::v1::CreateAccountRequest;

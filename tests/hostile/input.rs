@@ -3,8 +3,8 @@
 //! protobuf, page tokens that are edited or wrap around, and calls to services a server does
 //! not serve. Every refusal is `INVALID_ARGUMENT` (or `UNIMPLEMENTED`) with an `ErrorInfo`.
 
+use crate::common::raw::RawCodec;
 use crate::common::*;
-use bytes::BufMut;
 use imagefleet_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use imagefleet_proto::catalog::v1::{CreateAccountRequest, DescribeRegionsRequest};
 use imagefleet_proto::region::v1::*;
@@ -14,7 +14,6 @@ use imagefleet_rpc::cluster::{AccountEntry, ClusterFile, RegionEndpoint, Service
 use prost::Message;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -460,43 +459,6 @@ async fn unknown_filter_values_are_refused() {
         .expect("known values filter")
         .into_inner();
     assert!(public.total_count > 0);
-}
-
-/// Passes messages through as bytes, so a body that is not protobuf can be sent.
-#[derive(Clone, Default)]
-struct RawCodec;
-struct RawEncoder;
-struct RawDecoder;
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        use bytes::Buf;
-        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
 }
 
 /// A unary call of `path` with `body` as the message bytes, signed by `credentials` for `scope`.
