@@ -394,7 +394,8 @@ async fn share_rps() {
         .map(|_| {
             let channel = imagefleet_rpc::client::signed_channel(
                 &cluster.sharing.url(),
-                cluster.service_credentials(),
+                // The sharing maps are changed by regions only.
+                cluster.service_credentials_as("region-ap-guangzhou"),
                 imagefleet_rpc::client::SHARING_SCOPE,
             )
             .expect("channel");

@@ -59,6 +59,8 @@ export IMAGEFLEET_IMAGE="$PROJECT_PREFIX:${PROJECT#"$PROJECT_PREFIX"-}"
 # Settings from the caller's environment that would change what compose does.
 unset COMPOSE_FILE COMPOSE_PROJECT_NAME COMPOSE_PATH_SEPARATOR DOCKER_DEFAULT_PLATFORM
 CLUSTER_FILE="$ROOT/deploy/compose/cluster.json"
+# The CA and client certificate imagectl uses (cluster.json names them, relative to itself).
+TLS_DIR="$ROOT/deploy/compose/tls"
 PREBUILT="$ROOT/target/docker-prebuilt"
 PORTS="7100 7101 7110 7111 7112"
 OWNER=100000000001
@@ -98,6 +100,7 @@ cleanup() {
     fi
     # Never leave host binaries where a later `docker compose build` would pick them up.
     rm -rf "$PREBUILT"
+    rm -rf "$TLS_DIR"
     rm -rf "$WORK"
     if [ "$rc" = 0 ]; then
         printf '\ncompose test: PASSED in %ss\n' "$(($(date +%s) - T0))"
@@ -331,6 +334,7 @@ cargo build $CARGO_PROFILE_FLAG --bins
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 IMAGECTL="$TARGET_DIR/$PROFILE/imagectl"
+IMAGED_HOST="$TARGET_DIR/$PROFILE/imaged"
 rm -rf "$PREBUILT"
 mkdir -p "$PREBUILT"
 for bin in imaged imagectl; do
@@ -360,13 +364,42 @@ wait_healthy 240 redis catalog sharing region-guangzhou region-shanghai region-s
 compose ps
 
 # ---------------------------------------------------------------------------------------------
+step "TLS: the host gets the cluster CA and the client certificate; plaintext is refused"
+# ---------------------------------------------------------------------------------------------
+CERTS_ID=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" \
+    --filter "label=com.docker.compose.service=certs" | head -n 1)
+[ -n "$CERTS_ID" ] || fail "no certs container"
+rm -rf "$TLS_DIR"
+mkdir -p "$TLS_DIR"
+chmod 0700 "$TLS_DIR"
+for f in ca.pem client.pem client.key; do
+    docker cp "$CERTS_ID:/tls/$f" "$TLS_DIR/$f" >/dev/null
+done
+chmod 0600 "$TLS_DIR/client.key"
+for port in 7100 7101 7110; do
+    # Health is open to any caller, so an answer over plaintext would mean plaintext is served.
+    if timeout 20 "$IMAGED_HOST" health --url "http://127.0.0.1:$port" >/dev/null 2>&1; then
+        fail "127.0.0.1:$port answered plaintext"
+    fi
+    # Over TLS, without a client certificate: refused by mutual TLS.
+    if IMAGEFLEET_TLS_CA="$TLS_DIR/ca.pem" timeout 20 "$IMAGED_HOST" health \
+        --url "https://127.0.0.1:$port" >/dev/null 2>&1; then
+        fail "127.0.0.1:$port served a client without a certificate"
+    fi
+    IMAGEFLEET_TLS_CA="$TLS_DIR/ca.pem" IMAGEFLEET_TLS_CERT="$TLS_DIR/client.pem" \
+        IMAGEFLEET_TLS_KEY="$TLS_DIR/client.key" timeout 20 "$IMAGED_HOST" health \
+        --url "https://127.0.0.1:$port" >/dev/null || fail "127.0.0.1:$port: no answer over mutual TLS"
+done
+info "ok: TLS only, client certificates demanded, CA and client certificate in $TLS_DIR"
+
+# ---------------------------------------------------------------------------------------------
 step "regions: the catalog hands the host the published (public) URLs"
 # ---------------------------------------------------------------------------------------------
 ictl regions list
 REGIONS=$(ictl_json regions list)
 for pair in ap-guangzhou=7110 ap-shanghai=7111 ap-singapore=7112; do
     region=${pair%=*}
-    want="http://127.0.0.1:${pair#*=}"
+    want="https://127.0.0.1:${pair#*=}"
     got=$(printf '%s' "$REGIONS" | python3 -c '
 import json, sys
 for r in json.load(sys.stdin).get("regionSet", []):

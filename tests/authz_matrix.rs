@@ -258,6 +258,225 @@ async fn settle(cluster: &Cluster) {
     panic!("the cluster never settled");
 }
 
+/// The service identities every internal method is called as: the cluster's services and the
+/// operator, then two that name no service of the cluster.
+const IDENTITIES: &[&str] = &[
+    "admin",
+    "catalog",
+    "sharing",
+    "region-ap-guangzhou",
+    "region-ap-shanghai",
+    "bogus",
+    "region-eu-nowhere",
+];
+
+const NOT_ALLOWED: Expect = Refused(
+    Code::PermissionDenied,
+    "UnauthorizedOperation.CallerNotAllowed",
+);
+const REGIONS: &[&str] = &["region-ap-guangzhou", "region-ap-shanghai"];
+const REGIONS_ADMIN: &[&str] = &["region-ap-guangzhou", "region-ap-shanghai", "admin"];
+
+/// The request each internal method is called with, the identities that may call it
+/// (`docs/auth.md`, "Who may call which internal method") and what an allowed caller gets.
+/// `None` for a method missing from the table.
+fn internal_row(
+    method: &str,
+    f: &Fixture,
+    cluster: &Cluster,
+) -> Option<(Vec<u8>, &'static [&'static str], Expect)> {
+    use imagefleet_proto::catalog::v1 as catalog;
+    use imagefleet_proto::sharing::v1 as sharing;
+    let alice = cluster.accounts[0].account_id.clone();
+    let nowhere = "img-0nowhere".to_string();
+    Some(match method {
+        "imagefleet.catalog.v1.CatalogInternalService/RegisterRegion" => (
+            catalog::RegisterRegionRequest {
+                region: "ap-guangzhou".into(),
+                endpoint: cluster.region_url("ap-guangzhou"),
+                public_endpoint: String::new(),
+            }
+            .encode_to_vec(),
+            REGIONS_ADMIN,
+            Allowed,
+        ),
+        "imagefleet.catalog.v1.CatalogInternalService/ListRegions" => {
+            (Vec::new(), REGIONS_ADMIN, Allowed)
+        }
+        "imagefleet.catalog.v1.CatalogInternalService/CreateAccount" => (
+            catalog::CreateAccountRequest {
+                account_id: String::new(),
+                name: "made-by-the-matrix".into(),
+            }
+            .encode_to_vec(),
+            &["admin"],
+            Allowed,
+        ),
+        "imagefleet.catalog.v1.CatalogInternalService/GetAccount" => (
+            catalog::GetAccountRequest {
+                account_id: alice.clone(),
+            }
+            .encode_to_vec(),
+            REGIONS_ADMIN,
+            Allowed,
+        ),
+        "imagefleet.catalog.v1.CatalogInternalService/GetAccountCredential" => (
+            catalog::GetAccountCredentialRequest {
+                secret_id: cluster.accounts[0].secret_id.clone(),
+            }
+            .encode_to_vec(),
+            &["region-ap-guangzhou", "region-ap-shanghai", "sharing"],
+            Allowed,
+        ),
+        "imagefleet.catalog.v1.CatalogInternalService/RegisterImage" => (
+            catalog::RegisterImageRequest { image: None }.encode_to_vec(),
+            REGIONS,
+            Refused(Code::InvalidArgument, "MissingParameter"),
+        ),
+        "imagefleet.catalog.v1.CatalogInternalService/UnregisterImage" => (
+            catalog::UnregisterImageRequest {
+                image_id: nowhere,
+                region: "ap-guangzhou".into(),
+            }
+            .encode_to_vec(),
+            REGIONS,
+            Allowed,
+        ),
+        "imagefleet.catalog.v1.CatalogInternalService/LookupImage" => (
+            catalog::LookupImageRequest {
+                image_id: f.image.clone(),
+            }
+            .encode_to_vec(),
+            REGIONS_ADMIN,
+            Allowed,
+        ),
+        "imagefleet.sharing.v1.SharingInternalService/SetImageOwner" => (
+            sharing::SetImageOwnerRequest {
+                image_id: nowhere,
+                owner_account_id: alice,
+            }
+            .encode_to_vec(),
+            REGIONS,
+            Allowed,
+        ),
+        "imagefleet.sharing.v1.SharingInternalService/RemoveImage" => (
+            sharing::RemoveImageRequest { image_id: nowhere }.encode_to_vec(),
+            REGIONS,
+            Allowed,
+        ),
+        "imagefleet.sharing.v1.SharingInternalService/GetImageOwner" => (
+            sharing::GetImageOwnerRequest {
+                image_id: f.image.clone(),
+            }
+            .encode_to_vec(),
+            REGIONS_ADMIN,
+            Allowed,
+        ),
+        "imagefleet.sharing.v1.SharingInternalService/ModifyShares" => (
+            sharing::ModifySharesRequest {
+                image_id: nowhere,
+                owner_account_id: alice,
+                permission: sharing::SharePermission::Cancel as i32,
+                account_ids: vec![f.extra_account.clone()],
+            }
+            .encode_to_vec(),
+            REGIONS,
+            Refused(
+                Code::PermissionDenied,
+                "UnauthorizedOperation.ImageNotBelongToAccount",
+            ),
+        ),
+        "imagefleet.sharing.v1.SharingInternalService/DescribeShares" => (
+            sharing::DescribeSharesRequest {
+                image_id: f.image.clone(),
+            }
+            .encode_to_vec(),
+            REGIONS_ADMIN,
+            Allowed,
+        ),
+        "imagefleet.sharing.v1.SharingInternalService/CheckShare" => (
+            sharing::CheckShareRequest {
+                image_id: f.image.clone(),
+                account_id: f.extra_account.clone(),
+            }
+            .encode_to_vec(),
+            REGIONS_ADMIN,
+            Allowed,
+        ),
+        "imagefleet.sharing.v1.SharingInternalService/ListSharedWith" => (
+            sharing::ListSharedWithRequest {
+                account_id: f.extra_account.clone(),
+            }
+            .encode_to_vec(),
+            REGIONS_ADMIN,
+            Allowed,
+        ),
+        "imagefleet.region.v1.RegionInternalService/StartSync" => (
+            StartSyncRequest {
+                copies: Vec::new(),
+                dry_run: true,
+            }
+            .encode_to_vec(),
+            REGIONS,
+            Refused(Code::InvalidArgument, "InvalidParameterValue.LimitExceeded"),
+        ),
+        "imagefleet.region.v1.RegionInternalService/GetImageManifest" => (
+            GetImageManifestRequest {
+                image_id: nowhere,
+                snapshot_id: String::new(),
+            }
+            .encode_to_vec(),
+            REGIONS,
+            Refused(Code::NotFound, "InvalidImageId.NotFound"),
+        ),
+        "imagefleet.region.v1.RegionInternalService/FetchChunks" => (
+            FetchChunksRequest {
+                image_id: nowhere,
+                digests: Vec::new(),
+                snapshot_id: String::new(),
+            }
+            .encode_to_vec(),
+            REGIONS,
+            Refused(Code::NotFound, "InvalidImageId.NotFound"),
+        ),
+        "imagefleet.region.v1.RegionInternalService/CancelSync" => (
+            CancelSyncRequest {
+                image_ids: Vec::new(),
+            }
+            .encode_to_vec(),
+            REGIONS,
+            Allowed,
+        ),
+        "imagefleet.region.v1.RegionInternalService/ReleaseCopySource" => (
+            ReleaseCopySourceRequest {
+                request_keys: Vec::new(),
+            }
+            .encode_to_vec(),
+            REGIONS,
+            Allowed,
+        ),
+        _ => return None,
+    })
+}
+
+/// What `identity` gets calling the internal `method` with its row's request.
+fn internal_cell(method: &str, identity: &str, allowed: &[&str], outcome: Expect) -> Expect {
+    if identity == "bogus" || identity == "region-eu-nowhere" {
+        return Refused(Code::Unauthenticated, "AuthFailure.SecretIdNotFound");
+    }
+    // A region registers only itself.
+    if method == "imagefleet.catalog.v1.CatalogInternalService/RegisterRegion"
+        && identity == "region-ap-shanghai"
+    {
+        return NOT_ALLOWED;
+    }
+    if allowed.contains(&identity) {
+        outcome
+    } else {
+        NOT_ALLOWED
+    }
+}
+
 /// The resources the role cells act on.
 struct Fixture {
     image: String,
@@ -444,6 +663,10 @@ async fn every_rpc_as_every_caller() {
         creds(&carol),
     );
     let service = cluster.service_credentials();
+    let identities: Vec<(&str, Credentials)> = IDENTITIES
+        .iter()
+        .map(|id| (*id, cluster.service_credentials_as(id)))
+        .collect();
 
     // Alice's image, shared with Bob; Carol is unrelated.
     let mut alice = cluster.region("ap-guangzhou", 0);
@@ -499,7 +722,26 @@ async fn every_rpc_as_every_caller() {
         let internal = method.service.ends_with("InternalService");
         let id = format!("{}.{}", method.service, method.name);
         let now = imagefleet_rpc::time::unix_now();
-        let right = if internal { &service } else { &owner };
+        let internal_row = internal.then(|| {
+            internal_row(
+                &format!("{}/{}", method.service, method.name),
+                &fixture,
+                &cluster,
+            )
+            .unwrap_or_else(|| {
+                panic!("{id} has no row in the internal authorisation table: add one")
+            })
+        });
+        let right = match &internal_row {
+            Some((_, allowed, _)) => {
+                &identities
+                    .iter()
+                    .find(|(i, _)| *i == allowed[0])
+                    .expect("a tested identity")
+                    .1
+            }
+            None => &owner,
+        };
         let wrong_key = Credentials {
             secret_id: right.secret_id.clone(),
             secret_key: "wrong".into(),
@@ -577,7 +819,37 @@ async fn every_rpc_as_every_caller() {
         );
         cells += 6;
 
-        if internal {
+        if let Some((body, allowed, outcome)) = &internal_row {
+            // Every identity: refusals first (each must change nothing), then the allowed.
+            let path = format!("{}/{}", method.service, method.name);
+            let mut order: Vec<&(&str, Credentials)> = identities.iter().collect();
+            order.sort_by_key(|(i, _)| {
+                internal_cell(&path, i, allowed, *outcome) != NOT_ALLOWED
+                    && !IDENTITIES[5..].contains(i)
+            });
+            for (identity, credentials) in order {
+                let expect = internal_cell(&path, identity, allowed, *outcome);
+                let before = fingerprint(&cluster, &image).await;
+                check(
+                    &format!("{id} as svc-{identity}"),
+                    signed(&channel, method, &t.scope, body.clone(), credentials).await,
+                    expect,
+                );
+                let refused_by_auth = matches!(
+                    expect,
+                    Refused(Code::PermissionDenied | Code::Unauthenticated, _)
+                );
+                if refused_by_auth {
+                    assert_same(
+                        &before,
+                        &fingerprint(&cluster, &image).await,
+                        &format!("{id} as svc-{identity}: a refused call changed something"),
+                    );
+                } else {
+                    settle(&cluster).await;
+                }
+                cells += 1;
+            }
             continue;
         }
         // Account-facing: the owner, the receiver of a share, an unrelated account.

@@ -44,6 +44,8 @@ pub struct Proc {
     wrapper: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
+    /// Serves TLS (its URL is `https://`).
+    tls: bool,
 }
 
 impl Proc {
@@ -113,7 +115,8 @@ impl Proc {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// SIGKILL, then the same command again (same port, same data).
@@ -145,6 +148,40 @@ pub struct Cluster {
     pub sharing: Proc,
     pub regions: BTreeMap<String, Proc>,
     pub accounts: Vec<AccountEntry>,
+    /// The certificates of a TLS cluster (`start_tls`): `ca.pem`, `<identity>.pem|key`.
+    pub tls_dir: Option<PathBuf>,
+}
+
+/// The directory of this test process's cluster CA and certificates (one CA per process, as
+/// clients' TLS settings are per process), with certificates for `regions` added.
+pub fn tls_dir(regions: &[&str]) -> PathBuf {
+    static DIR: std::sync::Mutex<Option<tempfile::TempDir>> = std::sync::Mutex::new(None);
+    let mut dir = DIR.lock().unwrap_or_else(|e| e.into_inner());
+    let path = dir
+        .get_or_insert_with(|| tempfile::tempdir().expect("temp dir"))
+        .path()
+        .join("tls");
+    let status = Command::new(IMAGED)
+        .args(["certs", "--out"])
+        .arg(&path)
+        .args(["--regions", &regions.join(",")])
+        .stdout(Stdio::null())
+        .status()
+        .expect("imaged certs runs");
+    assert!(status.success(), "imaged certs failed");
+    path
+}
+
+/// TLS settings of this process's clients acting as `identity` (`client`: the account
+/// clients' certificate), from the certificates in `dir`.
+pub fn client_tls(dir: &Path, identity: &str) -> imagefleet_rpc::tls::TlsSettings {
+    imagefleet_rpc::tls::TlsSettings::from_files(
+        Some(&dir.join("ca.pem")),
+        Some(&dir.join(format!("{identity}.pem"))),
+        Some(&dir.join(format!("{identity}.key"))),
+        None,
+    )
+    .expect("certificate files")
 }
 
 fn require_redis() {
@@ -203,11 +240,58 @@ impl Cluster {
 
     /// Like `start`, with options for some of the regions.
     pub async fn start_with(regions: &[&str], options: &[(&str, RegionOptions)]) -> Cluster {
+        Cluster::start_inner(regions, options, false).await
+    }
+
+    /// Like `start`, with every service serving mutual TLS under a cluster CA (plaintext
+    /// refused), each with its own certificate. This process's clients present the `client`
+    /// certificate for account calls and the `admin` one as `svc-admin`.
+    pub async fn start_tls(regions: &[&str]) -> Cluster {
+        Cluster::start_inner(regions, &[], true).await
+    }
+
+    async fn start_inner(
+        regions: &[&str],
+        options: &[(&str, RegionOptions)],
+        with_tls: bool,
+    ) -> Cluster {
         require_redis();
         let dir = tempfile::tempdir().expect("temp dir");
         let service_key = hex::encode(rand::random::<[u8; 16]>());
         let root = dir.path().to_path_buf();
-        let key_env = vec![("IMAGEFLEET_SERVICE_KEY".to_string(), service_key.clone())];
+        let mut key_env = vec![("IMAGEFLEET_SERVICE_KEY".to_string(), service_key.clone())];
+        if !regions.is_empty() {
+            key_env.push(("IMAGEFLEET_CLUSTER_REGIONS".to_string(), regions.join(",")));
+        }
+        let tls = with_tls.then(|| tls_dir(regions));
+        if let Some(tls) = &tls {
+            use imagefleet_rpc::tls::{install, DEFAULT};
+            install(DEFAULT, client_tls(tls, "client"));
+            install("admin", client_tls(tls, "admin"));
+            key_env.push((
+                "IMAGEFLEET_TLS_CA".to_string(),
+                tls.join("ca.pem").display().to_string(),
+            ));
+            key_env.push((
+                "IMAGEFLEET_TLS_CLIENT_CA".to_string(),
+                tls.join("ca.pem").display().to_string(),
+            ));
+        }
+        let tls_env = |identity: &str| -> Vec<(String, String)> {
+            match &tls {
+                None => Vec::new(),
+                Some(tls) => vec![
+                    (
+                        "IMAGEFLEET_TLS_CERT".to_string(),
+                        tls.join(format!("{identity}.pem")).display().to_string(),
+                    ),
+                    (
+                        "IMAGEFLEET_TLS_KEY".to_string(),
+                        tls.join(format!("{identity}.key")).display().to_string(),
+                    ),
+                ],
+            }
+        };
         let log = |name: &str| root.join(format!("{name}.log"));
 
         let redis_port = free_port();
@@ -234,6 +318,7 @@ impl Cluster {
             wrapper: vec![],
             log: log("redis"),
             child: None,
+            tls: false,
         };
         redis.spawn();
 
@@ -249,10 +334,11 @@ impl Cluster {
                 "--data-dir".into(),
                 root.join("catalog").display().to_string(),
             ],
-            env: key_env.clone(),
+            env: [key_env.clone(), tls_env("catalog")].concat(),
             wrapper: vec![],
             log: log("catalog"),
             child: None,
+            tls: tls.is_some(),
         };
         catalog.spawn();
         let catalog_url = catalog.url();
@@ -271,12 +357,14 @@ impl Cluster {
                 "--catalog-url".into(),
                 catalog_url.clone(),
             ],
-            env: key_env.clone(),
+            env: [key_env.clone(), tls_env("sharing")].concat(),
             wrapper: vec![],
             log: log("sharing"),
             child: None,
+            tls: tls.is_some(),
         };
         sharing.spawn();
+        let sharing_url = sharing.url();
 
         let mut region_procs = BTreeMap::new();
         for region in regions {
@@ -287,6 +375,7 @@ impl Cluster {
                 .map(|(_, o)| o.clone())
                 .unwrap_or_default();
             let mut env = key_env.clone();
+            env.extend(tls_env(&format!("region-{region}")));
             env.extend(option.env);
             let mut proc = Proc {
                 name: region.to_string(),
@@ -303,12 +392,13 @@ impl Cluster {
                     "--catalog-url".into(),
                     catalog_url.clone(),
                     "--sharing-url".into(),
-                    format!("http://127.0.0.1:{sharing_port}"),
+                    sharing_url.clone(),
                 ],
                 env,
                 wrapper: option.wrapper,
                 log: log(region),
                 child: None,
+                tls: tls.is_some(),
             };
             proc.spawn();
             region_procs.insert(region.to_string(), proc);
@@ -322,6 +412,7 @@ impl Cluster {
             sharing,
             regions: region_procs,
             accounts: Vec::new(),
+            tls_dir: tls,
         };
         wait_serving(&cluster.catalog.url()).await;
         wait_serving(&cluster.sharing.url()).await;
@@ -335,8 +426,20 @@ impl Cluster {
         cluster
     }
 
+    /// The operator's service credentials (`svc-admin`).
     pub fn service_credentials(&self) -> Credentials {
-        Credentials::service("test-admin", &self.service_key)
+        Credentials::service("admin", &self.service_key)
+    }
+
+    /// Service credentials of `identity` (`catalog`, `sharing`, `region-<id>`, ...). On a TLS
+    /// cluster, this process's clients signing as `identity` present its certificate.
+    pub fn service_credentials_as(&self, identity: &str) -> Credentials {
+        if let Some(dir) = &self.tls_dir {
+            if dir.join(format!("{identity}.pem")).exists() {
+                imagefleet_rpc::tls::install(identity, client_tls(dir, identity));
+            }
+        }
+        Credentials::service(identity, &self.service_key)
     }
 
     pub fn catalog_internal(&self) -> CatalogInternalServiceClient<SignedChannel> {

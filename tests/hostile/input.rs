@@ -70,6 +70,7 @@ fn cluster_file(cluster: &Cluster) -> PathBuf {
         accounts: cluster.accounts.clone(),
         redis_url: String::new(),
         service_key_file: String::new(),
+        ..Default::default()
     };
     let path = cluster.dir.path().join("cluster.json");
     file.store(&path).expect("cluster file written");

@@ -510,6 +510,7 @@ async fn quota_answers_show_every_limit_and_usage() {
         accounts: cluster.accounts.clone(),
         redis_url: String::new(),
         service_key_file: String::new(),
+        ..Default::default()
     }
     .store(&cluster_file)
     .unwrap();

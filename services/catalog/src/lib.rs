@@ -47,6 +47,8 @@ impl std::fmt::Debug for CatalogConfig {
 pub struct Catalog {
     store: store::Store,
     service_key: String,
+    /// Where the verifier keeps its replay floor.
+    data_dir: PathBuf,
 }
 
 impl Catalog {
@@ -57,9 +59,13 @@ impl Catalog {
         Ok(Arc::new(Catalog {
             store,
             service_key: config.service_key,
+            data_dir: config.data_dir,
         }))
     }
 }
+
+/// The file in the data directory that keeps the verifier's replay floor.
+pub const REPLAY_FLOOR_FILE: &str = "auth-replay-floor";
 
 /// Serves `CatalogService` and `CatalogInternalService` (with health and reflection) on
 /// `listener` until `shutdown` completes. Health is `SERVING` from the start: the store is
@@ -69,11 +75,15 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let verifier = Arc::new(Verifier::new(
-        CATALOG_SCOPE,
-        catalog.service_key.clone(),
-        catalog.account_keys(),
-    ));
+    let floor = imagefleet_rpc::auth::FileFloor::new(catalog.data_dir.join(REPLAY_FLOOR_FILE));
+    let verifier = Arc::new(
+        Verifier::new(
+            CATALOG_SCOPE,
+            catalog.service_key.clone(),
+            catalog.account_keys(),
+        )
+        .with_replay_floor(Arc::new(floor)),
+    );
     let api = service::CatalogApi::new(catalog);
     let ServerRoutes { routes, health } = ServerRoutes::new(&[
         imagefleet_proto::catalog::v1::catalog_service_server::SERVICE_NAME,

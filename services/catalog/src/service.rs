@@ -83,6 +83,23 @@ impl CatalogInternalService for CatalogApi {
         &self,
         request: Request<RegisterRegionRequest>,
     ) -> Result<Response<RegisterRegionResponse>, Status> {
+        // A region registers itself only (an operator may register any).
+        if let Ok(imagefleet_rpc::Caller::Service(name)) = imagefleet_rpc::auth::caller(&request) {
+            if name.starts_with(imagefleet_rpc::identity::REGION_PREFIX)
+                && *name
+                    != format!(
+                        "{}{}",
+                        imagefleet_rpc::identity::REGION_PREFIX,
+                        request.get_ref().region
+                    )
+            {
+                return Err(imagefleet_proto::error::status(
+                    tonic::Code::PermissionDenied,
+                    "UnauthorizedOperation.CallerNotAllowed",
+                    format!("{name} may register only its own region"),
+                ));
+            }
+        }
         let r = request.into_inner();
         self.call(move |c| {
             Ok(RegisterRegionResponse {

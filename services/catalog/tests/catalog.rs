@@ -52,8 +52,14 @@ impl Served {
         }
     }
 
+    /// The operator (`svc-admin`).
     fn internal(&self) -> CatalogInternalServiceClient<SignedChannel> {
-        self.internal_as(Credentials::service("test", SERVICE_KEY))
+        self.internal_as(Credentials::service("admin", SERVICE_KEY))
+    }
+
+    /// A region (`svc-region-ap-guangzhou`): registers images, reads account keys.
+    fn as_region(&self) -> CatalogInternalServiceClient<SignedChannel> {
+        self.internal_as(Credentials::service("region-ap-guangzhou", SERVICE_KEY))
     }
 
     fn internal_as(&self, creds: Credentials) -> CatalogInternalServiceClient<SignedChannel> {
@@ -166,7 +172,8 @@ async fn accounts_are_created_and_looked_up() {
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(reason(&err), "InvalidAccountId.NotFound");
 
-    let credential = internal
+    let mut region = served.as_region();
+    let credential = region
         .get_account_credential(GetAccountCredentialRequest {
             secret_id: chosen.secret_id.clone(),
         })
@@ -176,7 +183,7 @@ async fn accounts_are_created_and_looked_up() {
     assert_eq!(credential.account_id, "100000000005");
     assert_eq!(credential.secret_key, chosen.secret_key);
 
-    let err = internal
+    let err = region
         .get_account_credential(GetAccountCredentialRequest {
             secret_id: "AKIDnobodyhasthisone".into(),
         })
@@ -219,7 +226,7 @@ async fn credential_kinds_are_enforced() {
 
     // Service credentials are refused on the account-facing service.
     let err = served
-        .public_as(Credentials::service("test", SERVICE_KEY))
+        .public_as(Credentials::service("admin", SERVICE_KEY))
         .describe_regions(DescribeRegionsRequest {})
         .await
         .unwrap_err();
@@ -227,7 +234,7 @@ async fn credential_kinds_are_enforced() {
 
     // A wrong service key or a wrong account key does not authenticate.
     let err = served
-        .internal_as(Credentials::service("test", "not-the-key"))
+        .internal_as(Credentials::service("admin", "not-the-key"))
         .list_regions(DescribeRegionsRequest {})
         .await
         .unwrap_err();
@@ -372,6 +379,8 @@ async fn image_index_registers_looks_up_and_unregisters() {
     let served = Served::start(dir.path()).await;
     let mut internal = served.internal();
     let account = create(&mut internal, "", "alice").await.unwrap();
+    // Images are registered by regions.
+    let mut internal = served.as_region();
 
     let private = ImageRecord {
         parent_image_id: "img-pub00001".into(),
@@ -533,6 +542,8 @@ async fn data_survives_reopening() {
         })
         .await
         .unwrap();
+    // Images are registered by regions.
+    let mut internal = served.as_region();
     internal
         .register_image(RegisterImageRequest {
             image: Some(record(

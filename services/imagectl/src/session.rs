@@ -30,6 +30,17 @@ impl Session {
                 cluster_file.display()
             ))
         })?;
+        let base = cluster_file.parent().unwrap_or_else(|| Path::new("."));
+        match cluster.client_tls(base, false) {
+            Ok(Some(tls)) => imagefleet_rpc::tls::install(imagefleet_rpc::tls::DEFAULT, tls),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(CliError::Config(format!(
+                    "cannot read the TLS files named in {}: {e}",
+                    cluster_file.display()
+                )))
+            }
+        }
         Session::new(cluster, account)
     }
 
@@ -164,6 +175,7 @@ mod tests {
             accounts: vec![account("100000000001"), account("100000000002")],
             redis_url: String::new(),
             service_key_file: String::new(),
+            ..Default::default()
         }
     }
 

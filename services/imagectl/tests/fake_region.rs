@@ -593,6 +593,7 @@ fn write_cluster(path: &Path, catalog: &str, regions: Vec<RegionEndpoint>) {
         }],
         redis_url: String::new(),
         service_key_file: String::new(),
+        ..Default::default()
     }
     .store(path)
     .unwrap();

@@ -36,6 +36,11 @@ pub struct DevArgs {
     /// Every region's per-account limits and free-space reserve.
     #[command(flatten)]
     storage: super::StorageArgs,
+    /// Serve TLS with mutual authentication: make a local CA and a certificate per service
+    /// (under `<data dir>/tls`, kept across restarts), refuse plaintext on every endpoint, and
+    /// write the CA and a client certificate for `imagectl` and tests to cluster.json.
+    #[arg(long, env = "IMAGEFLEET_DEV_TLS")]
+    tls: bool,
 }
 
 fn port(base: u16, offset: u16) -> u16 {
@@ -53,8 +58,41 @@ async fn bind(port: u16) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
 
-fn url(listener: &TcpListener) -> anyhow::Result<String> {
-    Ok(format!("http://{}", listener.local_addr()?))
+fn url(listener: &TcpListener, tls: bool) -> anyhow::Result<String> {
+    let scheme = if tls { "https" } else { "http" };
+    Ok(format!("{scheme}://{}", listener.local_addr()?))
+}
+
+/// The TLS files of a `--tls` cluster.
+struct DevTls {
+    ca: PathBuf,
+    client: (PathBuf, PathBuf),
+    admin: (PathBuf, PathBuf),
+}
+
+/// Makes (or reuses) the CA and certificates under `<dir>/tls` and installs each service's.
+fn dev_tls(dir: &Path, regions: &[String]) -> anyhow::Result<DevTls> {
+    use imagefleet_rpc::tls::{install, TlsSettings, DEFAULT};
+    let tls_dir = dir.join("tls");
+    let identities = crate::certs::identities(regions);
+    crate::certs::ensure(&tls_dir, &identities, &[])?;
+    let ca = crate::certs::ca_file(&tls_dir);
+    for identity in &identities {
+        let (cert, key) = crate::certs::files(&tls_dir, identity);
+        let settings = TlsSettings::from_files(Some(&ca), Some(&cert), Some(&key), Some(&ca))?;
+        install(identity, settings);
+    }
+    // In-process clients without an identity of their own (health checks) act as admin.
+    let admin = crate::certs::files(&tls_dir, "admin");
+    install(
+        DEFAULT,
+        TlsSettings::from_files(Some(&ca), Some(&admin.0), Some(&admin.1), None)?,
+    );
+    Ok(DevTls {
+        ca,
+        client: crate::certs::files(&tls_dir, crate::certs::CLIENT),
+        admin,
+    })
 }
 
 /// The cluster's service key, made once and kept in the data directory.
@@ -236,6 +274,10 @@ async fn wait_healthy(endpoints: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn path_text(path: Option<&PathBuf>) -> String {
+    path.map(|p| p.display().to_string()).unwrap_or_default()
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.regions.is_empty() {
         anyhow::bail!("give at least one region");
@@ -244,6 +286,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // One cluster per data directory: its stores, its Redis AOF and cluster.json.
     let lock = DirLock::acquire(&dir, super::LOCK_PATIENCE)?;
     let (key, key_file) = service_key(&dir)?;
+    imagefleet_rpc::identity::set_cluster_regions(args.regions.iter().cloned());
+    let tls = if args.tls {
+        Some(dev_tls(&dir, &args.regions)?)
+    } else {
+        None
+    };
 
     let catalog_listener = bind(port(args.base_port, 0)).await?;
     let sharing_listener = bind(port(args.base_port, 1)).await?;
@@ -251,8 +299,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     for (i, _) in args.regions.iter().enumerate() {
         region_listeners.push(bind(port(args.base_port, 10 + i as u16)).await?);
     }
-    let catalog_url = url(&catalog_listener)?;
-    let sharing_url = url(&sharing_listener)?;
+    let catalog_url = url(&catalog_listener, tls.is_some())?;
+    let sharing_url = url(&sharing_listener, tls.is_some())?;
 
     let (redis_child, backend, redis_url) = match args.redis_url.clone() {
         Some(url) => (
@@ -312,7 +360,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }));
     let mut region_endpoints = Vec::new();
     for (name, listener) in args.regions.iter().zip(region_listeners) {
-        let endpoint = url(&listener)?;
+        let endpoint = url(&listener, tls.is_some())?;
         let config = imagefleet_region::RegionConfig {
             region: name.clone(),
             data_dir: dir.join("regions").join(name),
@@ -359,6 +407,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .collect(),
         redis_url,
         service_key_file: key_file.display().to_string(),
+        tls_ca_file: path_text(tls.as_ref().map(|t| &t.ca)),
+        tls_client_cert_file: path_text(tls.as_ref().map(|t| &t.client.0)),
+        tls_client_key_file: path_text(tls.as_ref().map(|t| &t.client.1)),
+        admin_cert_file: path_text(tls.as_ref().map(|t| &t.admin.0)),
+        admin_key_file: path_text(tls.as_ref().map(|t| &t.admin.1)),
     };
     let cluster_path = dir.join("cluster.json");
     cluster.store(&cluster_path)?;

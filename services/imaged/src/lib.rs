@@ -2,6 +2,7 @@
 //! sharing, every region, and a Redis child process when one is installed); `imaged catalog`,
 //! `imaged sharing` and `imaged region` run one service each, as containers do.
 
+mod certs;
 mod dev;
 
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +33,59 @@ enum Command {
     Region(RegionArgs),
     /// Check a service's gRPC health: exit 0 when it is SERVING (for container healthchecks).
     Health(HealthArgs),
+    /// Make a cluster CA and a certificate per service identity (for mutual TLS).
+    Certs(certs::CertsArgs),
+}
+
+/// TLS and the cluster's membership, for one service (or a client such as `imaged health`).
+#[derive(Args, Debug, Clone, Default)]
+struct TransportArgs {
+    /// This service's certificate chain (PEM): the service then serves TLS only, and presents
+    /// it as its client certificate when it calls other services.
+    #[arg(long, env = "IMAGEFLEET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "IMAGEFLEET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA that issued the certificates of the services this one calls at https:// URLs
+    /// (the cluster CA).
+    #[arg(long, env = "IMAGEFLEET_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Demand a client certificate issued by this CA on every connection (mutual TLS); a
+    /// service's SecretId must then match its certificate.
+    #[arg(long, env = "IMAGEFLEET_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// The regions of the cluster: `svc-region-<id>` is a known service identity only for
+    /// these (default: any well-formed region id).
+    #[arg(long, env = "IMAGEFLEET_CLUSTER_REGIONS", value_delimiter = ',')]
+    cluster_regions: Vec<String>,
+}
+
+impl TransportArgs {
+    /// Installs the TLS settings for service `identity` (and as the process's default client)
+    /// and the cluster's regions.
+    fn install(&self, identity: &str) -> anyhow::Result<bool> {
+        let regions: Vec<&String> = self
+            .cluster_regions
+            .iter()
+            .filter(|r| !r.is_empty())
+            .collect();
+        if !regions.is_empty() {
+            imagefleet_rpc::identity::set_cluster_regions(regions.into_iter().cloned());
+        }
+        if self.tls_cert.is_none() && self.tls_ca.is_none() {
+            return Ok(false);
+        }
+        let settings = imagefleet_rpc::tls::TlsSettings::from_files(
+            self.tls_ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )?;
+        imagefleet_rpc::tls::install(identity, settings.clone());
+        imagefleet_rpc::tls::install(imagefleet_rpc::tls::DEFAULT, settings);
+        Ok(self.tls_cert.is_some())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -46,6 +100,8 @@ struct HealthArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 3)]
     timeout_secs: u64,
+    #[command(flatten)]
+    transport: TransportArgs,
 }
 
 /// The cluster's service key: given directly, or read from a file.
@@ -117,6 +173,8 @@ struct CatalogArgs {
     #[arg(long, env = "IMAGEFLEET_ACCOUNTS_FILE")]
     accounts_file: Option<PathBuf>,
     #[command(flatten)]
+    transport: TransportArgs,
+    #[command(flatten)]
     key: ServiceKeyArgs,
 }
 
@@ -140,6 +198,8 @@ struct SharingArgs {
         default_value = "http://127.0.0.1:7100"
     )]
     catalog_url: String,
+    #[command(flatten)]
+    transport: TransportArgs,
     #[command(flatten)]
     key: ServiceKeyArgs,
 }
@@ -190,6 +250,8 @@ struct RegionArgs {
     fair_share: FairShareArgs,
     #[command(flatten)]
     storage: StorageArgs,
+    #[command(flatten)]
+    transport: TransportArgs,
     #[command(flatten)]
     key: ServiceKeyArgs,
 }
@@ -272,7 +334,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = imagefleet_rpc::server::shutdown_signal();
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
+        Command::Certs(args) => certs::run(args),
         Command::Health(args) => {
+            args.transport.install(imagefleet_rpc::tls::DEFAULT)?;
             let deadline = std::time::Duration::from_secs(args.timeout_secs);
             match tokio::time::timeout(deadline, dev::serving(&args.url)).await {
                 Ok(Ok(true)) => Ok(()),
@@ -285,6 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Catalog(args) => {
             let _lock = lock_data_dir(&args.data_dir)?;
+            args.transport.install(imagefleet_rpc::identity::CATALOG)?;
             let catalog = imagefleet_catalog::Catalog::open(imagefleet_catalog::CatalogConfig {
                 data_dir: args.data_dir,
                 service_key: args.key.resolve()?,
@@ -298,6 +363,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sharing(args) => {
             let mut _lock = None;
+            args.transport.install(imagefleet_rpc::identity::SHARING)?;
             let backend = match (args.redis_url, args.embedded_dir) {
                 (Some(url), _) => imagefleet_sharing::MapsBackend::Redis { url },
                 (None, Some(dir)) => {
@@ -316,10 +382,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Region(args) => {
             let _lock = lock_data_dir(&args.data_dir)?;
+            let tls = args.transport.install(&format!(
+                "{}{}",
+                imagefleet_rpc::identity::REGION_PREFIX,
+                args.region
+            ))?;
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             let advertise_url = args.advertise_url.unwrap_or_else(|| {
                 format!(
-                    "http://{}",
+                    "{}://{}",
+                    if tls { "https" } else { "http" },
                     listener
                         .local_addr()
                         .map(|a| a.to_string())

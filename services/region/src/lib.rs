@@ -68,6 +68,9 @@ async fn register(region: &Region) -> error::Result<()> {
     Ok(())
 }
 
+/// The file in the region's data directory that keeps the verifier's replay floor.
+pub const REPLAY_FLOOR_FILE: &str = "auth-replay-floor";
+
 /// Serves the region on `listener` until `shutdown`. Health reports `NOT_SERVING` until the
 /// region is registered with the catalog.
 pub async fn run(
@@ -82,11 +85,16 @@ pub async fn run(
         &region.config.catalog_url,
         credentials,
     )?);
-    let verifier = Arc::new(Verifier::new(
-        imagefleet_rpc::client::region_scope(&region.config.region),
-        service_key,
-        accounts,
-    ));
+    let floor =
+        imagefleet_rpc::auth::FileFloor::new(region.config.data_dir.join(REPLAY_FLOOR_FILE));
+    let verifier = Arc::new(
+        Verifier::new(
+            imagefleet_rpc::client::region_scope(&region.config.region),
+            service_key,
+            accounts,
+        )
+        .with_replay_floor(Arc::new(floor)),
+    );
     let routes = imagefleet_rpc::server::ServerRoutes::new(&[
         imagefleet_proto::region::v1::region_service_server::SERVICE_NAME,
         imagefleet_proto::region::v1::region_internal_service_server::SERVICE_NAME,

@@ -26,6 +26,9 @@ pub const HEADER_TIMESTAMP: &str = "x-imagefleet-timestamp";
 pub const HEADER_NONCE: &str = "x-imagefleet-nonce";
 pub const HEADER_CONTENT_SHA256: &str = "x-imagefleet-content-sha256";
 pub const HEADER_SIGNATURE: &str = "x-imagefleet-signature";
+/// Set on a refusal of a request signed no later than the second the server started in (its
+/// replay floor): the reference client then signs the request again and sends it once more.
+pub const HEADER_SIGN_AGAIN: &str = "x-imagefleet-sign-again";
 
 /// First line of the canonical string; names the scheme and its version.
 pub const ALGORITHM: &str = "IMAGEFLEET1-HMAC-SHA256";
@@ -113,11 +116,13 @@ pub fn client_streaming_paths() -> &'static HashSet<String> {
     })
 }
 
-/// The string that is signed.
+/// The string that is signed. `timestamp` is the text of the timestamp header exactly as it is
+/// sent (the verifier passes the header's own text; the signer formats its `i64` once and sends
+/// that same text).
 pub fn canonical_string(
     path: &str,
     scope: &str,
-    timestamp: i64,
+    timestamp: impl std::fmt::Display,
     nonce: &str,
     content_sha256: &str,
 ) -> String {
@@ -168,7 +173,8 @@ pub fn sign_headers(
     timestamp: i64,
     nonce: &str,
 ) {
-    let canonical = canonical_string(path, scope, timestamp, nonce, content_sha256);
+    let timestamp = timestamp.to_string();
+    let canonical = canonical_string(path, scope, &timestamp, nonce, content_sha256);
     let sig = signature(&credentials.secret_key, &canonical);
     let mut put = |name: &'static str, value: &str| {
         if let Ok(v) = http::HeaderValue::from_str(value) {
@@ -176,7 +182,7 @@ pub fn sign_headers(
         }
     };
     put(HEADER_SECRET_ID, &credentials.secret_id);
-    put(HEADER_TIMESTAMP, &timestamp.to_string());
+    put(HEADER_TIMESTAMP, &timestamp);
     put(HEADER_NONCE, nonce);
     put(HEADER_CONTENT_SHA256, content_sha256);
     put(HEADER_SIGNATURE, &sig);
@@ -233,6 +239,91 @@ impl NonceCache {
     }
 }
 
+/// Where a server records the largest future-dated timestamp it accepted, so that it refuses
+/// requests up to it after a restart too (see `Verifier::with_replay_floor`).
+pub trait FloorStore: Send + Sync + 'static {
+    /// The timestamp recorded last (0 when none).
+    fn load(&self) -> BoxFuture<'_, Result<i64, String>>;
+    /// Records `timestamp` durably before returning.
+    fn raise(&self, timestamp: i64) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// A `FloorStore` in a small file (written durably: temp file, fsync, rename).
+pub struct FileFloor {
+    path: std::path::PathBuf,
+}
+
+impl FileFloor {
+    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
+        FileFloor { path: path.into() }
+    }
+}
+
+impl FloorStore for FileFloor {
+    fn load(&self) -> BoxFuture<'_, Result<i64, String>> {
+        Box::pin(async move {
+            match std::fs::read_to_string(&self.path) {
+                Ok(text) => text
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("{}: {e}", self.path.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+                Err(e) => Err(format!("{}: {e}", self.path.display())),
+            }
+        })
+    }
+
+    fn raise(&self, timestamp: i64) -> BoxFuture<'_, Result<(), String>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                crate::fsutil::write_durably(&path, timestamp.to_string().as_bytes())
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        })
+    }
+}
+
+/// The replay floor of a server that survives restarts: requests whose timestamp is not later
+/// than the floor are refused.
+struct ReplayFloor {
+    store: Arc<dyn FloorStore>,
+    /// The largest timestamp recorded in the store, once read (read at the first request, so
+    /// that a store that is not up yet, such as Redis, delays requests, not the start).
+    recorded: tokio::sync::OnceCell<tokio::sync::Mutex<i64>>,
+    /// The second the server started in, or the largest future-dated timestamp accepted before
+    /// the restart, whichever is later; set with `recorded`.
+    floor: std::sync::OnceLock<i64>,
+}
+
+impl ReplayFloor {
+    async fn recorded(&self) -> Result<&tokio::sync::Mutex<i64>, Status> {
+        self.recorded
+            .get_or_try_init(|| async { self.store.load().await.map(tokio::sync::Mutex::new) })
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot read the replay floor");
+                error::status(
+                    Code::Unavailable,
+                    "ServiceUnavailable",
+                    "the server cannot check for replays yet; try again",
+                )
+            })
+    }
+
+    /// The floor (reading the store the first time).
+    async fn floor(&self, started: i64) -> Result<i64, Status> {
+        let recorded = self.recorded().await?;
+        if let Some(floor) = self.floor.get() {
+            return Ok(*floor);
+        }
+        let value = *recorded.lock().await;
+        Ok(*self.floor.get_or_init(|| started.max(value)))
+    }
+}
+
 /// Checks signed requests for one server.
 pub struct Verifier {
     /// What this server is, as clients name it in the canonical string
@@ -241,6 +332,9 @@ pub struct Verifier {
     service_key: String,
     accounts: Arc<dyn AccountKeys>,
     nonces: NonceCache,
+    replay_floor: Option<ReplayFloor>,
+    /// The second this verifier was made in (the server starts accepting after it).
+    started: i64,
 }
 
 fn unauthenticated(reason: &str, message: &str) -> Status {
@@ -260,6 +354,16 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Result<&'h str, Status> {
         })
 }
 
+/// A timestamp header's value: decimal digits of a non-negative unix time, with no sign, no
+/// spaces and no leading zeros (so that one time has exactly one text, the one that is signed).
+pub fn parse_timestamp(text: &str) -> Option<i64> {
+    let canonical = !text.is_empty()
+        && text.len() <= 18
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    canonical.then(|| text.parse().ok()).flatten()
+}
+
 impl Verifier {
     pub fn new(
         scope: impl Into<String>,
@@ -271,19 +375,61 @@ impl Verifier {
             service_key: service_key.into(),
             accounts,
             nonces: NonceCache::default(),
+            replay_floor: None,
+            started: crate::time::unix_now(),
         }
+    }
+
+    /// Makes replay protection hold across restarts. The nonce cache is in memory, so after a
+    /// restart it is empty; instead, the verifier refuses every request whose timestamp is not
+    /// later than the second it was made in (every request accepted before the restart has an
+    /// earlier or equal timestamp, unless it was dated in the future), and, before accepting a
+    /// request dated in the future, records its timestamp in `store`; after a restart requests
+    /// up to the recorded timestamp are refused as well. `serve` starts accepting only in the
+    /// next whole second, so requests signed after the start are not refused.
+    pub fn with_replay_floor(mut self, store: Arc<dyn FloorStore>) -> Self {
+        self.started = crate::time::unix_now();
+        self.replay_floor = Some(ReplayFloor {
+            store,
+            recorded: tokio::sync::OnceCell::new(),
+            floor: std::sync::OnceLock::new(),
+        });
+        self
     }
 
     pub fn scope(&self) -> &str {
         &self.scope
     }
 
-    /// Checks the headers of a call to `path`; returns the caller and the content digest the
-    /// signature covers (which the body must then match).
+    /// The second this verifier was made in: requests dated in it or before are refused when
+    /// the replay floor is on.
+    pub fn started(&self) -> i64 {
+        self.started
+    }
+
+    /// The identity of this server (`catalog`, `sharing`, `region-<id>`).
+    pub fn identity(&self) -> String {
+        crate::identity::identity_of_scope(&self.scope)
+    }
+
+    /// Checks the headers of a call to `path` made without a client certificate.
     pub async fn verify_headers(
         &self,
         path: &str,
         headers: &HeaderMap,
+        now: i64,
+    ) -> Result<(Caller, String), Status> {
+        self.verify(path, headers, &crate::tls::Peer::NoCertificate, now)
+            .await
+    }
+
+    /// Checks the headers of a call to `path` from `peer`; returns the caller and the content
+    /// digest the signature covers (which the body must then match).
+    pub async fn verify(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        peer: &crate::tls::Peer,
         now: i64,
     ) -> Result<(Caller, String), Status> {
         let secret_id = header(headers, HEADER_SECRET_ID)?;
@@ -291,10 +437,11 @@ impl Verifier {
         let nonce = header(headers, HEADER_NONCE)?;
         let content = header(headers, HEADER_CONTENT_SHA256)?;
         let sig = header(headers, HEADER_SIGNATURE)?;
-        let timestamp: i64 = timestamp.parse().map_err(|_| {
+        let timestamp_text = timestamp;
+        let timestamp = parse_timestamp(timestamp_text).ok_or_else(|| {
             unauthenticated(
                 "AuthFailure.InvalidAuthorization",
-                "timestamp is not an integer",
+                "timestamp must be the unix time in decimal digits, without sign or leading zeros",
             )
         })?;
         if nonce.len() < 16 || nonce.len() > 64 {
@@ -310,6 +457,12 @@ impl Verifier {
             ));
         }
         let (caller, key) = if let Some(name) = secret_id.strip_prefix(SERVICE_SECRET_ID_PREFIX) {
+            if !crate::identity::is_known(name) {
+                return Err(unauthenticated(
+                    "AuthFailure.SecretIdNotFound",
+                    "the SecretId names no service of this cluster",
+                ));
+            }
             (Caller::Service(name.to_string()), self.service_key.clone())
         } else {
             match self.accounts.lookup(secret_id).await? {
@@ -324,13 +477,29 @@ impl Verifier {
         };
         let expected = signature(
             &key,
-            &canonical_string(path, &self.scope, timestamp, nonce, content),
+            &canonical_string(path, &self.scope, timestamp_text, nonce, content),
         );
         if !constant_time_eq(expected.as_bytes(), sig.as_bytes()) {
             return Err(unauthenticated(
                 "AuthFailure.SignatureFailure",
                 "signature does not match",
             ));
+        }
+        if let (Caller::Service(name), crate::tls::Peer::Certificate(der)) = (&caller, peer) {
+            if !crate::tls::certificate_names(der, name) {
+                return Err(unauthenticated(
+                    "AuthFailure.CertificateMismatch",
+                    "the client certificate is not issued for the service the SecretId names",
+                ));
+            }
+        }
+        if let (Caller::Service(_), crate::tls::Peer::NoCertificate) = (&caller, peer) {
+            if crate::tls::mutual(&self.identity()) {
+                return Err(unauthenticated(
+                    "AuthFailure.CertificateMismatch",
+                    "service credentials need the service's client certificate",
+                ));
+            }
         }
         match (audience(path), &caller) {
             (Audience::Service, Caller::Account(_)) => {
@@ -347,13 +516,51 @@ impl Verifier {
                     "this method accepts account credentials only",
                 ))
             }
+            (Audience::Service, Caller::Service(name))
+                if !crate::identity::may_call(name, path) =>
+            {
+                return Err(error::status(
+                    Code::PermissionDenied,
+                    "UnauthorizedOperation.CallerNotAllowed",
+                    format!("service {name} may not call {path}"),
+                ))
+            }
             _ => {}
+        }
+        if let Some(replay) = &self.replay_floor {
+            if timestamp <= replay.floor(self.started).await? {
+                let mut status = unauthenticated(
+                    "AuthFailure.SignatureExpire",
+                    "the request is dated no later than this server's start (or a request it accepted before): sign it again",
+                );
+                status.metadata_mut().insert(
+                    HEADER_SIGN_AGAIN,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                return Err(status);
+            }
         }
         if !self.nonces.insert(sig, timestamp, now) {
             return Err(unauthenticated(
                 "AuthFailure.RequestReplayed",
                 "this nonce was already used",
             ));
+        }
+        if let Some(replay) = &self.replay_floor {
+            if timestamp > now {
+                let mut recorded = replay.recorded().await?.lock().await;
+                if timestamp > *recorded {
+                    if let Err(e) = replay.store.raise(timestamp).await {
+                        tracing::warn!(error = %e, "cannot record the replay floor");
+                        return Err(error::status(
+                            Code::Unavailable,
+                            "ServiceUnavailable",
+                            "cannot record the request's timestamp; try again",
+                        ));
+                    }
+                    *recorded = timestamp;
+                }
+            }
         }
         Ok((caller, content.to_string()))
     }
@@ -449,8 +656,8 @@ where
             }
             let (mut parts, body) = request.into_parts();
             let now = crate::time::unix_now();
-            let (caller, content) = match verifier.verify_headers(&path, &parts.headers, now).await
-            {
+            let peer = crate::tls::peer_of(&parts.extensions);
+            let (caller, content) = match verifier.verify(&path, &parts.headers, &peer, now).await {
                 Ok(v) => v,
                 Err(status) => {
                     tracing::debug!(%path, code = ?status.code(), "request refused");
@@ -548,7 +755,38 @@ where
                 let bytes = buf.freeze();
                 let digest = body_sha256(&bytes).ok_or("request body is not gRPC-framed")?;
                 sign_parts(&mut parts.headers, &credentials, &path, &scope, &digest);
-                Body::new(http_body_util::Full::new(bytes))
+                // Kept to send again, signed anew, if the server started after it was signed.
+                let mut again = Request::new(Body::new(http_body_util::Full::new(bytes.clone())));
+                *again.method_mut() = parts.method.clone();
+                *again.uri_mut() = parts.uri.clone();
+                *again.version_mut() = parts.version;
+                *again.headers_mut() = parts.headers.clone();
+                *again.extensions_mut() = parts.extensions.clone();
+                let response = inner
+                    .call(Request::from_parts(
+                        parts,
+                        Body::new(http_body_util::Full::new(bytes)),
+                    ))
+                    .await
+                    .map_err(Into::into)?;
+                if response.headers().get(HEADER_SIGN_AGAIN).is_none() {
+                    return Ok(response);
+                }
+                // Signed in (or before) the second the server started in: sign again once the
+                // clock has passed it.
+                let signed_at = crate::time::unix_now();
+                while crate::time::unix_now() <= signed_at {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                sign_parts(again.headers_mut(), &credentials, &path, &scope, &digest);
+                use tower::ServiceExt;
+                return inner
+                    .ready()
+                    .await
+                    .map_err(Into::into)?
+                    .call(again)
+                    .await
+                    .map_err(Into::into);
             };
             inner
                 .call(Request::from_parts(parts, body))
@@ -683,13 +921,38 @@ mod tests {
         let h = signed(internal, "catalog", &account(), 1000, "0123456789abcdef");
         let err = v.verify_headers(internal, &h, 1000).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied);
-        let svc = Credentials::service("region-x", "svc-key");
+        let svc = Credentials::service("region-ap-x", "svc-key");
         let public = "/imagefleet.catalog.v1.CatalogService/DescribeRegions";
         let h = signed(public, "catalog", &svc, 1000, "0123456789abcdef");
         let err = v.verify_headers(public, &h, 1000).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied);
+        // A region may not create accounts; the operator may.
         let h = signed(internal, "catalog", &svc, 1000, "0123456789abcdee");
+        let err = v.verify_headers(internal, &h, 1000).await.unwrap_err();
+        assert_eq!(
+            error::reason(&err).as_deref(),
+            Some("UnauthorizedOperation.CallerNotAllowed")
+        );
+        let admin = Credentials::service("admin", "svc-key");
+        let h = signed(internal, "catalog", &admin, 1000, "0123456789abcded");
         assert!(v.verify_headers(internal, &h, 1000).await.is_ok());
+        // A service SecretId naming no service.
+        let bogus = Credentials::service("bogus", "svc-key");
+        let h = signed(internal, "catalog", &bogus, 1000, "0123456789abcdec");
+        let err = v.verify_headers(internal, &h, 1000).await.unwrap_err();
+        assert_eq!(
+            error::reason(&err).as_deref(),
+            Some("AuthFailure.SecretIdNotFound")
+        );
+    }
+
+    #[test]
+    fn timestamps_have_one_text() {
+        assert_eq!(parse_timestamp("1764218000"), Some(1764218000));
+        assert_eq!(parse_timestamp("0"), Some(0));
+        for bad in ["01764218000", "+1764218000", " 1764218000", "-5", "", "1e9"] {
+            assert_eq!(parse_timestamp(bad), None, "{bad:?}");
+        }
     }
 
     /// The worked example of docs/auth.md.

@@ -12,8 +12,30 @@ pub type SignedChannel = SigningService<Channel>;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// An endpoint with the project's transport settings: large HTTP/2 windows for chunk
-/// streams, keep-alive, and a connect timeout. The connection is made on first use.
+/// streams, keep-alive, and a connect timeout. The connection is made on first use. An
+/// `https://` URL uses the process's default TLS settings (`crate::tls::install`).
 pub fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
+    endpoint_as(url, None, None)
+}
+
+/// Like `endpoint`, for a client acting as service `identity` (which presents that identity's
+/// certificate) calling the service `server` (whose certificate must be issued for that name).
+pub fn endpoint_as(
+    url: &str,
+    identity: Option<&str>,
+    server: Option<&str>,
+) -> Result<Endpoint, tonic::transport::Error> {
+    let endpoint = plain_endpoint(url)?;
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    match crate::tls::for_client(identity) {
+        Some(settings) => endpoint.tls_config(settings.client_config(server)),
+        None => Ok(endpoint),
+    }
+}
+
+fn plain_endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.to_string())?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -29,7 +51,12 @@ pub fn signed_channel(
     credentials: Credentials,
     scope: &str,
 ) -> Result<SignedChannel, tonic::transport::Error> {
-    let channel = endpoint(url)?.connect_lazy();
+    let identity = credentials
+        .secret_id
+        .strip_prefix(crate::auth::SERVICE_SECRET_ID_PREFIX)
+        .map(str::to_string);
+    let server = crate::identity::identity_of_scope(scope);
+    let channel = endpoint_as(url, identity.as_deref(), Some(&server))?.connect_lazy();
     Ok(SigningService::new(channel, credentials, scope))
 }
 

@@ -5,13 +5,17 @@
 //! - `client`: channels that sign every request they send.
 //! - `server`: serving a set of gRPC services with health, reflection, request spans, signing
 //!   checks and graceful shutdown.
+//! - `identity`: service identities and the table of who may call which internal method.
+//! - `tls`: TLS settings of servers and clients, and the identity a client certificate proves.
 //! - `telemetry`: logging through `tracing` (`RUST_LOG`).
 
 pub mod auth;
 pub mod client;
+pub mod identity;
 pub mod server;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 
 pub use auth::{Caller, Credentials};
 pub mod cluster;

@@ -120,6 +120,12 @@ pub enum Delivery {
 }
 
 /// Serves `routes` on `listener` until `shutdown` completes, then drains calls in flight.
+///
+/// With TLS settings installed for the verifier's identity (`crate::tls::install`), the server
+/// speaks TLS only (and demands client certificates when the settings name a client CA);
+/// otherwise plaintext. Connections are accepted only from the second after the verifier was
+/// made, so that requests signed before the start (refused by the replay floor) are not ones a
+/// client signed after it.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
@@ -139,7 +145,18 @@ pub async fn serve(
         }
         conn
     });
-    tonic::transport::Server::builder()
+    let identity = verifier.identity();
+    let tls = crate::tls::installed(&identity).and_then(|settings| settings.server_config());
+    let started = verifier.started();
+    while crate::time::unix_now() <= started {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        tracing::info!(%identity, mutual = crate::tls::mutual(&identity), "serving TLS");
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(32 * 1024 * 1024))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))

@@ -7,6 +7,7 @@
 //! - [`run`] serves it all.
 
 pub mod embedded;
+pub mod floor;
 pub mod maps;
 pub mod readiness;
 pub mod redis_maps;
@@ -61,11 +62,20 @@ pub async fn run(
         &config.catalog_url,
         Credentials::service("sharing", &config.service_key),
     )?;
-    let verifier = Arc::new(Verifier::new(
-        SHARING_SCOPE,
-        config.service_key.clone(),
-        Arc::new(account_keys),
-    ));
+    let floor: Arc<dyn imagefleet_rpc::auth::FloorStore> = match &config.backend {
+        MapsBackend::Redis { url } => Arc::new(floor::RedisFloor::new(url)?),
+        MapsBackend::Embedded { dir } => Arc::new(imagefleet_rpc::auth::FileFloor::new(
+            dir.join("auth-replay-floor"),
+        )),
+    };
+    let verifier = Arc::new(
+        Verifier::new(
+            SHARING_SCOPE,
+            config.service_key.clone(),
+            Arc::new(account_keys),
+        )
+        .with_replay_floor(floor),
+    );
     let ServerRoutes { routes, health } = ServerRoutes::new(&[
         imagefleet_proto::sharing::v1::sharing_internal_service_server::SERVICE_NAME,
     ]);

@@ -128,7 +128,7 @@ impl Served {
 }
 
 fn client_at(url: &str) -> SharingInternalServiceClient<SignedChannel> {
-    let creds = Credentials::service("test", SERVICE_KEY);
+    let creds = Credentials::service("region-ap-guangzhou", SERVICE_KEY);
     SharingInternalServiceClient::new(signed_channel(url, creds, SHARING_SCOPE).unwrap())
 }
 
