@@ -136,6 +136,10 @@ pub(crate) struct Engine {
     last_raw: Option<(u64, u64)>,
     stash: BTreeMap<u64, Bytes>,
     stash_bytes: usize,
+    /// The stash drops its oldest bytes beyond this.
+    stash_cap: usize,
+    /// File bytes below this may have been dropped from the stash.
+    evicted_below: u64,
 }
 
 impl Engine {
@@ -152,6 +156,8 @@ impl Engine {
             last_raw: None,
             stash: BTreeMap::new(),
             stash_bytes: 0,
+            stash_cap: usize::MAX,
+            evicted_below: 0,
         }
     }
 
@@ -308,6 +314,33 @@ impl Engine {
         Some(parts)
     }
 
+    pub(crate) fn set_stash_cap(&mut self, cap: usize) {
+        self.stash_cap = cap;
+    }
+
+    /// The refusal for file bytes `[a, b)` that a table claims but that are not at hand.
+    pub(crate) fn missing(&self, a: u64, what: String) -> Refusal {
+        if a < self.evicted_below {
+            not_streamable(format!(
+                "{what} is referenced by a table stored far after it"
+            ))
+        } else {
+            inconsistent(format!("{what} overlaps metadata"))
+        }
+    }
+
+    fn stash_put(&mut self, a: u64, bytes: Bytes) {
+        self.stash_bytes += bytes.len();
+        self.stash.insert(a, bytes);
+        while self.stash_bytes > self.stash_cap {
+            let Some((k, v)) = self.stash.pop_first() else {
+                break;
+            };
+            self.stash_bytes -= v.len();
+            self.evicted_below = self.evicted_below.max(k + v.len() as u64);
+        }
+    }
+
     pub(crate) fn clear_stash(&mut self) {
         self.stash.clear();
         self.stash_bytes = 0;
@@ -347,9 +380,10 @@ impl Engine {
         if file < pos {
             let have = (file + len).min(pos);
             let parts = self.stash_get(file, have).ok_or_else(|| {
-                inconsistent(format!(
-                    "data for guest offset {guest} at file offset {file} overlaps metadata"
-                ))
+                self.missing(
+                    file,
+                    format!("data for guest offset {guest} at file offset {file}"),
+                )
             })?;
             for part in parts {
                 let n = part.len() as u64;
@@ -404,9 +438,10 @@ impl Engine {
         if file < pos {
             let have = (file + len).min(pos);
             let parts = self.stash_get(file, have).ok_or_else(|| {
-                inconsistent(format!(
-                    "compressed data for guest offset {guest} at file offset {file} overlaps metadata"
-                ))
+                self.missing(
+                    file,
+                    format!("compressed data for guest offset {guest} at file offset {file}"),
+                )
             })?;
             for part in parts {
                 buf.extend_from_slice(&part);
@@ -477,6 +512,14 @@ impl Engine {
             covered = covered.max(take_end);
             let slice = bytes.slice((s - p) as usize..(take_end - p) as usize);
             let take = take_end - s;
+            if let ExpectKind::Compressed { .. } = e.kind {
+                // The last sector of a compressed cluster may also hold the start of the
+                // next one, which a table still to come may claim.
+                let slack = s.max((s + e.len).saturating_sub(512));
+                if slack < take_end {
+                    gaps.push((slack, take_end));
+                }
+            }
             e.len -= take;
             match &mut e.kind {
                 ExpectKind::Raw => {
@@ -508,10 +551,16 @@ impl Engine {
             gaps.push((covered, end));
         }
         if stash_wanted {
+            gaps.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::new();
             for (a, b) in gaps {
-                self.stash
-                    .insert(a, bytes.slice((a - p) as usize..(b - p) as usize));
-                self.stash_bytes += (b - a) as usize;
+                match merged.last_mut() {
+                    Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                    _ => merged.push((a, b)),
+                }
+            }
+            for (a, b) in merged {
+                self.stash_put(a, bytes.slice((a - p) as usize..(b - p) as usize));
             }
         }
         Ok(())
@@ -591,7 +640,7 @@ impl Core {
         max_file: u64,
         limit: usize,
     ) -> Core {
-        Core {
+        let mut core = Core {
             pos: 0,
             engine: Engine::new(virtual_size),
             file_size,
@@ -601,7 +650,9 @@ impl Core {
             meta_bytes: 0,
             done: VecDeque::new(),
             done_bytes: 0,
-        }
+        };
+        core.engine.set_stash_cap(limit / 4);
+        core
     }
 
     /// The file length known so far: the declared size, else the limit.
@@ -679,9 +730,8 @@ impl Core {
                 key = self.pos;
             } else {
                 let parts = self.engine.stash_get(start, have).ok_or_else(|| {
-                    inconsistent(format!(
-                        "table at file offset {start} overlaps other metadata"
-                    ))
+                    self.engine
+                        .missing(start, format!("the table at file offset {start}"))
                 })?;
                 for p in parts {
                     buf.extend_from_slice(&p);
