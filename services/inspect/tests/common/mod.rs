@@ -162,7 +162,10 @@ pub fn decode(file: &[u8], declared: Option<DeclaredFormat>) -> Result<Decoded, 
 pub fn refusal(file: &[u8], declared: Option<DeclaredFormat>) -> String {
     match decode(file, declared) {
         Ok(d) => panic!("expected a refusal, got {:?}", d.summary),
-        Err(e) => e.reason().to_string(),
+        Err(e) => {
+            eprintln!("refused: {e}");
+            e.reason().to_string()
+        }
     }
 }
 
