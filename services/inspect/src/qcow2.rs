@@ -285,7 +285,7 @@ impl Qcow2 {
                 core.engine.zero(guest, span, out)?;
                 continue;
             }
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 return Err(inconsistent(format!(
                     "L1 entry {i} points to unaligned offset {off}"
                 )));
@@ -336,7 +336,7 @@ impl Qcow2 {
                 continue;
             }
             let off = e & OFFSET_MASK;
-            if off != 0 && off % cs != 0 {
+            if off != 0 && !off.is_multiple_of(cs) {
                 return Err(inconsistent(format!(
                     "L2 entry for guest offset {guest} points to unaligned offset {off}"
                 )));

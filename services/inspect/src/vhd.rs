@@ -152,7 +152,7 @@ impl VhdDynamic {
                 "the VHD BAT has {entries} entries, the disk needs {blocks}"
             )));
         }
-        if bat_offset < 512 || bat_offset % 512 != 0 {
+        if bat_offset < 512 || !bat_offset.is_multiple_of(512) {
             return Err(inconsistent("bad VHD BAT offset"));
         }
         let bat_len = blocks * 4;

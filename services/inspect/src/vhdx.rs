@@ -235,7 +235,7 @@ impl Vhdx {
             let offset = le64(b, at + 16).unwrap_or(0);
             let len = u64::from(le32(b, at + 24).unwrap_or(0));
             let required = le32(b, at + 28).unwrap_or(0) & 1 != 0;
-            if offset < MIB || offset % MIB != 0 || len % MIB != 0 {
+            if offset < MIB || !offset.is_multiple_of(MIB) || len % MIB != 0 {
                 return Err(inconsistent(format!("bad VHDX region at offset {offset}")));
             }
             if id == bat_guid {

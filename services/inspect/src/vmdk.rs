@@ -431,7 +431,7 @@ impl Vmdk {
                 self.eos = true;
                 Ok(())
             }
-            1 | 2 | 3 => {
+            1..=3 => {
                 core.schedule(start + 16, 496, Tag { kind: SKIP, arg: 0 }, true)?;
                 let tag = if kind == 1 { META_GT } else { SKIP };
                 if kind == 1 {
@@ -462,7 +462,7 @@ impl Vmdk {
     ) -> Result<(), Refusal> {
         let guest = lba
             .checked_mul(512)
-            .filter(|&g| g < self.size && lba % (self.grain / 512) == 0)
+            .filter(|&g| g < self.size && lba.is_multiple_of(self.grain / 512))
             .ok_or_else(|| inconsistent(format!("bad grain address {lba}")))?;
         let mut input = std::mem::take(&mut self.grain_head);
         input.extend_from_slice(b);

@@ -537,8 +537,7 @@ fn header_refusals_come_from_feed() {
     let mut sink = |_e: imagefleet_inspect::Extent| {};
     let e = dec
         .feed(&f[..64 * 1024], &mut sink)
-        .err()
-        .expect("refused while feeding");
+        .expect_err("refused while feeding");
     assert_eq!(e.reason(), "InvalidImage.BackingFile");
     // The decoder stays refused.
     assert!(dec.feed(&f[64 * 1024..], &mut sink).is_err());
