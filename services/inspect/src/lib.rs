@@ -252,6 +252,7 @@ pub struct Summary {
 
 /// One format's decoding state, fed after detection.
 pub(crate) trait Body {
+    /// Next bytes of the file (possibly none).
     fn feed(&mut self, data: &[u8], out: Out) -> Result<(), Refusal>;
     fn header(&self) -> Option<HeaderInfo>;
     fn held(&self) -> usize;
@@ -421,10 +422,13 @@ impl Decoder {
         }
         match &mut self.state {
             State::Prefix(prefix) => {
-                prefix.extend_from_slice(bytes);
+                // Only the detection window is copied; the rest goes straight to the body.
+                let take = DETECT_LEN.saturating_sub(prefix.len()).min(bytes.len());
+                prefix.extend_from_slice(&bytes[..take]);
                 if let Some(format) = detect(prefix, self.file_size)? {
                     let prefix = std::mem::take(prefix);
-                    let body = self.open_body(format, &prefix, out)?;
+                    let mut body = self.open_body(format, &prefix, out)?;
+                    body.feed(&bytes[take..], &mut sink(&mut self.emitted, out))?;
                     self.state = State::Body(body);
                 }
             }
