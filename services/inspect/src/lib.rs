@@ -32,6 +32,28 @@
 //!   [`Summary`] is authoritative.
 //! - Arithmetic on every offset and size from the file is checked; no input makes the decoder
 //!   panic.
+//!
+//! # Choices worth knowing
+//!
+//! - qcow2: the dirty bit is accepted (refcounts are not used); the corrupt bit is refused as
+//!   `Inconsistent`. Internal snapshots are ignored (only the active L1 table is read). A data
+//!   cluster referenced twice is decoded only if both references are known before its bytes
+//!   arrive (qemu-img never writes such files).
+//! - A raw file's virtual size is its exact length (qemu-img rounds it up to whole sectors).
+//! - A fixed VHD's disk is its data area; the footer's size must match it (as CHS geometry or
+//!   as the current size).
+//! - streamOptimized vmdk grains must come in increasing guest order (every known writer does
+//!   so); the grain tables at the end are only counted against the grains.
+//! - A VHDX whose log is not empty needs replaying and is refused as `Unsupported`.
+//! - File bytes that no table has claimed yet are held (at most a quarter of the bound, oldest
+//!   dropped first) while a table still to come may claim them; a table that then claims
+//!   dropped bytes makes the file `NotStreamable`.
+//!
+//! # Layout
+//!
+//! `detect` finds the format; `reorder` is the engine shared by the table-based formats (it
+//! turns file-order bytes into guest-order extents within the bound); `raw`, `qcow2`, `vmdk`,
+//! `vhd` and `vhdx` each own one format's headers and tables.
 
 mod detect;
 mod error;

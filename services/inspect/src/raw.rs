@@ -136,14 +136,16 @@ impl crate::Body for RawBody {
                             )))
                         }
                     }
+                    // The data area is the disk. Creators disagree on whether the CHS
+                    // geometry or the current size is the disk size; either may match it.
                     let size = footer.virtual_size();
-                    if size != self.emitted {
+                    if size != self.emitted && footer.current_size() != self.emitted {
                         return Err(crate::error::inconsistent(format!(
                             "the fixed VHD footer says {size} bytes but the file holds {} bytes of disk",
                             self.emitted
                         )));
                     }
-                    return Ok((Format::VhdFixed, size));
+                    return Ok((Format::VhdFixed, self.emitted));
                 }
                 Err(e) if self.expects_vhd() => return Err(e),
                 Err(_) => {}

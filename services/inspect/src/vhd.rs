@@ -53,6 +53,11 @@ impl Footer {
         })
     }
 
+    /// The size the footer states, in bytes.
+    pub(crate) fn current_size(&self) -> u64 {
+        self.current_size
+    }
+
     /// The guest size, following the convention of the image's creator: Virtual PC and QEMU
     /// ("vpc ", "qemu") size a disk by its CHS geometry, other creators by the current size.
     pub(crate) fn virtual_size(&self) -> u64 {
