@@ -448,3 +448,24 @@ impl Layout for Vhdx {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn guid_byte_order() {
+        assert_eq!(
+            guid(GUID_BAT),
+            [
+                0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd,
+                0x4a, 0x08
+            ]
+        );
+    }
+}

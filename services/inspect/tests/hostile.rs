@@ -542,3 +542,106 @@ fn header_refusals_come_from_feed() {
     // The decoder stays refused.
     assert!(dec.feed(&f[64 * 1024..], &mut sink).is_err());
 }
+
+#[test]
+fn vhdx_with_parent() {
+    let dir = tmp();
+    let img = p(dir.path(), "d.vhdx");
+    qemu_img(&["create", "-f", "vhdx", s(&img), "8M"]);
+    let mut f = std::fs::read(&img).unwrap();
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    // Metadata region GUID 8B7CA206-4790-4B9A-B8FE-575F050F886E, on-disk byte order.
+    let meta_guid = [
+        0x06, 0xa2, 0x7c, 0x8b, 0x90, 0x47, 0x9a, 0x4b, 0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88,
+        0x6e,
+    ];
+    // File parameters item CAA16737-FA36-4D43-B3B6-33F0AA44E76B.
+    let params_guid = [
+        0x37, 0x67, 0xa1, 0xca, 0x36, 0xfa, 0x43, 0x4d, 0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7,
+        0x6b,
+    ];
+    let rt = 192 * 1024;
+    let count = le32(&f, rt + 8) as usize;
+    let meta = (0..count)
+        .map(|i| rt + 16 + 32 * i)
+        .find(|&e| f[e..e + 16] == meta_guid)
+        .map(|e| le64(&f, e + 16) as usize)
+        .expect("metadata region");
+    let items = u16::from_le_bytes([f[meta + 10], f[meta + 11]]) as usize;
+    let item = (0..items)
+        .map(|i| meta + 32 + 32 * i)
+        .find(|&e| f[e..e + 16] == params_guid)
+        .map(|e| meta + le32(&f, e + 16) as usize)
+        .expect("file parameters item");
+    f[item + 4] |= 2;
+    assert_eq!(refusal(&f, None), "InvalidImage.BackingFile");
+}
+
+#[test]
+fn header_is_known_early() {
+    let dir = tmp();
+    let f = qcow2_with_data(dir.path(), 2 << 20, "compat=1.1");
+    let mut dec = imagefleet_inspect::Decoder::new(Limits::default(), None, None);
+    let mut sink = |_e: imagefleet_inspect::Extent| {};
+    dec.feed(&f[..40 * 1024], &mut sink).unwrap();
+    let h = dec.header().expect("header known after the first 40 KiB");
+    assert_eq!(h.format, imagefleet_inspect::Format::Qcow2);
+    assert_eq!(h.virtual_size, Some(2 << 20));
+    assert!(!h.provisional);
+}
+
+/// A 400 GiB qcow2 with a few MiB written: streams as a handful of extents, within the bound,
+/// with the written data where qemu-io put it.
+#[test]
+fn huge_sparse_qcow2() {
+    let dir = tmp();
+    let img = p(dir.path(), "big.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "400G"]);
+    let writes = [
+        (0u64, 0x11u8),
+        (100 << 30, 0x22),
+        ((400 << 30) - (1 << 20), 0x33),
+    ];
+    for (off, pat) in writes {
+        qemu_io(&[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {pat} {off} 1M"),
+            s(&img),
+        ]);
+    }
+    let f = std::fs::read(&img).unwrap();
+    let mut dec = imagefleet_inspect::Decoder::new(Limits::default(), None, None);
+    let mut next = 0u64;
+    let mut extents = 0usize;
+    let mut data: Vec<(u64, u8, usize)> = Vec::new();
+    let mut sink = |e: imagefleet_inspect::Extent| {
+        assert_eq!(e.offset(), next);
+        next += e.len();
+        extents += 1;
+        if let imagefleet_inspect::Extent::Data { offset, bytes } = e {
+            data.push((offset, bytes[0], bytes.len()));
+            assert!(bytes.iter().all(|&b| b == bytes[0]));
+        }
+    };
+    let mut max_held = 0;
+    for piece in f.chunks(64 * 1024) {
+        dec.feed(piece, &mut sink).unwrap();
+        max_held = max_held.max(dec.held_bytes());
+    }
+    let summary = dec.finish(&mut sink).unwrap();
+    assert_eq!(summary.virtual_size, 400 << 30);
+    assert_eq!(next, 400 << 30);
+    assert!(extents < 100, "{extents} extents");
+    assert!(max_held < 4 << 20, "held {max_held}");
+    for (off, pat) in writes {
+        let total: usize = data
+            .iter()
+            .filter(|(o, b, _)| *o >= off && *o < off + (1 << 20) && *b == pat)
+            .map(|(_, _, l)| *l)
+            .sum();
+        assert_eq!(total, 1 << 20, "data at {off}");
+    }
+}
