@@ -700,9 +700,13 @@ impl Core {
             if skip {
                 return Ok(());
             }
-            return Err(truncated(format!(
-                "table at file offset {start} ({len} bytes) lies past the end of the file"
-            )));
+            let msg =
+                format!("table at file offset {start} ({len} bytes) lies past the end of the file");
+            return Err(if start < self.file_end() {
+                truncated(msg)
+            } else {
+                inconsistent(msg)
+            });
         }
         if skip && end <= self.pos {
             return Ok(());
@@ -963,10 +967,18 @@ impl<L: Layout> Driver<L> {
 
     pub(crate) fn finish(&mut self, out: Out) -> Result<(), Refusal> {
         self.settle(out)?;
-        if let Some((s, m)) = self.core.meta.iter().find(|(_, m)| !m.skip) {
-            return Err(truncated(format!(
-                "the file ends at {} bytes, inside the table at file offset {} ({} bytes)",
-                self.core.pos, s, m.len
+        if let Some((&s, m)) = self.core.meta.iter().find(|(_, m)| !m.skip) {
+            // A table the file stops inside was cut short; one that starts past the end was
+            // never there.
+            if s < self.core.pos {
+                return Err(truncated(format!(
+                    "the file ends at {} bytes, inside the table at file offset {} ({} bytes)",
+                    self.core.pos, s, m.len
+                )));
+            }
+            return Err(inconsistent(format!(
+                "the table at file offset {s} lies past the end of the file ({} bytes)",
+                self.core.pos
             )));
         }
         self.core.engine.finish_expectations(out)?;

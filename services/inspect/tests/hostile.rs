@@ -645,3 +645,61 @@ fn huge_sparse_qcow2() {
         assert_eq!(total, 1 << 20, "data at {off}");
     }
 }
+
+/// L1, grain directory and BAT entries that point past the end of the file.
+#[test]
+fn tables_out_of_range() {
+    let dir = tmp();
+    let src = p(dir.path(), "src.raw");
+    std::fs::write(&src, source_disk(4 << 20, 12)).unwrap();
+    let convert = |fmt: &str, opts: &str, name: &str| -> Vec<u8> {
+        let img = p(dir.path(), name);
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            fmt,
+            "-o",
+            opts,
+            s(&src),
+            s(&img),
+        ]);
+        std::fs::read(&img).unwrap()
+    };
+    // qcow2: the first L1 entry, far away and just past the end.
+    let f = convert("qcow2", "compat=1.1", "d.qcow2");
+    let l1 = l1_offset(&f);
+    for target in [1u64 << 40, (f.len() as u64).div_ceil(65536) * 65536 + 65536] {
+        let mut g = f.clone();
+        put_be64(&mut g, l1, (1 << 63) | target);
+        assert_eq!(refusal(&g, None), "InvalidImage.Inconsistent", "{target}");
+    }
+    // vmdk: the first grain directory entry.
+    let f = convert("vmdk", "subformat=monolithicSparse", "d.vmdk");
+    let gd = u64::from_le_bytes(f[56..64].try_into().unwrap()) as usize * 512;
+    let mut g = f.clone();
+    g[gd..gd + 4].copy_from_slice(&0x7fff_fff0u32.to_le_bytes());
+    assert_eq!(refusal(&g, None), "InvalidImage.Inconsistent");
+    // vhd: the first BAT entry.
+    let f = convert("vpc", "subformat=dynamic", "d.vhd");
+    let bat = be64(&f, 512 + 16) as usize;
+    let mut g = f.clone();
+    put_be32(&mut g, bat, 0x7fff_fff0);
+    assert_eq!(refusal(&g, None), "InvalidImage.Inconsistent");
+    // qcow2 with a declared file size: the same edit is refused while feeding.
+    let f = convert("qcow2", "compat=1.1", "e.qcow2");
+    let mut g = f.clone();
+    put_be64(
+        &mut g,
+        l1_offset(&f),
+        (1 << 63) | (f.len() as u64 + (1 << 20)),
+    );
+    let mut dec = imagefleet_inspect::Decoder::new(Limits::default(), None, Some(g.len() as u64));
+    let mut sink = |_e: imagefleet_inspect::Extent| {};
+    let e = dec
+        .feed(&g, &mut sink)
+        .err()
+        .expect("refused while feeding");
+    assert_eq!(e.reason(), "InvalidImage.Inconsistent");
+}
