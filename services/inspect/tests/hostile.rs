@@ -697,9 +697,6 @@ fn tables_out_of_range() {
     );
     let mut dec = imagefleet_inspect::Decoder::new(Limits::default(), None, Some(g.len() as u64));
     let mut sink = |_e: imagefleet_inspect::Extent| {};
-    let e = dec
-        .feed(&g, &mut sink)
-        .err()
-        .expect("refused while feeding");
+    let e = dec.feed(&g, &mut sink).expect_err("refused while feeding");
     assert_eq!(e.reason(), "InvalidImage.Inconsistent");
 }
