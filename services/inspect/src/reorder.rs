@@ -986,3 +986,108 @@ impl<L: Layout> Driver<L> {
         self.core.engine.finish(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(engine: &mut Engine, f: impl FnOnce(&mut Engine, Out)) -> Vec<Extent> {
+        let mut got = Vec::new();
+        let mut out = |e: Extent| got.push(e);
+        f(engine, &mut out);
+        got
+    }
+
+    #[test]
+    fn pieces_out_of_order_come_out_in_order() {
+        let mut e = Engine::new(4096);
+        let got = collect(&mut e, |e, out| {
+            e.data(2048, Bytes::from(vec![2u8; 2048]), out).unwrap();
+            e.zero(1024, 1024, out).unwrap();
+            assert!(e.held() >= 2048, "the early piece is held");
+            e.data(0, Bytes::from(vec![1u8; 1024]), out).unwrap();
+            e.finish(out).unwrap();
+        });
+        let offsets: Vec<(u64, u64)> = got.iter().map(|x| (x.offset(), x.len())).collect();
+        assert_eq!(offsets, vec![(0, 1024), (1024, 1024), (2048, 2048)]);
+        assert_eq!(e.held(), 0);
+    }
+
+    #[test]
+    fn overlapping_pieces_are_refused() {
+        let mut e = Engine::new(4096);
+        collect(&mut e, |e, out| {
+            e.zero(1024, 1024, out).unwrap();
+            let r = e.data(1536, Bytes::from(vec![1u8; 10]), out);
+            assert_eq!(r.unwrap_err().kind(), crate::RefusalKind::Inconsistent);
+            e.zero(0, 1024, out).unwrap();
+            let r = e.zero(512, 10, out);
+            assert_eq!(r.unwrap_err().kind(), crate::RefusalKind::Inconsistent);
+        });
+    }
+
+    #[test]
+    fn adjacent_zero_runs_merge() {
+        let mut e = Engine::new(1 << 30);
+        let got = collect(&mut e, |e, out| {
+            for i in 0..1024u64 {
+                e.zero(i << 20, 1 << 20, out).unwrap();
+            }
+            e.finish(out).unwrap();
+        });
+        assert_eq!(
+            got,
+            vec![Extent::Zero {
+                offset: 0,
+                len: 1 << 30
+            }]
+        );
+    }
+
+    #[test]
+    fn expected_bytes_map_to_guest_and_unclaimed_bytes_are_stashed() {
+        let mut e = Engine::new(8192);
+        let got = collect(&mut e, |e, out| {
+            // File [1000, 5096) holds guest [4096, 8192); file [0, 1000) is unclaimed.
+            e.expect_raw(0, 1000, 4096, 4096, out).unwrap();
+            e.file_bytes(0, Bytes::from(vec![7u8; 3000]), true, out)
+                .unwrap();
+            // A later table claims file [0, 1000) for guest [0, 1000).
+            e.expect_raw(3000, 0, 1000, 0, out).unwrap();
+            e.zero(1000, 3096, out).unwrap();
+            e.file_bytes(3000, Bytes::from(vec![8u8; 2096]), true, out)
+                .unwrap();
+            e.finish_expectations(out).unwrap();
+            e.finish(out).unwrap();
+        });
+        let total: u64 = got.iter().map(Extent::len).sum();
+        assert_eq!(total, 8192);
+        assert_eq!(got[0].offset(), 0);
+    }
+
+    #[test]
+    fn missing_file_bytes_are_refused() {
+        let mut e = Engine::new(8192);
+        collect(&mut e, |e, out| {
+            e.file_bytes(0, Bytes::from(vec![7u8; 3000]), false, out)
+                .unwrap();
+            let r = e.expect_raw(3000, 0, 1000, 0, out);
+            assert_eq!(r.unwrap_err().kind(), crate::RefusalKind::Inconsistent);
+        });
+    }
+
+    #[test]
+    fn stash_drops_oldest_beyond_its_cap() {
+        let mut e = Engine::new(1 << 20);
+        e.set_stash_cap(4096);
+        collect(&mut e, |e, out| {
+            for i in 0..4u64 {
+                e.file_bytes(i * 2048, Bytes::from(vec![1u8; 2048]), true, out)
+                    .unwrap();
+            }
+            let r = e.expect_raw(8192, 0, 512, 0, out);
+            assert_eq!(r.unwrap_err().kind(), crate::RefusalKind::NotStreamable);
+            assert!(e.expect_raw(8192, 4096, 4096, 4096, out).is_ok());
+        });
+    }
+}
