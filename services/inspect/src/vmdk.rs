@@ -69,8 +69,7 @@ fn parse_header(p: &[u8], limits: &Limits) -> Result<Header, Refusal> {
         gd_offset: le64f(p, 56)?,
         overhead: le64f(p, 64)?,
     };
-    let size = h
-        .capacity
+    h.capacity
         .checked_mul(512)
         .filter(|&s| s <= limits.max_virtual_size)
         .ok_or_else(|| {
@@ -82,7 +81,6 @@ fn parse_header(p: &[u8], limits: &Limits) -> Result<Header, Refusal> {
                 ),
             )
         })?;
-    let _ = size;
     if !h.grain_sectors.is_power_of_two() || h.grain_sectors > 4096 {
         return Err(inconsistent(format!(
             "bad vmdk grain size of {} sectors",
