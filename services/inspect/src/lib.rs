@@ -273,7 +273,7 @@ pub struct Summary {
 }
 
 /// One format's decoding state, fed after detection.
-pub(crate) trait Body {
+pub(crate) trait Body: Send {
     /// Next bytes of the file (possibly none).
     fn feed(&mut self, data: &[u8], out: Out) -> Result<(), Refusal>;
     fn header(&self) -> Option<HeaderInfo>;
@@ -328,7 +328,8 @@ fn sink<'a>(emitted: &'a mut Emitted, out: &'a mut dyn FnMut(Extent)) -> impl Fn
     }
 }
 
-/// The push-based streaming decoder. See the crate documentation for its contract.
+/// The push-based streaming decoder. See the crate documentation for its contract. It is
+/// `Send`, so it can live in an async task between pieces of an upload.
 pub struct Decoder {
     limits: Limits,
     declared: Option<DeclaredFormat>,
@@ -569,5 +570,35 @@ impl Decoder {
             bytes_read: self.read,
             sha256: self.emitted.digest.take().map(|d| d.finalize().into()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoder_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Decoder>();
+        send::<Refusal>();
+        send::<Extent>();
+    }
+
+    #[test]
+    fn declared_formats_parse() {
+        assert_eq!(
+            "VMDK".parse::<DeclaredFormat>().unwrap(),
+            DeclaredFormat::Vmdk
+        );
+        assert_eq!(
+            "vpc".parse::<DeclaredFormat>().unwrap(),
+            DeclaredFormat::Vhd
+        );
+        assert!("qed".parse::<DeclaredFormat>().is_err());
+        assert!(DeclaredFormat::Vmdk.matches(Format::VmdkStreamOptimized));
+        assert!(DeclaredFormat::Vhd.matches(Format::VhdFixed));
+        assert!(!DeclaredFormat::Raw.matches(Format::Iso));
+        assert_eq!(Format::VhdDynamic.as_str(), "vhd");
     }
 }

@@ -846,7 +846,7 @@ pub(crate) trait Layout {
     fn info(&self, core: &Core) -> Option<HeaderInfo>;
 }
 
-impl<L: Layout> crate::Body for Driver<L> {
+impl<L: Layout + Send> crate::Body for Driver<L> {
     fn feed(&mut self, data: &[u8], out: Out) -> Result<(), Refusal> {
         Driver::feed(self, data, out)
     }
