@@ -40,6 +40,25 @@ pub enum RefusalKind {
 }
 
 impl RefusalKind {
+    /// Every kind, for documenting and mapping the reasons.
+    pub const ALL: [RefusalKind; 15] = [
+        RefusalKind::BackingFile,
+        RefusalKind::ExternalDataFile,
+        RefusalKind::UnknownFeature,
+        RefusalKind::Encrypted,
+        RefusalKind::UnsupportedVmdk,
+        RefusalKind::Qed,
+        RefusalKind::Polyglot,
+        RefusalKind::FormatMismatch,
+        RefusalKind::Truncated,
+        RefusalKind::Inconsistent,
+        RefusalKind::VirtualSizeTooLarge,
+        RefusalKind::FileTooLarge,
+        RefusalKind::IsoNeedsForce,
+        RefusalKind::NotStreamable,
+        RefusalKind::Unsupported,
+    ];
+
     /// The stable reason string, e.g. `InvalidImage.BackingFile`.
     pub fn reason(self) -> &'static str {
         match self {
@@ -119,4 +138,18 @@ pub(crate) fn not_streamable(msg: impl Into<String>) -> Refusal {
             msg.into()
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_distinct_and_prefixed() {
+        let mut seen = std::collections::HashSet::new();
+        for k in RefusalKind::ALL {
+            assert!(k.reason().starts_with("InvalidImage."));
+            assert!(seen.insert(k.reason()));
+        }
+    }
 }
