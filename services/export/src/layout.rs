@@ -90,7 +90,12 @@ impl ChunkOrder {
     }
 
     /// Checks that chunk `index` with `len` bytes is the next one due, and moves past it.
-    pub(crate) fn accept(&mut self, layout: &Layout, index: u64, len: u64) -> Result<(), ExportError> {
+    pub(crate) fn accept(
+        &mut self,
+        layout: &Layout,
+        index: u64,
+        len: u64,
+    ) -> Result<(), ExportError> {
         let due = match self.next_allocated(layout) {
             Some(due) if due as u64 == index => due,
             Some(due) => {

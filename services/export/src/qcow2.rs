@@ -163,7 +163,8 @@ impl Qcow2Writer {
 
         let full_block = refcount_block(REFCOUNTS_PER_BLOCK);
         for block in 0..self.refcount_blocks {
-            let covered = (self.total_clusters - block * REFCOUNTS_PER_BLOCK).min(REFCOUNTS_PER_BLOCK);
+            let covered =
+                (self.total_clusters - block * REFCOUNTS_PER_BLOCK).min(REFCOUNTS_PER_BLOCK);
             if covered == REFCOUNTS_PER_BLOCK {
                 out.push(full_block.clone());
             } else {
@@ -174,7 +175,11 @@ impl Qcow2Writer {
 
         let mut l1 = Vec::with_capacity(self.l2_offsets.len() * 8);
         for offset in &self.l2_offsets {
-            l1.put_u64(if *offset == 0 { 0 } else { offset | OFLAG_COPIED });
+            l1.put_u64(if *offset == 0 {
+                0
+            } else {
+                offset | OFLAG_COPIED
+            });
         }
         let l1_len = l1.len() as u64;
         out.push(l1);

@@ -58,8 +58,16 @@ mod tests {
         let total: u64 = pieces.iter().map(|p| p.len() as u64).sum();
         assert_eq!(total, virtual_size);
         let data_pieces: Vec<&Bytes> = pieces.iter().filter(|p| !is_shared_zeros(p)).collect();
-        assert_eq!(data_pieces.len(), 1, "only the allocated chunk is not a shared zero slice");
-        assert_eq!(data_pieces[0].as_ptr(), data.as_ptr(), "the chunk is passed through, not copied");
+        assert_eq!(
+            data_pieces.len(),
+            1,
+            "only the allocated chunk is not a shared zero slice"
+        );
+        assert_eq!(
+            data_pieces[0].as_ptr(),
+            data.as_ptr(),
+            "the chunk is passed through, not copied"
+        );
         // Offset of the data: the zeros before it.
         let before: u64 = pieces
             .iter()
@@ -79,8 +87,16 @@ mod tests {
         let mut w = Writer::new(ExportFormat::Raw, layout, 0).unwrap();
         let mut bytes = Vec::new();
         bytes.extend(w.start().flat_map(|b| b.to_vec()));
-        bytes.extend(w.chunk(1, Bytes::from(vec![1u8; 1 << 20])).unwrap().flat_map(|b| b.to_vec()));
-        bytes.extend(w.chunk(3, Bytes::from(vec![3u8; 100])).unwrap().flat_map(|b| b.to_vec()));
+        bytes.extend(
+            w.chunk(1, Bytes::from(vec![1u8; 1 << 20]))
+                .unwrap()
+                .flat_map(|b| b.to_vec()),
+        );
+        bytes.extend(
+            w.chunk(3, Bytes::from(vec![3u8; 100]))
+                .unwrap()
+                .flat_map(|b| b.to_vec()),
+        );
         bytes.extend(w.finish().unwrap().flat_map(|b| b.to_vec()));
         assert_eq!(bytes.len(), (3 << 20) + 100);
         assert!(bytes[..1 << 20].iter().all(|b| *b == 0));

@@ -101,7 +101,9 @@ pub(crate) fn declared_size(needed: u64) -> Result<(u64, Geometry), ExportError>
 }
 
 fn checksum(bytes: &[u8]) -> u32 {
-    !bytes.iter().fold(0u32, |sum, b| sum.wrapping_add(u32::from(*b)))
+    !bytes
+        .iter()
+        .fold(0u32, |sum, b| sum.wrapping_add(u32::from(*b)))
 }
 
 pub(crate) struct VhdWriter {
@@ -284,16 +286,31 @@ mod tests {
         assert_eq!((g.cylinders, g.heads, g.sectors_per_track), (301, 4, 17));
         // The maximum geometry.
         let g = geometry(u64::MAX);
-        assert_eq!((g.cylinders, g.heads, g.sectors_per_track), (65535, 16, 255));
+        assert_eq!(
+            (g.cylinders, g.heads, g.sectors_per_track),
+            (65535, 16, 255)
+        );
     }
 
     #[test]
     fn declared_size_covers_and_matches_its_geometry() {
-        for needed in [1u64, 100, 20480, 20481, 10_250, 2_000_000, 64_000_000, MAX_CHS_SECTORS - 1] {
+        for needed in [
+            1u64,
+            100,
+            20480,
+            20481,
+            10_250,
+            2_000_000,
+            64_000_000,
+            MAX_CHS_SECTORS - 1,
+        ] {
             let (sectors, g) = declared_size(needed).unwrap();
             assert!(sectors >= needed, "{needed}");
             assert_eq!(sectors, g.sectors(), "{needed}");
-            assert!(sectors - needed < 16 * 255 * 2, "{needed} rounds to {sectors}");
+            assert!(
+                sectors - needed < 16 * 255 * 2,
+                "{needed} rounds to {sectors}"
+            );
         }
         let (sectors, g) = declared_size(MAX_CHS_SECTORS + 7).unwrap();
         assert_eq!(sectors, MAX_CHS_SECTORS + 7);

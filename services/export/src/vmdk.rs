@@ -153,7 +153,12 @@ impl VmdkWriter {
 
     /// A grain marker with the zlib stream of `data` followed by `padding` zeros, padded to a
     /// whole sector.
-    fn compress_grain(&mut self, grain: u64, data: &[u8], padding: usize) -> Result<Vec<u8>, ExportError> {
+    fn compress_grain(
+        &mut self,
+        grain: u64,
+        data: &[u8],
+        padding: usize,
+    ) -> Result<Vec<u8>, ExportError> {
         let failed = |message: String| ExportError::Compression { grain, message };
         let mut out = Vec::with_capacity(GRAIN as usize + GRAIN as usize / 8 + 1024);
         out.resize(GRAIN_MARKER_LEN, 0);
@@ -216,7 +221,12 @@ impl VmdkWriter {
         Ok(())
     }
 
-    pub(crate) fn chunk(&mut self, layout: &Layout, index: u64, data: &Bytes) -> Result<Pieces, ExportError> {
+    pub(crate) fn chunk(
+        &mut self,
+        layout: &Layout,
+        index: u64,
+        data: &Bytes,
+    ) -> Result<Pieces, ExportError> {
         let mut out = Pieces::new();
         let first_grain = index * layout.chunk_size / GRAIN;
         for (k, grain_data) in data.chunks(GRAIN as usize).enumerate() {

@@ -56,7 +56,11 @@ fn disk(virtual_size: u64, allocated_chunks: &[u64]) -> Disk {
         allocated,
     };
     let data = (0..count as u64)
-        .map(|i| layout.is_allocated(i).then(|| chunk_data(i, layout.chunk_len(i))))
+        .map(|i| {
+            layout
+                .is_allocated(i)
+                .then(|| chunk_data(i, layout.chunk_len(i)))
+        })
         .collect();
     Disk { layout, data }
 }
@@ -79,6 +83,8 @@ fn write_source(dir: &Path, disk: &Disk) -> PathBuf {
 struct Exported {
     path: PathBuf,
     bytes: u64,
+    /// Bytes in pieces that are not slices of the shared zero buffer.
+    allocated_bytes: u64,
     file_size: Option<u64>,
     virtual_size: u64,
 }
@@ -91,12 +97,14 @@ fn export(dir: &Path, disk: &Disk, format: ExportFormat, seed: u64) -> Exported 
     let file_size = writer.file_size();
     let virtual_size = writer.virtual_size();
     let mut bytes = 0u64;
+    let mut allocated_bytes = 0u64;
     let mut put = |pieces: imagefleet_export::Pieces| {
         for piece in pieces {
             bytes += piece.len() as u64;
             if is_shared_zeros(&piece) {
                 out.seek(SeekFrom::Current(piece.len() as i64)).unwrap();
             } else {
+                allocated_bytes += piece.len() as u64;
                 out.write_all(&piece).unwrap();
             }
         }
@@ -115,6 +123,7 @@ fn export(dir: &Path, disk: &Disk, format: ExportFormat, seed: u64) -> Exported 
     Exported {
         path,
         bytes,
+        allocated_bytes,
         file_size,
         virtual_size,
     }
@@ -157,13 +166,21 @@ fn check(format: ExportFormat, path: &Path) {
         assert!(stderr.contains("not support checks"), "{}", text(&output));
         return;
     }
-    assert!(output.status.success(), "qemu-img check {format}: {}", text(&output));
+    assert!(
+        output.status.success(),
+        "qemu-img check {format}: {}",
+        text(&output)
+    );
     assert!(
         stdout.contains("No errors were found"),
         "qemu-img check {format}: {}",
         text(&output)
     );
-    assert!(!stdout.contains("leaked"), "qemu-img check {format}: {}", text(&output));
+    assert!(
+        !stdout.contains("leaked"),
+        "qemu-img check {format}: {}",
+        text(&output)
+    );
 }
 
 fn compare(format: ExportFormat, source: &Path, path: &Path) {
@@ -176,7 +193,11 @@ fn compare(format: ExportFormat, source: &Path, path: &Path) {
         source.to_str().unwrap(),
         path.to_str().unwrap(),
     ]);
-    assert!(output.status.success(), "qemu-img compare {format}: {}", text(&output));
+    assert!(
+        output.status.success(),
+        "qemu-img compare {format}: {}",
+        text(&output)
+    );
     assert!(
         String::from_utf8_lossy(&output.stdout).contains("Images are identical"),
         "qemu-img compare {format}: {}",
@@ -220,13 +241,29 @@ fn convert_back(format: ExportFormat, dir: &Path, source: &Path, path: &Path) {
         path.to_str().unwrap(),
         back.to_str().unwrap(),
     ]);
-    assert!(output.status.success(), "qemu-img convert {format}: {}", text(&output));
+    assert!(
+        output.status.success(),
+        "qemu-img convert {format}: {}",
+        text(&output)
+    );
     let mut original = Vec::new();
-    File::open(source).unwrap().read_to_end(&mut original).unwrap();
+    File::open(source)
+        .unwrap()
+        .read_to_end(&mut original)
+        .unwrap();
     let mut converted = Vec::new();
-    File::open(&back).unwrap().read_to_end(&mut converted).unwrap();
-    assert!(converted.len() >= original.len(), "{format}: converted file is short");
-    assert!(converted[..original.len()] == original[..], "{format}: content differs");
+    File::open(&back)
+        .unwrap()
+        .read_to_end(&mut converted)
+        .unwrap();
+    assert!(
+        converted.len() >= original.len(),
+        "{format}: converted file is short"
+    );
+    assert!(
+        converted[..original.len()] == original[..],
+        "{format}: content differs"
+    );
     assert!(
         converted[original.len()..].iter().all(|b| *b == 0),
         "{format}: bytes past the virtual size are not zero"
@@ -234,15 +271,19 @@ fn convert_back(format: ExportFormat, dir: &Path, source: &Path, path: &Path) {
     std::fs::remove_file(back).unwrap();
 }
 
-/// Exports `disk` in every format and checks each with qemu-img. Returns the file sizes.
-fn export_all(disk: &Disk, convert: bool) -> Vec<(ExportFormat, u64)> {
+/// Exports `disk` in every format and checks each with qemu-img. Returns, per format, the
+/// file size and the bytes that were not shared zero pieces.
+fn export_all(disk: &Disk, convert: bool) -> Vec<(ExportFormat, u64, u64)> {
     let dir = tempfile::tempdir().unwrap();
     let source = write_source(dir.path(), disk);
     let mut sizes = Vec::new();
     for format in ExportFormat::ALL {
         let out = export(dir.path(), disk, format, 42);
         if let Some(expected) = out.file_size {
-            assert_eq!(out.bytes, expected, "{format}: file_size() differs from the bytes produced");
+            assert_eq!(
+                out.bytes, expected,
+                "{format}: file_size() differs from the bytes produced"
+            );
         } else {
             assert_eq!(format, ExportFormat::Vmdk);
         }
@@ -253,7 +294,7 @@ fn export_all(disk: &Disk, convert: bool) -> Vec<(ExportFormat, u64)> {
                 assert_eq!(out.virtual_size, v.div_ceil(512) * 512)
             }
             ExportFormat::Vhd => {
-                assert!(out.virtual_size >= v && out.virtual_size % 512 == 0);
+                assert!(out.virtual_size >= v && out.virtual_size.is_multiple_of(512));
                 assert!(out.virtual_size - v < 4 * MIB, "{format}: rounded too far");
             }
         }
@@ -265,12 +306,15 @@ fn export_all(disk: &Disk, convert: bool) -> Vec<(ExportFormat, u64)> {
             // qemu counts a raw file in whole sectors.
             assert_eq!(reported_size, v.div_ceil(512) * 512);
         } else {
-            assert_eq!(reported_size, out.virtual_size, "{format}: qemu-img info virtual size");
+            assert_eq!(
+                reported_size, out.virtual_size,
+                "{format}: qemu-img info virtual size"
+            );
         }
         if convert {
             convert_back(format, dir.path(), &source, &out.path);
         }
-        sizes.push((format, out.bytes));
+        sizes.push((format, out.bytes, out.allocated_bytes));
         std::fs::remove_file(&out.path).unwrap();
     }
     sizes
@@ -287,11 +331,14 @@ fn size_not_a_multiple_of_a_mebibyte() {
 fn all_zero_image() {
     let disk = disk(8 * MIB, &[]);
     let sizes = export_all(&disk, true);
-    for (format, bytes) in sizes {
+    for (format, bytes, allocated) in sizes {
         match format {
-            ExportFormat::Raw => assert_eq!(bytes, 8 * MIB),
+            ExportFormat::Raw => assert_eq!((bytes, allocated), (8 * MIB, 0)),
             // Metadata only: no data clusters, blocks or grains.
-            _ => assert!(bytes <= 5 * 64 << 10, "{format}: {bytes} bytes for an empty disk"),
+            _ => assert!(
+                bytes <= 5 * (64 << 10),
+                "{format}: {bytes} bytes for an empty disk"
+            ),
         }
     }
 }
@@ -308,9 +355,12 @@ fn fully_allocated_image() {
 fn sparse_image_with_scattered_data() {
     let disk = disk(64 * MIB, &[0, 5, 6, 31, 32, 33, 47, 63]);
     let sizes = export_all(&disk, true);
-    for (format, bytes) in sizes {
+    for (format, bytes, _) in sizes {
         if format != ExportFormat::Raw {
-            assert!(bytes < 24 * MIB, "{format}: {bytes} bytes for 8 MiB of data");
+            assert!(
+                bytes < 24 * MIB,
+                "{format}: {bytes} bytes for 8 MiB of data"
+            );
         }
     }
 }
@@ -318,7 +368,10 @@ fn sparse_image_with_scattered_data() {
 #[test]
 fn sparse_image_across_many_tables() {
     // Data in three qcow2 L2 ranges (512 MiB each) and many VMDK grain tables (32 MiB each).
-    let disk = disk(1536 * MIB + 3 * MIB + 700, &[3, 511, 512, 700, 1024, 1536, 1539]);
+    let disk = disk(
+        1536 * MIB + 3 * MIB + 700,
+        &[3, 511, 512, 700, 1024, 1536, 1539],
+    );
     export_all(&disk, false);
 }
 
@@ -332,15 +385,20 @@ fn zero_chunks_cost_nothing() {
     let vhd_table = (vhd_size.div_ceil(2 * MIB) * 4).div_ceil(512) * 512;
     assert!(vhd_table <= 8704, "4 GiB rounds up by less than one block");
     let sizes = export_all(&disk, false);
-    for (format, bytes) in sizes {
+    for (format, bytes, allocated) in sizes {
+        // Only the one chunk and the metadata were ever allocated.
+        assert!(
+            allocated < MIB + (128 << 10),
+            "{format}: {allocated} bytes allocated"
+        );
         match format {
-            ExportFormat::Raw => assert_eq!(bytes, 4 << 30),
+            ExportFormat::Raw => assert_eq!((bytes, allocated), (4 << 30, MIB)),
             // Header, refcount table and block, L1, one L2, 16 data clusters.
             ExportFormat::Qcow2 => assert_eq!(bytes, 21 * (64 << 10)),
             // Footer copy, header, block table, one 2 MiB block with its bitmap, footer.
             ExportFormat::Vhd => assert_eq!(bytes, 512 + 1024 + vhd_table + 512 + 2 * MIB + 512),
             // Header area, one compressed MiB at most, its table, the directory, the footer.
-            ExportFormat::Vmdk => assert!(bytes < MIB + 256 << 10, "vmdk: {bytes} bytes"),
+            ExportFormat::Vmdk => assert!(bytes < MIB + (256 << 10), "vmdk: {bytes} bytes"),
         }
     }
 }
@@ -374,7 +432,11 @@ fn vhd_checksums_are_verified_by_qemu() {
     bytes[len - 512 + 28] ^= 1;
     std::fs::write(&out.path, &bytes).unwrap();
     let output = qemu_img(&["info", "-f", "vpc", out.path.to_str().unwrap()]);
-    assert!(!output.status.success(), "a damaged footer must be refused: {}", text(&output));
+    assert!(
+        !output.status.success(),
+        "a damaged footer must be refused: {}",
+        text(&output)
+    );
 }
 
 #[test]
@@ -394,7 +456,10 @@ fn calls_outside_the_contract_are_errors() {
         w.start();
         assert_eq!(
             w.chunk(0, full.clone()).unwrap_err(),
-            ExportError::UnexpectedChunk { index: 0, expected: 1 }
+            ExportError::UnexpectedChunk {
+                index: 0,
+                expected: 1
+            }
         );
         assert_eq!(
             w.chunk(1, full.slice(..100)).unwrap_err(),
@@ -407,7 +472,10 @@ fn calls_outside_the_contract_are_errors() {
         w.chunk(1, full.clone()).unwrap();
         assert_eq!(
             w.chunk(1, full.clone()).unwrap_err(),
-            ExportError::UnexpectedChunk { index: 1, expected: 3 }
+            ExportError::UnexpectedChunk {
+                index: 1,
+                expected: 3
+            }
         );
         let mut unfinished = Writer::new(format, layout.clone(), 0).unwrap();
         unfinished.start();
@@ -457,7 +525,10 @@ fn bad_layouts_are_refused() {
     for format in ExportFormat::ALL {
         assert!(Writer::new(format, good.clone(), 0).is_ok());
         for layout in &cases {
-            assert!(Writer::new(format, layout.clone(), 0).is_err(), "{format}: {layout:?}");
+            assert!(
+                Writer::new(format, layout.clone(), 0).is_err(),
+                "{format}: {layout:?}"
+            );
         }
     }
 }
