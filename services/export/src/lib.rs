@@ -17,6 +17,10 @@
 //! 4. [`Writer::finish`] returns the trailing bytes (footers, VMDK directory and end marker)
 //!    and fails if an allocated chunk was never passed.
 //!
+//! A call refused for order or length leaves the writer unchanged, so the caller may retry
+//! with the right chunk; after any other error ([`ExportError::Compression`],
+//! [`ExportError::FileTooLarge`]) the export must be abandoned.
+//!
 //! Writing every [`Pieces`] returned, in call order, gives the whole file. When
 //! [`Writer::file_size`] is `Some` (raw, qcow2, VHD), the file has exactly that many bytes, so
 //! it can be announced up front (a `Content-Length`).
@@ -68,8 +72,34 @@
 //!   end-of-stream marker. Grains that are all zeros, including those inside allocated
 //!   chunks, are not written; grain tables without grains are left out (directory entry 0).
 //!
+//! The VMDK descriptor's extent line names `disk.vmdk`: for a monolithic file with an
+//! embedded descriptor, the extent is the file itself, whatever it is called.
+//!
 //! Output is a pure function of the format, the layout, `id_seed` and the chunk data: the
 //! VHD unique id and the VMDK content ids are derived from `id_seed`.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use imagefleet_export::{ExportFormat, Layout, Writer};
+//!
+//! // 3 MiB, of which only the middle chunk holds data.
+//! let layout = Layout {
+//!     virtual_size: 3 << 20,
+//!     chunk_size: 1 << 20,
+//!     allocated: vec![false, true, false],
+//! };
+//! let mut writer = Writer::new(ExportFormat::Qcow2, layout, 7)?;
+//! let announced = writer.file_size();
+//! let mut file = Vec::new();
+//! file.extend(writer.start().flat_map(|piece| piece.to_vec()));
+//! let chunk = Bytes::from(vec![1u8; 1 << 20]);
+//! file.extend(writer.chunk(1, chunk)?.flat_map(|piece| piece.to_vec()));
+//! file.extend(writer.finish()?.flat_map(|piece| piece.to_vec()));
+//! assert_eq!(Some(file.len() as u64), announced);
+//! # Ok::<(), imagefleet_export::ExportError>(())
+//! ```
 
 mod error;
 mod layout;

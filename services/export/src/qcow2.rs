@@ -232,3 +232,58 @@ fn refcount_block(covered: u64) -> Bytes {
     }
     Bytes::from(block)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn be64(b: &[u8], at: usize) -> u64 {
+        u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    /// A file over 2 GiB needs several refcount blocks; every cluster must count exactly once.
+    #[test]
+    fn refcounts_cover_every_cluster_of_a_multi_block_file() {
+        const MIB: u64 = 1 << 20;
+        let layout = Layout {
+            virtual_size: 3 << 30,
+            chunk_size: MIB,
+            allocated: vec![true; 3072],
+        };
+        let mut w = Qcow2Writer::new(&layout).unwrap();
+        let total = w.total_clusters;
+        assert_eq!(w.refcount_blocks, total.div_ceil(REFCOUNTS_PER_BLOCK));
+        assert!(w.refcount_blocks > 1);
+        let bytes: Vec<u8> = w.start(&layout).flat_map(|b| b.to_vec()).collect();
+        assert_eq!(be64(&bytes, 48), CLUSTER, "refcount table offset");
+        let mut counted = 0u64;
+        for k in 0..w.refcount_blocks as usize {
+            let block = be64(&bytes, CLUSTER as usize + k * 8) as usize;
+            let entries = &bytes[block..block + CLUSTER as usize];
+            for pair in entries.chunks(2) {
+                match u16::from_be_bytes([pair[0], pair[1]]) {
+                    0 => {}
+                    1 => counted += 1,
+                    other => panic!("refcount {other}"),
+                }
+            }
+        }
+        assert_eq!(counted, total);
+        // 3 GiB of data and six L2 tables, plus header, L1 and refcount structures.
+        assert_eq!(
+            total,
+            (3 << 30) / CLUSTER + 6 + 1 + 1 + w.refcount_table_clusters + w.refcount_blocks
+        );
+        // L1: six tables, each followed by its 512 MiB of data.
+        let l1 = be64(&bytes, 40) as usize;
+        for range in 0..6 {
+            let entry = be64(&bytes, l1 + range * 8);
+            assert_eq!(entry & OFLAG_COPIED, OFLAG_COPIED);
+            assert_eq!(
+                entry & !OFLAG_COPIED,
+                w.l1_offset() + CLUSTER + range as u64 * (CLUSTER + L2_SPAN)
+            );
+        }
+        assert_eq!(w.file_size(), total * CLUSTER);
+    }
+}

@@ -214,26 +214,15 @@ impl VhdWriter {
         out.push(self.dynamic_header.clone());
         let mut table = Vec::with_capacity(self.table_bytes as usize);
         let mut next_sector = (BAT_OFFSET + self.table_bytes) / SECTOR;
-        let mut block_sectors = Vec::new();
-        let mut last = None;
-        for (index, _) in layout.allocated.iter().enumerate().filter(|(_, a)| **a) {
-            let block = index as u64 / self.chunks_per_block;
-            if last != Some(block) {
-                block_sectors.push((block, next_sector));
-                next_sector += (BITMAP + BLOCK) / SECTOR;
-                last = Some(block);
-            }
-        }
-        let mut present = block_sectors.into_iter().peekable();
         for block in 0..self.table_entries {
-            let entry = match present.peek() {
-                Some(&(b, sector)) if b == block => {
-                    present.next();
-                    sector as u32
-                }
-                _ => UNUSED_BLOCK,
-            };
-            table.put_u32(entry);
+            let first = block * self.chunks_per_block;
+            let present = (first..first + self.chunks_per_block).any(|i| layout.is_allocated(i));
+            if present {
+                table.put_u32(next_sector as u32);
+                next_sector += (BITMAP + BLOCK) / SECTOR;
+            } else {
+                table.put_u32(UNUSED_BLOCK);
+            }
         }
         table.resize(self.table_bytes as usize, 0xFF);
         out.push(table);

@@ -45,14 +45,18 @@ fn chunk_data(index: u64, len: u64) -> Bytes {
 }
 
 fn disk(virtual_size: u64, allocated_chunks: &[u64]) -> Disk {
-    let count = virtual_size.div_ceil(MIB) as usize;
+    disk_with_chunks(virtual_size, MIB, allocated_chunks)
+}
+
+fn disk_with_chunks(virtual_size: u64, chunk_size: u64, allocated_chunks: &[u64]) -> Disk {
+    let count = virtual_size.div_ceil(chunk_size) as usize;
     let mut allocated = vec![false; count];
     for &i in allocated_chunks {
         allocated[i as usize] = true;
     }
     let layout = Layout {
         virtual_size,
-        chunk_size: MIB,
+        chunk_size,
         allocated,
     };
     let data = (0..count as u64)
@@ -72,7 +76,8 @@ fn write_source(dir: &Path, disk: &Disk) -> PathBuf {
     f.set_len(disk.layout.virtual_size).unwrap();
     for (i, data) in disk.data.iter().enumerate() {
         if let Some(data) = data {
-            f.seek(SeekFrom::Start(i as u64 * MIB)).unwrap();
+            f.seek(SeekFrom::Start(i as u64 * disk.layout.chunk_size))
+                .unwrap();
             f.write_all(data).unwrap();
         }
     }
@@ -325,6 +330,16 @@ fn size_not_a_multiple_of_a_mebibyte() {
     // 5 MiB + 12345 bytes: six chunks, the last 12345 bytes long (not even whole sectors).
     let disk = disk(5 * MIB + 12345, &[0, 2, 5]);
     export_all(&disk, true);
+}
+
+#[test]
+fn other_chunk_sizes() {
+    // 64 KiB chunks (one cluster or grain each) and 2 MiB chunks (one VHD block each).
+    export_all(
+        &disk_with_chunks(3 * MIB + 1000, 64 << 10, &[0, 1, 17, 40, 48]),
+        true,
+    );
+    export_all(&disk_with_chunks(9 * MIB + 512, 2 * MIB, &[1, 4]), true);
 }
 
 #[test]
