@@ -407,7 +407,13 @@ fn snapshot_byte_hours(
         if hour > next_hour {
             add(span(next_hour, hour - 1), level)?;
         }
-        let mut peak = level;
+        // The level carried in is held in this hour unless a change replaces it at the
+        // hour's first second.
+        let mut peak = if changes[index].0 > hour.saturating_mul(SECONDS_PER_HOUR) {
+            level
+        } else {
+            0
+        };
         while index < changes.len() && hour_of(changes[index].0) == hour {
             level = changes[index].1;
             peak = peak.max(level);
@@ -652,6 +658,9 @@ mod tests {
         assert_eq!(snapshot_byte_hours(&changes, (0, 3), 8).unwrap(), 34);
         // A window starting later carries the level in: hours 2..=4 at 5.
         assert_eq!(snapshot_byte_hours(&changes, (2, 4), 0).unwrap(), 15);
+        // A change at the hour's first second replaces the level for the whole hour.
+        let on_the_hour = [(0, 10), (3600, 4)];
+        assert_eq!(snapshot_byte_hours(&on_the_hour, (0, 1), 0).unwrap(), 14);
         // A window before any change bills nothing.
         assert_eq!(snapshot_byte_hours(&changes, (-5, -1), 0).unwrap(), 0);
     }
