@@ -319,7 +319,11 @@ fn region_prices(name: &str, raw: RawRegion) -> Result<RegionPrices, BookError> 
             }
             Some(previous) => previous.max_vcpu + 1,
             None if max_vcpu == 0 => {
-                return Err(invalid(name, format!("{key}.max_vcpu"), "must be at least 1"));
+                return Err(invalid(
+                    name,
+                    format!("{key}.max_vcpu"),
+                    "must be at least 1",
+                ));
             }
             None => 1,
         };
@@ -407,7 +411,9 @@ impl PriceBook {
 
     /// Every region, by name.
     pub fn regions(&self) -> impl Iterator<Item = (&str, &RegionPrices)> {
-        self.regions.iter().map(|(name, prices)| (name.as_str(), prices))
+        self.regions
+            .iter()
+            .map(|(name, prices)| (name.as_str(), prices))
     }
 
     /// Checks that the book prices every one of `regions` and, in each, every one of

@@ -21,7 +21,5 @@ pub mod usage;
 pub use book::{BookError, LicenceClass, PriceBook, RegionPrices, BYTES_PER_GB};
 pub use money::{Money, MoneyError};
 pub use quote::{quote, snapshot_quote, ImageFeeQuote, Quote, QuotePart, SnapshotQuote};
-pub use rating::{
-    bill, hour_of, Anomaly, Bill, ImageFee, LineItem, LineKind, Quantity, RateError,
-};
+pub use rating::{bill, hour_of, Anomaly, Bill, ImageFee, LineItem, LineKind, Quantity, RateError};
 pub use usage::{EventId, ImageCharge, LineageLink, RootKind, Usage, UsageEvent};

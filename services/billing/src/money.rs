@@ -204,7 +204,9 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        for text in ["", "-", ".5", "5.", "1e3", "+1", "1.2.3", " 1", "1,5", "0x10", "--1"] {
+        for text in [
+            "", "-", ".5", "5.", "1e3", "+1", "1.2.3", " 1", "1,5", "0x10", "--1",
+        ] {
             assert!(
                 matches!(Money::parse(text), Err(MoneyError::Malformed(_))),
                 "{text:?}"

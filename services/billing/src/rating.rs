@@ -40,7 +40,9 @@ pub enum RateError {
         region: String,
         instance_type: String,
     },
-    #[error("region {region}: the price book has no Windows price for instance type {instance_type}")]
+    #[error(
+        "region {region}: the price book has no Windows price for instance type {instance_type}"
+    )]
     NoWindowsPrice {
         region: String,
         instance_type: String,
@@ -217,11 +219,7 @@ pub fn hour_of(at: i64) -> i64 {
 /// The hours `[start, end)` touches, at least the hour of `start`, as an inclusive range.
 fn hours_touched(start: i64, end: i64) -> (i64, i64) {
     let first = hour_of(start);
-    let last = if end > start {
-        hour_of(end - 1)
-    } else {
-        first
-    };
+    let last = if end > start { hour_of(end - 1) } else { first };
     (first, last.max(first))
 }
 
@@ -269,13 +267,15 @@ pub(crate) fn image_fee_unit(
     match root_kind {
         RootKind::Free => Ok(None),
         RootKind::Windows if prices.is_mainland() => Ok(None),
-        RootKind::Windows => prices
-            .windows_hour(instance_type)
-            .map(Some)
-            .ok_or_else(|| RateError::NoWindowsPrice {
-                region: region.to_string(),
-                instance_type: instance_type.to_string(),
-            }),
+        RootKind::Windows => {
+            prices
+                .windows_hour(instance_type)
+                .map(Some)
+                .ok_or_else(|| RateError::NoWindowsPrice {
+                    region: region.to_string(),
+                    instance_type: instance_type.to_string(),
+                })
+        }
         RootKind::Licensed => {
             prices
                 .licence_hour(vcpu)
@@ -359,7 +359,14 @@ impl Usages {
     }
 
     /// Ends a run at `end` (exclusive), or, with `None`, at the end of the period.
-    fn close(&mut self, region: &str, instance_id: &str, run: &Run, end: Option<i64>, last_hour: i64) {
+    fn close(
+        &mut self,
+        region: &str,
+        instance_id: &str,
+        run: &Run,
+        end: Option<i64>,
+        last_hour: i64,
+    ) {
         let (instance, image) = match end {
             Some(end) => (
                 hours_touched(run.since, end),
@@ -521,9 +528,9 @@ pub fn bill(
                 let key = (region.to_string(), instance_id.clone());
                 match runs.remove(&key) {
                     Some(run) => usages.close(region, instance_id, &run, Some(event.at), window.1),
-                    None => anomalies.push(anomaly(
-                        "a termination of an instance that is not running",
-                    )),
+                    None => {
+                        anomalies.push(anomaly("a termination of an instance that is not running"))
+                    }
                 }
             }
             Usage::SnapshotBytesHeld { bytes } => usages
@@ -557,8 +564,7 @@ pub fn bill(
             image_fee: None,
         });
     }
-    for ((region, instance_id, image_id, instance_type, vcpu), (image, ranges)) in &usages.images
-    {
+    for ((region, instance_id, image_id, instance_type, vcpu), (image, ranges)) in &usages.images {
         let hours = count_hours(ranges, window);
         if hours == 0 {
             continue;

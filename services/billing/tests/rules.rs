@@ -406,7 +406,12 @@ fn every_rule() {
             ));
             continue;
         }
-        assert!(got.anomalies.is_empty(), "{}: {:?}", row.rule, got.anomalies);
+        assert!(
+            got.anomalies.is_empty(),
+            "{}: {:?}",
+            row.rule,
+            got.anomalies
+        );
 
         // Out of order and twice over: the same bill.
         let mut shuffled = row.log.events.clone();
@@ -425,7 +430,14 @@ fn every_rule() {
 fn duplicate_and_out_of_order_events_are_billed_once() {
     let book = book();
     let log = Log::new()
-        .start(SG, t(10, 0), "ins-1", "S5.LARGE8", 4, public("img-win", RootKind::Windows))
+        .start(
+            SG,
+            t(10, 0),
+            "ins-1",
+            "S5.LARGE8",
+            4,
+            public("img-win", RootKind::Windows),
+        )
         .stop(SG, t(12, 0), "ins-1")
         .held(SG, t(10, 0), 10 * GIB);
     let mut events = log.events.clone();
@@ -451,7 +463,14 @@ fn duplicate_and_out_of_order_events_are_billed_once() {
 fn a_second_event_with_one_id_but_other_content_is_reported_not_billed() {
     let book = book();
     let log = Log::new()
-        .start(GZ, t(10, 0), "ins-1", "S5.MEDIUM4", 2, public("img-ubuntu", RootKind::Free))
+        .start(
+            GZ,
+            t(10, 0),
+            "ins-1",
+            "S5.MEDIUM4",
+            2,
+            public("img-ubuntu", RootKind::Free),
+        )
         .stop(GZ, t(11, 0), "ins-1");
     let mut events = log.events.clone();
     let mut forged = events[1].clone();
@@ -462,15 +481,21 @@ fn a_second_event_with_one_id_but_other_content_is_reported_not_billed() {
     assert_eq!(got.anomalies.len(), 1);
     // Which of the two is kept does not depend on arrival order.
     events.reverse();
-    assert_eq!(bill(&book, &events, ME, t(0, 0), t(23, 59)).expect("bills"), got);
+    assert_eq!(
+        bill(&book, &events, ME, t(0, 0), t(23, 59)).expect("bills"),
+        got
+    );
 }
 
 #[test]
 fn events_that_cannot_apply_are_reported() {
     let book = book();
-    let log = Log::new()
-        .stop(GZ, t(9, 0), "ins-ghost")
-        .reset(GZ, t(9, 0), "ins-ghost", public("img-rhel", RootKind::Licensed));
+    let log = Log::new().stop(GZ, t(9, 0), "ins-ghost").reset(
+        GZ,
+        t(9, 0),
+        "ins-ghost",
+        public("img-rhel", RootKind::Licensed),
+    );
     let got = bill(&book, &log.events, ME, t(0, 0), t(23, 59)).expect("bills");
     assert_eq!(got.total.to_string(), "0.00");
     assert_eq!(got.anomalies.len(), 2);
@@ -480,7 +505,14 @@ fn events_that_cannot_apply_are_reported() {
 fn totals_per_kind() {
     let book = book();
     let log = Log::new()
-        .start(SG, t(10, 0), "ins-1", "S5.LARGE8", 4, public("img-win", RootKind::Windows))
+        .start(
+            SG,
+            t(10, 0),
+            "ins-1",
+            "S5.LARGE8",
+            4,
+            public("img-win", RootKind::Windows),
+        )
         .stop(SG, t(12, 0), "ins-1")
         .held(SG, t(10, 0), 10 * GIB);
     let got = bill(&book, &log.events, ME, t(10, 0), t(11, 59)).expect("bills");
@@ -500,18 +532,39 @@ fn unpriced_usage_is_an_error_not_a_zero() {
     let book = book();
     let cases = [
         (
-            Log::new().start("ap-tokyo", t(10, 0), "i", "S5.MEDIUM4", 2, public("x", RootKind::Free)),
+            Log::new().start(
+                "ap-tokyo",
+                t(10, 0),
+                "i",
+                "S5.MEDIUM4",
+                2,
+                public("x", RootKind::Free),
+            ),
             RateError::UnknownRegion("ap-tokyo".into()),
         ),
         (
-            Log::new().start(SH, t(10, 0), "i", "S5.4XLARGE32", 16, public("x", RootKind::Free)),
+            Log::new().start(
+                SH,
+                t(10, 0),
+                "i",
+                "S5.4XLARGE32",
+                16,
+                public("x", RootKind::Free),
+            ),
             RateError::NoInstancePrice {
                 region: SH.into(),
                 instance_type: "S5.4XLARGE32".into(),
             },
         ),
         (
-            Log::new().start(SG, t(10, 0), "i", "S5.LARGE8", 65, public("x", RootKind::Licensed)),
+            Log::new().start(
+                SG,
+                t(10, 0),
+                "i",
+                "S5.LARGE8",
+                65,
+                public("x", RootKind::Licensed),
+            ),
             RateError::NoLicenceClass {
                 region: SG.into(),
                 vcpu: 65,
@@ -519,7 +572,10 @@ fn unpriced_usage_is_an_error_not_a_zero() {
         ),
     ];
     for (log, expected) in cases {
-        assert_eq!(bill(&book, &log.events, ME, t(0, 0), t(23, 59)), Err(expected));
+        assert_eq!(
+            bill(&book, &log.events, ME, t(0, 0), t(23, 59)),
+            Err(expected)
+        );
     }
     assert_eq!(
         bill(&book, &[], ME, t(2, 0), t(1, 0)),
