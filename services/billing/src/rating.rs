@@ -487,6 +487,15 @@ pub fn bill(
             event: event.id.clone(),
             reason: reason.to_string(),
         };
+        if let Usage::InstanceStarted { image, .. } | Usage::InstanceImageChanged { image, .. } =
+            &event.usage
+        {
+            if !image.is_consistent() {
+                anomalies.push(anomaly(
+                    "the image's chain does not lead from the image to its root; billed by the root's kind",
+                ));
+            }
+        }
         match &event.usage {
             Usage::InstanceStarted {
                 instance_id,

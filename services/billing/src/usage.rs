@@ -92,6 +92,17 @@ impl ImageCharge {
         })
     }
 
+    /// Whether the chain leads from `image_id` to `root_image_id` (an empty chain says
+    /// nothing and is consistent).
+    pub fn is_consistent(&self) -> bool {
+        match (self.chain.first(), self.chain.last()) {
+            (Some(first), Some(last)) => {
+                first.image_id == self.image_id && last.image_id == self.root_image_id
+            }
+            _ => true,
+        }
+    }
+
     /// A charge for a root image itself (a public image).
     pub fn root(image_id: impl Into<String>, root_kind: RootKind) -> ImageCharge {
         let image_id = image_id.into();
