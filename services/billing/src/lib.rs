@@ -11,6 +11,46 @@
 //!
 //! Rating is deterministic: the same book and the same set of events (in any order, with any
 //! repeats) give the same bill.
+//!
+//! ```
+//! use imagefleet_billing::{bill, quote, EventId, ImageCharge, PriceBook, RootKind, Usage, UsageEvent};
+//!
+//! let book = PriceBook::from_toml(r#"
+//!     currency = "USD"
+//!     [regions.ap-singapore]
+//!     mainland = false
+//!     snapshot_gb_hour = "0.000075"
+//!     [regions.ap-singapore.instance_hour]
+//!     "S5.LARGE8" = "0.0728"
+//!     [regions.ap-singapore.windows_hour]
+//!     "S5.LARGE8" = "0.0368"
+//!     [[regions.ap-singapore.licence_hour]]
+//!     max_vcpu = 128
+//!     price = "0.30"
+//! "#)?;
+//! let event = |seq, at, usage| UsageEvent {
+//!     id: EventId { region: "ap-singapore".into(), seq },
+//!     at,
+//!     account: "acct-1".into(),
+//!     usage,
+//! };
+//! let ten = 1_764_583_200; // 2025-12-01 10:00 UTC
+//! let events = [
+//!     event(1, ten + 40 * 60, Usage::InstanceStarted {
+//!         instance_id: "ins-1".into(),
+//!         instance_type: "S5.LARGE8".into(),
+//!         vcpu: 4,
+//!         image: ImageCharge::root("img-windows", RootKind::Windows),
+//!     }),
+//!     event(2, ten + 130 * 60, Usage::InstanceTerminated { instance_id: "ins-1".into() }),
+//! ];
+//! // 10:40 to 12:10: three clock hours of the instance and of the Windows fee.
+//! let b = bill(&book, &events, "acct-1", ten, ten + 24 * 3600 - 1)?;
+//! assert_eq!(b.total.to_string(), "0.3288");
+//! let q = quote(&book, "ap-singapore", "S5.LARGE8", 4, 1, 3, RootKind::Windows, &[])?;
+//! assert_eq!(q.total, b.total);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod book;
 pub mod money;
