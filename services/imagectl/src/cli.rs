@@ -35,16 +35,36 @@ pub struct GlobalArgs {
     /// The account to act as; default: the first account in the cluster file.
     #[arg(long, global = true, value_name = "ID")]
     pub account: Option<String>,
-    /// How to print results: aligned tables for people, or proto3 JSON.
+    /// How to print results: tables for people, one JSON document for programs (shapes in
+    /// docs/cli.md), or only the ids the command names, one a line.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
+    /// Aligned columns, with a total line under lists.
     Table,
+    /// One JSON document: proto3 JSON of the resources (docs/cli.md).
     Json,
+    /// Only the ids of what the command lists, makes or changes, one a line.
+    Id,
 }
+
+/// The image types `images list --type` accepts.
+pub const IMAGE_TYPES: [&str; 3] = ["PUBLIC_IMAGE", "PRIVATE_IMAGE", "SHARED_IMAGE"];
+/// The image states `images list --state` accepts.
+pub const IMAGE_STATES: [&str; 7] = [
+    "CREATING",
+    "NORMAL",
+    "CREATEFAILED",
+    "SYNCING",
+    "IMPORTING",
+    "IMPORTFAILED",
+    "DELETING",
+];
+/// The instance states `instances list --state` accepts.
+pub const INSTANCE_STATES: [&str; 4] = ["PENDING", "RUNNING", "STOPPED", "TERMINATED"];
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -60,6 +80,31 @@ pub enum Command {
     /// Instance types a region offers.
     #[command(subcommand, name = "instance-types")]
     InstanceTypes(InstanceTypesCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
+    ///
+    /// bash: `source <(imagectl completions bash)`; zsh: `imagectl completions zsh >
+    /// "${fpath[1]}/_imagectl"`; fish: `imagectl completions fish >
+    /// ~/.config/fish/completions/imagectl.fish`.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), generated from the same definitions as `--help`.
+    ///
+    /// `imagectl man | man -l -` reads it; `imagectl man --out DIR` writes one page per
+    /// command (imagectl.1, imagectl-images.1, imagectl-images-list.1, ...).
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell the script is for.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write one page per command into this directory instead of the top page to stdout.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,10 +138,10 @@ pub struct RegionArg {
 /// Offset/limit paging, or every page with `--all`.
 #[derive(Debug, Args)]
 pub struct PageArgs {
-    /// Results per page (server default 20, at most 100).
+    /// Results per page (default 20, at most 100).
     #[arg(long, value_name = "N")]
     pub limit: Option<u32>,
-    /// Results to skip.
+    /// Results to skip (the table's last line says where the next page starts).
     #[arg(long, value_name = "N")]
     pub offset: Option<u32>,
     /// Follow the page tokens until every result is fetched.
@@ -151,21 +196,17 @@ pub enum ImagesCommand {
 pub struct ImagesList {
     #[command(flatten)]
     pub region: RegionArg,
-    /// Only images of this type.
-    #[arg(
-        long = "type",
-        value_name = "TYPE",
-        value_parser = ["PUBLIC_IMAGE", "PRIVATE_IMAGE", "SHARED_IMAGE"]
-    )]
+    /// Only images of this type (SHARED_IMAGE: shared with the account by others).
+    #[arg(long = "type", value_name = "TYPE", value_parser = IMAGE_TYPES)]
     pub image_type: Option<String>,
-    /// Only images with this name.
-    #[arg(long, value_name = "N")]
+    /// Only images with this exact name.
+    #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
-    /// Only images of this platform (e.g. Ubuntu).
-    #[arg(long, value_name = "P")]
+    /// Only images of this platform (e.g. Ubuntu, CentOS, Windows).
+    #[arg(long, value_name = "PLATFORM")]
     pub platform: Option<String>,
-    /// Only images in this state (e.g. NORMAL).
-    #[arg(long, value_name = "S")]
+    /// Only images in this state.
+    #[arg(long, value_name = "STATE", value_parser = IMAGE_STATES)]
     pub state: Option<String>,
     #[command(flatten)]
     pub page: PageArgs,
@@ -187,12 +228,13 @@ pub struct ImagesCreate {
     /// The instance whose system disk becomes the image.
     #[arg(long, value_name = "ID")]
     pub instance: String,
-    /// The new image's name (unique per account and region).
-    #[arg(long, value_name = "N")]
+    /// The new image's name (unique per account and region; at most 60 characters).
+    #[arg(long, value_name = "NAME")]
     pub name: String,
-    #[arg(long, value_name = "D")]
+    /// The new image's description (at most 256 characters).
+    #[arg(long, value_name = "TEXT")]
     pub description: Option<String>,
-    /// Wait until the image is NORMAL (or failed), then print it.
+    /// Wait until the image is NORMAL (or failed), then print the image.
     #[arg(long)]
     pub wait: bool,
 }
@@ -218,9 +260,11 @@ pub struct ImagesModify {
     /// The image id.
     #[arg(long, value_name = "ID")]
     pub image: String,
-    #[arg(long, value_name = "N")]
+    /// The image's new name (unique per account and region).
+    #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
-    #[arg(long, value_name = "D")]
+    /// The image's new description.
+    #[arg(long, value_name = "TEXT")]
     pub description: Option<String>,
     /// Mark the image deprecated (true) or not (false).
     #[arg(long, value_name = "true|false")]
@@ -237,7 +281,8 @@ pub struct ImagesExport {
     /// The file format written.
     #[arg(long, value_name = "FORMAT", value_parser = ["raw"], default_value = "raw")]
     pub format: String,
-    /// The file to write (created or truncated).
+    /// The file to write (created or truncated, sparse); `-` writes the bytes to stdout
+    /// (zeros included) and the summary to stderr.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
 }
@@ -263,11 +308,11 @@ pub struct ImagesSync {
     )]
     pub to: Vec<String>,
     /// The copies' name; default: each source image's name.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
     /// Makes retries safe: a repeated call with the same token (and the same images and
     /// regions) returns the same destination images instead of starting new copies.
-    #[arg(long, value_name = "T")]
+    #[arg(long, value_name = "TOKEN")]
     pub client_token: Option<String>,
     /// Check every rule at every destination, start nothing.
     #[arg(long, conflicts_with = "wait")]
@@ -326,16 +371,18 @@ pub struct InstancesRun {
     /// The image id.
     #[arg(long, value_name = "ID")]
     pub image: String,
-    /// The instance type, e.g. S5.MEDIUM4.
-    #[arg(long = "type", value_name = "T")]
+    /// The instance type, e.g. S5.MEDIUM4 (`imagectl instance-types list` shows them all).
+    #[arg(long = "type", value_name = "TYPE")]
     pub instance_type: String,
-    /// How many instances (1 to 100).
+    /// How many instances (1 to 100; default 1).
     #[arg(long, value_name = "N")]
     pub count: Option<u32>,
-    /// System disk size; default 50 GiB, at least the image's size.
-    #[arg(long, value_name = "G")]
+    /// System disk size in GiB; default 50, at least the image's size.
+    #[arg(long, value_name = "GIB")]
     pub disk_size_gib: Option<u64>,
-    #[arg(long, value_name = "N")]
+    /// The instances' name: as given for one instance, NAME-1 .. NAME-N when --count is more
+    /// than 1; without it, each instance is named by its id.
+    #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
 }
 
@@ -349,8 +396,8 @@ pub struct InstancesList {
     /// Only instances launched from this image.
     #[arg(long, value_name = "ID")]
     pub image: Option<String>,
-    /// Only instances in this state (e.g. RUNNING).
-    #[arg(long, value_name = "S")]
+    /// Only instances in this state.
+    #[arg(long, value_name = "STATE", value_parser = INSTANCE_STATES)]
     pub state: Option<String>,
     #[command(flatten)]
     pub page: PageArgs,
@@ -392,8 +439,8 @@ pub struct InstancesWrite {
     /// Byte offset on the disk where the file's first byte goes.
     #[arg(long, value_name = "N")]
     pub offset: u64,
-    /// The local file to write.
-    #[arg(long, value_name = "F")]
+    /// The local file whose bytes are written; `-` reads them from stdin.
+    #[arg(long, value_name = "FILE")]
     pub file: PathBuf,
 }
 
@@ -408,10 +455,11 @@ pub struct InstancesRead {
     #[arg(long, value_name = "N")]
     pub offset: u64,
     /// How many bytes to read.
-    #[arg(long, value_name = "L")]
+    #[arg(long, value_name = "BYTES")]
     pub length: u64,
-    /// The local file to write (created or truncated).
-    #[arg(long, value_name = "F")]
+    /// Where the bytes go: a local file (created or truncated), or `-` (the default) for
+    /// stdout, with the summary line on stderr.
+    #[arg(long, value_name = "FILE", default_value = "-")]
     pub out: PathBuf,
 }
 
