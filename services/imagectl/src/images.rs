@@ -106,11 +106,7 @@ async fn list(session: &Session, args: ImagesList, format: OutputFormat) -> Resu
         OutputFormat::Table => Ok(output::list_table(
             &image_rows(&response.image_set),
             "images",
-            if args.page.all {
-                0
-            } else {
-                args.page.offset.unwrap_or(0)
-            },
+            args.page.offset.unwrap_or(0),
             response.total_count,
             !response.next_page_token.is_empty(),
         )),
@@ -248,6 +244,16 @@ pub fn image_fields(image: &Image) -> String {
     output::fields(&fields)
 }
 
+/// One image in the JSON shape of every image result: `{"imageSet": [Image], "totalCount": 1,
+/// "nextPageToken": ""}`.
+pub fn image_set(image: Image) -> DescribeImagesResponse {
+    DescribeImagesResponse {
+        image_set: vec![image],
+        total_count: 1,
+        next_page_token: String::new(),
+    }
+}
+
 /// The image `image_id` of the region, by id.
 async fn describe_one(
     client: &mut RegionClient,
@@ -273,7 +279,7 @@ async fn describe(session: &Session, args: ImagesDescribe, format: OutputFormat)
     let mut client = session.region(&args.region.region).await?;
     let (_, image) = describe_one(&mut client, &args.image).await?;
     match format {
-        OutputFormat::Json => output::json(&image),
+        OutputFormat::Json => output::json(&image_set(image.clone())),
         OutputFormat::Id => Ok(output::ids([image.image_id.as_str()])),
         OutputFormat::Table => Ok(image_fields(&image)),
     }
@@ -298,7 +304,7 @@ async fn create(session: &Session, args: ImagesCreate, format: OutputFormat) -> 
     }
     let image = wait_until_built(&mut client, &response.image_id).await?;
     match format {
-        OutputFormat::Json => output::json(&image),
+        OutputFormat::Json => output::json(&image_set(image.clone())),
         OutputFormat::Id => Ok(output::ids([image.image_id.as_str()])),
         OutputFormat::Table => Ok(image_fields(&image)),
     }
@@ -434,10 +440,7 @@ async fn export(session: &Session, args: ImagesExport, format: OutputFormat) -> 
 /// (stdout) written in order with the zero ranges in between.
 enum ExportSink {
     File(std::fs::File),
-    Stream {
-        out: Box<dyn Write>,
-        written: u64,
-    },
+    Stream { out: Box<dyn Write>, written: u64 },
 }
 
 impl ExportSink {
@@ -596,7 +599,7 @@ pub fn synced_images_json(finished: &[(SyncedImage, Image)]) -> Result<serde_jso
         image_set.push(value);
     }
     let total = image_set.len();
-    Ok(serde_json::json!({ "imageSet": image_set, "totalCount": total }))
+    Ok(serde_json::json!({ "imageSet": image_set, "totalCount": total, "nextPageToken": "" }))
 }
 
 async fn sync(
@@ -671,10 +674,9 @@ async fn wait_until_synced(
             None => by_region.push((region, vec![index])),
         }
     }
-    let region_width = image_set.iter().map(|s| s.region.len()).max().unwrap_or(0);
     let mut tasks: Vec<Task> = image_set
         .iter()
-        .map(|s| progress.task(&format!("{:<region_width$} {}", s.region, s.image_id)))
+        .map(|s| progress.task(&format!("{} {}", s.region, s.image_id)))
         .collect();
     let mut last: Vec<Option<Image>> = vec![None; image_set.len()];
     let mut outage_since: HashMap<&str, Instant> = HashMap::new();
@@ -819,9 +821,9 @@ pub fn observe(task: &mut Task, image: &Image) {
         // The total comes from the first poll that knows it and stays: a later poll that
         // reports on another basis does not make the bar jump.
         if task.total().is_none() {
+            task.set_position(done);
             task.set_total(total);
-        }
-        if task.total() == Some(total) {
+        } else if task.total() == Some(total) {
             task.set_position(done);
         }
     }

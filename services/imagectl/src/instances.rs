@@ -10,8 +10,9 @@ use crate::output::{self, enum_name, Table};
 use crate::paging;
 use crate::session::Session;
 use imagefleet_proto::region::v1::{
-    DescribeInstancesRequest, DescribeInstancesResponse, Filter, Instance, InstanceState, ReadInstanceDiskRequest,
-    ResetInstanceRequest, RunInstancesRequest, TerminateInstancesRequest, WriteInstanceDiskRequest,
+    DescribeInstancesRequest, DescribeInstancesResponse, Filter, Instance, InstanceState,
+    ReadInstanceDiskRequest, ResetInstanceRequest, RunInstancesRequest, TerminateInstancesRequest,
+    WriteInstanceDiskRequest,
 };
 use std::io::{Read, Write};
 
@@ -119,11 +120,7 @@ async fn list(session: &Session, args: InstancesList, format: OutputFormat) -> R
         OutputFormat::Table => Ok(output::list_table(
             &instance_rows(&response.instance_set),
             "instances",
-            if args.page.all {
-                0
-            } else {
-                args.page.offset.unwrap_or(0)
-            },
+            args.page.offset.unwrap_or(0),
             response.total_count,
             !response.next_page_token.is_empty(),
         )),

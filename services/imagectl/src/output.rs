@@ -202,7 +202,9 @@ pub fn list_table(rows: &Table, noun: &str, offset: u32, total: u32, more: bool)
             "{shown} of {total} shown; --all or --limit N --offset {next} for more\n"
         ));
     } else if offset > 0 {
-        out.push_str(&format!("{shown} of {total} shown (from offset {offset})\n"));
+        out.push_str(&format!(
+            "{shown} of {total} shown (from offset {offset})\n"
+        ));
     } else {
         out.push_str(&format!("{shown} of {total} shown\n"));
     }
@@ -277,7 +279,10 @@ mod tests {
             "IMAGE_ID\nimg-aaaaaaaa\nimg-bbbbbbbb\n2 of 6 shown (from offset 4)\n"
         );
         let empty = Table::new(&["IMAGE_ID"]);
-        assert_eq!(list_table(&empty, "images", 0, 0, false), "no images found\n");
+        assert_eq!(
+            list_table(&empty, "images", 0, 0, false),
+            "no images found\n"
+        );
         assert_eq!(
             list_table(&empty, "instances", 40, 3, false),
             "no instances from offset 40 (3 in all)\n"

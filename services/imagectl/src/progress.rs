@@ -142,7 +142,8 @@ fn lock(out: &Mutex<PlainOut>) -> std::sync::MutexGuard<'_, PlainOut> {
 }
 
 fn waiting_style() -> ProgressStyle {
-    ProgressStyle::with_template("{prefix} {spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner())
+    ProgressStyle::with_template("{prefix} {spinner} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 
 fn bar_style() -> ProgressStyle {
