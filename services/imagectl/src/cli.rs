@@ -167,17 +167,19 @@ pub enum ImagesCommand {
     Quota(RegionArg),
     /// Copy custom images of --region to the --to regions (SyncImages).
     ///
-    /// Without `--wait` it prints the destination images it started: a table SOURCE_IMAGE_ID
-    /// REGION IMAGE_ID, or the `SyncImagesResponse` as proto3 JSON.
+    /// Without `--wait` it prints the destination images it started, as they are right after
+    /// the call: a table SOURCE_IMAGE_ID REGION IMAGE_ID STATE, or with `--output json` the
+    /// image list shape `{"imageSet": [Image, ...], "totalCount": N}`, each Image with one
+    /// field added, `sourceImageId` (the image it copies), in the order SyncImages returned
+    /// them. `--dry-run` prints the plan instead: SOURCE_IMAGE_ID REGION IMAGE_ID (no ids), or
+    /// the `SyncImagesResponse`.
     ///
-    /// With `--wait` it then polls every destination image (every 250 ms, for at most 2 hours)
-    /// until all are NORMAL or CREATEFAILED, showing each one's progress on stderr: redrawn
-    /// progress bars on a terminal, otherwise a plain line whenever a destination's percent
-    /// moves by 10 points or it finishes. It exits 1 if any destination ended CREATEFAILED
-    /// (naming each with its state reason). On success, `--output json` prints one document
-    /// `{"imageSet": [Image, ...]}`: each destination's final Image as proto3 JSON, in the order
-    /// SyncImages returned them, with one field added, `sourceImageId` (the image it copies);
-    /// the table has SOURCE_IMAGE_ID REGION IMAGE_ID STATE.
+    /// With `--wait` it polls every destination image (every 250 ms, for at most 2 hours)
+    /// until all are NORMAL or CREATEFAILED, showing each one's progress on stderr: bars on a
+    /// terminal, otherwise a plain line when a destination's total is known, each time its
+    /// percent crosses a 10-point step, and when it ends. It exits 1 if any destination ended
+    /// CREATEFAILED (naming each with its state reason); on success it prints the final images
+    /// as above.
     Sync(ImagesSync),
     /// Share an own custom image with other accounts (ModifyImageSharePermission SHARE).
     ///
@@ -384,6 +386,9 @@ pub struct InstancesRun {
     /// than 1; without it, each instance is named by its id.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
+    /// Wait until every instance is RUNNING (instances start PENDING), then print them.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -650,6 +655,7 @@ mod tests {
         assert_eq!(run.count, Some(3));
         assert_eq!(run.disk_size_gib, Some(60));
         assert_eq!(run.name.as_deref(), Some("web"));
+        assert!(!run.wait);
     }
 
     #[test]

@@ -619,7 +619,7 @@ async fn sync(
         })
         .await?
         .into_inner();
-    if !args.wait || args.dry_run {
+    if args.dry_run {
         return match format {
             OutputFormat::Json => output::json(&response),
             OutputFormat::Id => Ok(output::ids(
@@ -628,7 +628,12 @@ async fn sync(
             OutputFormat::Table => Ok(synced_table(&response.image_set)),
         };
     }
-    let finished = wait_until_synced(session, &response.image_set, progress).await?;
+    if format == OutputFormat::Id && !args.wait {
+        return Ok(output::ids(
+            response.image_set.iter().map(|s| s.image_id.as_str()),
+        ));
+    }
+    let finished = wait_until_synced(session, &response.image_set, progress, args.wait).await?;
     match format {
         OutputFormat::Json => Ok(output::json_document(&synced_images_json(&finished)?)),
         OutputFormat::Id => Ok(output::ids(
@@ -650,11 +655,17 @@ fn transient(status: &tonic::Status) -> bool {
 /// until each is `NORMAL` or `CREATEFAILED`, for at most `SYNC_TIMEOUT`, showing progress.
 /// Returns each destination with its final image, in the order given; an error naming every
 /// `CREATEFAILED` destination with its reason if any failed.
+///
+/// With `wait` false, each destination is described once (no progress shown) and returned
+/// in whatever state it is.
 async fn wait_until_synced(
     session: &Session,
     image_set: &[SyncedImage],
     progress: &Progress,
+    wait: bool,
 ) -> Result<Vec<(SyncedImage, Image)>> {
+    let hidden = Progress::hidden();
+    let progress = if wait { progress } else { &hidden };
     if let Some(missing) = image_set.iter().find(|s| s.image_id.is_empty()) {
         return Err(CliError::Failed(format!(
             "the server named no destination image for {} in {}",
@@ -735,6 +746,9 @@ async fn wait_until_synced(
                 last[i] = Some(image);
             }
         }
+        if !wait && last.iter().all(Option::is_some) {
+            break;
+        }
         if last
             .iter()
             .all(|image| image.as_ref().is_some_and(finished))
@@ -791,7 +805,7 @@ async fn wait_until_synced(
             )
         })
         .collect();
-    if failures.is_empty() {
+    if failures.is_empty() || !wait {
         Ok(finished)
     } else {
         Err(CliError::Failed(failures.join("; ")))

@@ -16,6 +16,11 @@ use imagefleet_proto::region::v1::{
 };
 use std::io::{Read, Write};
 
+/// How often `instances run --wait` asks for the instances' state.
+const RUN_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long `instances run --wait` waits for the instances to leave `PENDING`.
+const RUN_WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The most bytes one `WriteInstanceDisk` or `ReadInstanceDisk` call carries.
 pub const DISK_IO_BYTES: usize = 1024 * 1024;
 
@@ -51,18 +56,41 @@ async fn run_instances(
         .await?
         .into_inner();
     let ids = response.instance_id_set;
+    if format == OutputFormat::Id && !args.wait {
+        return Ok(output::ids(ids.iter().map(String::as_str)));
+    }
+    // The launched instances as `instances list` shows them, in launch order; with `--wait`,
+    // once every one is RUNNING.
+    let deadline = tokio::time::Instant::now() + RUN_WAIT_TIMEOUT;
+    let described = loop {
+        let described = client
+            .describe_instances(DescribeInstancesRequest {
+                instance_ids: ids.clone(),
+                limit: ids.len().min(100) as u32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let pending = described
+            .instance_set
+            .iter()
+            .filter(|i| i.instance_state == InstanceState::Pending as i32)
+            .count();
+        if !args.wait || pending == 0 {
+            break described;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::Failed(format!(
+                "{pending} of {} instances still PENDING after {} seconds",
+                ids.len(),
+                RUN_WAIT_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(RUN_WAIT_POLL).await;
+    };
     if format == OutputFormat::Id {
         return Ok(output::ids(ids.iter().map(String::as_str)));
     }
-    // The launched instances as `instances list` shows them, in launch order.
-    let described = client
-        .describe_instances(DescribeInstancesRequest {
-            instance_ids: ids.clone(),
-            limit: ids.len().min(100) as u32,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
     let mut instance_set = Vec::with_capacity(ids.len());
     for id in &ids {
         match described.instance_set.iter().find(|i| &i.instance_id == id) {
@@ -314,7 +342,11 @@ async fn read(session: &Session, args: InstancesRead, format: OutputFormat) -> R
             "read {done} bytes from {} at offset {} into {}\n",
             args.instance,
             args.offset,
-            args.out.display()
+            if to_stdout {
+                "stdout".to_string()
+            } else {
+                args.out.display().to_string()
+            }
         ),
     };
     if to_stdout {

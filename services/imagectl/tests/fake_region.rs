@@ -1122,32 +1122,45 @@ async fn sync_without_wait_prints_the_response() {
     let h = start().await;
     let (result, stderr) = h.run_with_stderr(&sync_args(&["--output", "json"])).await;
     let value: serde_json::Value = serde_json::from_str(&result.unwrap()).unwrap();
-    assert_eq!(
-        value,
-        serde_json::json!({
-            "imageSet": [
-                {"sourceImageId": SYNC_SOURCE, "region": "ap-shanghai", "imageId": "img-sync0001"},
-                {"sourceImageId": SYNC_SOURCE, "region": "ap-beijing", "imageId": "img-sync0002"},
-            ]
+    // The image list shape, each destination as it is right after the call.
+    assert_eq!(value["totalCount"], 2, "{value}");
+    let images = value["imageSet"].as_array().unwrap();
+    let seen: Vec<(&str, &str, &str, &str)> = images
+        .iter()
+        .map(|i| {
+            (
+                i["sourceImageId"].as_str().unwrap(),
+                i["region"].as_str().unwrap(),
+                i["imageId"].as_str().unwrap(),
+                i["imageState"].as_str().unwrap(),
+            )
         })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (SYNC_SOURCE, "ap-shanghai", "img-sync0001", "SYNCING"),
+            (SYNC_SOURCE, "ap-beijing", "img-sync0002", "SYNCING"),
+        ]
     );
     assert_eq!(stderr, "");
-    assert!(h.fake.state.lock().unwrap().sync_polls.is_empty());
+    assert_eq!(h.fake.state.lock().unwrap().sync_polls["img-sync0001"], 1);
 
-    let table = h.run(&sync_args(&[])).await.unwrap();
-    assert_eq!(
-        table,
-        "SOURCE_IMAGE_ID  REGION       IMAGE_ID\n\
-         img-list0001     ap-shanghai  img-sync0001\n\
-         img-list0001     ap-beijing   img-sync0002\n"
-    );
+    let ids = h.run(&sync_args(&["--output", "id"])).await.unwrap();
+    assert_eq!(ids, "img-sync0001\nimg-sync0002\n");
 
     let dry = h.json(&sync_args(&["--dry-run"])).await;
     assert_eq!(dry["imageSet"][0]["imageId"], "");
+    let table = h.run(&sync_args(&["--dry-run"])).await.unwrap();
+    assert!(
+        table.starts_with("SOURCE_IMAGE_ID  REGION       IMAGE_ID\n"),
+        "{table}"
+    );
     let state = h.fake.state.lock().unwrap();
-    assert_eq!(state.sync_requests.len(), 3);
+    assert_eq!(state.sync_requests.len(), 4);
     assert!(state.sync_requests[2].1.dry_run);
-    assert!(state.sync_polls.is_empty());
+    // Only the first call described its destinations (once each).
+    assert_eq!(state.sync_polls["img-sync0001"], 1);
 }
 
 #[tokio::test]
