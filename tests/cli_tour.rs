@@ -264,6 +264,28 @@ fn every_command_prints_its_documented_json_shape() {
         );
         assert_eq!(instance["instanceState"], "RUNNING", "{instance}");
     }
+    // A bad instance type is refused with the valid ones listed.
+    let bad = imagectl(
+        &file,
+        &[
+            "instances",
+            "run",
+            "--region",
+            gz,
+            "--image",
+            &ubuntu,
+            "--type",
+            "S5.HUGE",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains("InvalidInstanceType")
+            && stderr.contains("valid types: ")
+            && stderr.contains("S5.MEDIUM4"),
+        "{stderr}"
+    );
     let listed = run(&["instances", "list", "--region", gz]);
     assert_eq!(assert_instance_list(&listed).len(), 2);
 

@@ -482,6 +482,101 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// Every flag and argument of every command, with the command's path.
+    fn every_arg(command: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+        for arg in command.get_arguments() {
+            out.push((path.to_string(), arg.clone()));
+        }
+        for sub in command.get_subcommands() {
+            every_arg(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_command_has_help_text() {
+        let mut command = Cli::command();
+        command.build();
+        let mut args = Vec::new();
+        every_arg(&command, "imagectl", &mut args);
+        assert!(args.len() > 50, "{}", args.len());
+        for (path, arg) in &args {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(
+                arg.get_help()
+                    .is_some_and(|h| !h.to_string().trim().is_empty()),
+                "{path} --{id} has no help text"
+            );
+        }
+        fn commands(command: &clap::Command, path: &str) {
+            for sub in command.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" {
+                    assert!(sub.get_about().is_some(), "{path} has no help text");
+                }
+                commands(sub, &path);
+            }
+        }
+        commands(&command, "imagectl");
+    }
+
+    #[test]
+    fn enumerations_list_their_valid_values_when_refused() {
+        for args in [
+            &["images", "list", "--region", "r", "--state", "BAD"][..],
+            &["images", "list", "--region", "r", "--type", "BAD"][..],
+            &["instances", "list", "--region", "r", "--state", "BAD"][..],
+            &["regions", "list", "--output", "yaml"][..],
+            &["completions", "tcsh"][..],
+        ] {
+            let err = parse(args).expect_err("refused").to_string();
+            assert!(err.contains("possible values"), "{args:?}: {err}");
+        }
+        let err = parse(&["images", "list", "--region", "r", "--state", "BAD"])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("NORMAL") && err.contains("CREATEFAILED"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn output_takes_table_json_or_id() {
+        for (value, expected) in [
+            ("table", OutputFormat::Table),
+            ("json", OutputFormat::Json),
+            ("id", OutputFormat::Id),
+        ] {
+            let cli = parse(&["regions", "list", "--output", value]).expect("parses");
+            assert_eq!(cli.global.output, expected);
+        }
+    }
+
+    #[test]
+    fn read_writes_to_stdout_unless_told_otherwise() {
+        let cli = parse(&[
+            "instances",
+            "read",
+            "--region",
+            "r",
+            "--instance",
+            "ins-aaaaaaaa",
+            "--offset",
+            "0",
+            "--length",
+            "5",
+        ])
+        .expect("parses");
+        let Command::Instances(InstancesCommand::Read(read)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(read.out, PathBuf::from("-"));
+        assert!(crate::is_stdio(&read.out));
+    }
+
     #[test]
     fn global_flags_go_before_or_after_the_subcommand() {
         let before = parse(&[
