@@ -239,7 +239,10 @@ fn every_command_prints_its_documented_json_shape() {
     let public = run(&["images", "list", "--region", gz, "--platform", "Ubuntu"]);
     let ubuntu = assert_image_list(&public, false)[0].clone();
     let described = run(&["images", "describe", "--region", gz, "--image", &ubuntu]);
-    assert_eq!(assert_image_list(&described, false), std::slice::from_ref(&ubuntu));
+    assert_eq!(
+        assert_image_list(&described, false),
+        std::slice::from_ref(&ubuntu)
+    );
 
     let launched = run(&[
         "instances",
@@ -439,7 +442,10 @@ fn every_command_prints_its_documented_json_shape() {
                 "--account",
                 second_account,
             ]);
-            assert_eq!(assert_image_list(&theirs, false), std::slice::from_ref(&second));
+            assert_eq!(
+                assert_image_list(&theirs, false),
+                std::slice::from_ref(&second)
+            );
         }
     }
     let modified = run(&[
