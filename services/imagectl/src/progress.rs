@@ -101,14 +101,12 @@ impl Progress {
     pub fn task(&self, label: &str) -> Task {
         let label = escape(label).into_owned();
         let kind = match &self.mode {
-            Mode::Bars(multi) => {
-                let bar = multi.add(ProgressBar::no_length());
-                bar.set_style(waiting_style());
-                bar.set_prefix(label.clone());
-                bar.set_message("waiting for the total");
-                bar.tick();
-                TaskKind::Bar(bar)
-            }
+            // The bar is drawn once there is something to show (a total or the end), so its
+            // first frame already has the total.
+            Mode::Bars(multi) => TaskKind::Bar {
+                multi: multi.clone(),
+                bar: None,
+            },
             Mode::Plain(out) => {
                 let started = lock(out).clock.now();
                 TaskKind::Plain {
@@ -141,16 +139,39 @@ fn lock(out: &Mutex<PlainOut>) -> std::sync::MutexGuard<'_, PlainOut> {
     out.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn waiting_style() -> ProgressStyle {
-    ProgressStyle::with_template("{prefix} {spinner} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+/// A bar's rate: `--` until something has moved.
+fn rate_key(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    let rate = state.per_sec();
+    let _ = if state.pos() > 0 && rate.is_finite() && rate > 0.0 {
+        write!(w, "{}", human_rate(rate))
+    } else {
+        write!(w, "--")
+    };
+}
+
+/// A bar's ETA: `ETA --` until there is a rate, nothing once the position is the total.
+fn eta_key(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    let rate = state.per_sec();
+    let remaining = state.len().unwrap_or(0).saturating_sub(state.pos());
+    let _ = if remaining == 0 {
+        Ok(())
+    } else if state.pos() > 0 && rate.is_finite() && rate > 0.0 {
+        let left = eta(state.pos(), state.pos() + remaining, Some(rate)).unwrap_or_default();
+        write!(w, "ETA {}", human_duration(left))
+    } else {
+        write!(w, "ETA --")
+    };
 }
 
 fn bar_style() -> ProgressStyle {
     ProgressStyle::with_template(
-        "{prefix} [{bar:20}] {percent:>3}%  {binary_bytes}/{binary_total_bytes}  {binary_bytes_per_sec}  ETA {eta}",
+        "{prefix} [{bar:20}] {percent:>3}%  {binary_bytes}/{binary_total_bytes}  {rate}  {eta_text}",
     )
-    .map(|s| s.progress_chars("#>."))
+    .map(|s| {
+        s.progress_chars("#>.")
+            .with_key("rate", rate_key)
+            .with_key("eta_text", eta_key)
+    })
     .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
@@ -163,7 +184,10 @@ fn finished_style() -> ProgressStyle {
 }
 
 enum TaskKind {
-    Bar(ProgressBar),
+    Bar {
+        multi: MultiProgress,
+        bar: Option<ProgressBar>,
+    },
     Plain {
         out: Arc<Mutex<PlainOut>>,
         /// When the task was made.
@@ -196,9 +220,20 @@ impl Task {
         }
         self.total = Some(total_bytes);
         self.position = self.position.min(total_bytes);
-        if let TaskKind::Bar(bar) = &self.kind {
+        if let TaskKind::Bar { multi, bar } = &mut self.kind {
+            let label = &self.label;
+            let position = self.position;
+            let bar = bar.get_or_insert_with(|| {
+                // Styled before it joins the multi-bar: its first frame is the real one.
+                let bar =
+                    ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::hidden())
+                        .with_style(bar_style())
+                        .with_prefix(label.clone())
+                        .with_position(position);
+                multi.add(bar)
+            });
             bar.set_length(total_bytes);
-            bar.set_style(bar_style());
+            bar.set_position(position);
             bar.reset_eta();
         }
         self.set_position(self.position);
@@ -220,7 +255,11 @@ impl Task {
         let bytes = bytes.min(total);
         self.position = bytes;
         match &self.kind {
-            TaskKind::Bar(bar) => bar.set_position(bytes),
+            TaskKind::Bar { bar, .. } => {
+                if let Some(bar) = bar {
+                    bar.set_position(bytes);
+                }
+            }
             TaskKind::Plain { out, .. } => {
                 let mut out = lock(out);
                 let now = out.clock.now();
@@ -254,7 +293,7 @@ impl Task {
     pub fn finish(&mut self, message: &str) {
         if let Some(total) = self.total {
             self.position = total;
-            if let TaskKind::Bar(bar) = &self.kind {
+            if let TaskKind::Bar { bar: Some(bar), .. } = &self.kind {
                 bar.set_position(total);
             }
         }
@@ -272,8 +311,14 @@ impl Task {
         }
         self.done = true;
         let message = escape(message).into_owned();
-        match &self.kind {
-            TaskKind::Bar(bar) => {
+        match &mut self.kind {
+            TaskKind::Bar { multi, bar } => {
+                let label = &self.label;
+                let bar = bar.get_or_insert_with(|| {
+                    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden())
+                        .with_prefix(label.clone());
+                    multi.add(bar)
+                });
                 if self.total.is_some() {
                     bar.set_style(finished_style());
                 } else {
@@ -574,8 +619,14 @@ mod tests {
             .iter()
             .filter(|f| f.contains("ap-shanghai img-aaaaaaaa ["))
             .collect();
-        let first = bars.first().expect("a bar was drawn");
-        assert!(first.contains("0 B/200.00 MiB"), "{frames:?}");
+        // The first frame drawn is the bar with its total; before anything moved there is no
+        // rate and no ETA to show.
+        let first = frames.first().expect("a frame was drawn");
+        assert!(
+            first.contains("ap-shanghai img-aaaaaaaa [") && first.contains("0 B/200.00 MiB"),
+            "{frames:?}"
+        );
+        assert!(first.contains("  --  ETA --"), "{first}");
         let last = bars.last().expect("a bar was drawn");
         assert!(
             last.contains("100%") && last.contains("200.00 MiB/200.00 MiB"),
