@@ -219,7 +219,7 @@ wait_image_state() {
 # run_instance REGION IMAGE -> instance id, once RUNNING
 run_instance() {
     local id state
-    id=$(ictl_json instances run --region "$1" --image "$2" --type S5.MEDIUM4 | jget instanceIdSet.0)
+    id=$(ictl_json instances run --region "$1" --image "$2" --type S5.MEDIUM4 | jget instanceSet.0.instanceId)
     [ -n "$id" ] || fail "instances run in $1 returned no id"
     for _ in $(seq 1 120); do
         state=$(ictl_json instances list --region "$1" --instance "$id" | jget instanceSet.0.instanceState)
@@ -429,7 +429,7 @@ info "instance $INS_A RUNNING"
 t=$(date +%s)
 ictl instances write --region ap-guangzhou --instance "$INS_A" --offset "$OFFSET" --file "$WORK/a.bin" >/dev/null
 info "wrote $PAYLOAD_MIB MiB at offset $OFFSET in $(($(date +%s) - t))s"
-IMG_A=$(ictl_json images create --region ap-guangzhou --instance "$INS_A" --name ctest-a --wait | jget imageId)
+IMG_A=$(ictl_json images create --region ap-guangzhou --instance "$INS_A" --name ctest-a --wait | jget imageSet.0.imageId)
 [ -n "$IMG_A" ] || fail "images create returned no image id"
 [ "$(image_field ap-guangzhou "$IMG_A" imageState)" = NORMAL ] || fail "$IMG_A is not NORMAL after --wait"
 DIGEST_A=$(image_field ap-guangzhou "$IMG_A" contentDigest)
@@ -472,7 +472,7 @@ interrupted=""
 for try in 1 2 3; do
     head -c $((PAYLOAD_MIB << 20)) /dev/urandom >"$WORK/b.bin"
     ictl instances write --region ap-guangzhou --instance "$INS_B" --offset "$OFFSET" --file "$WORK/b.bin" >/dev/null
-    IMG_B=$(ictl_json images create --region ap-guangzhou --instance "$INS_B" --name "ctest-b$try" --wait | jget imageId)
+    IMG_B=$(ictl_json images create --region ap-guangzhou --instance "$INS_B" --name "ctest-b$try" --wait | jget imageSet.0.imageId)
     DIGEST_B=$(image_field ap-guangzhou "$IMG_B" contentDigest)
     info "try $try: image $IMG_B ($PAYLOAD_MIB MiB of new data) NORMAL"
     since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -551,7 +551,7 @@ info "images and instances still listed, $IMG_A intact"
 IMG_C=""
 for _ in $(seq 1 30); do
     if IMG_C=$(ictl images create --region ap-guangzhou --instance "$INS_A" --name ctest-c --wait \
-        --output json 2>"$WORK/ictl.err" | jget imageId) && [ -n "$IMG_C" ]; then
+        --output json 2>"$WORK/ictl.err" | jget imageSet.0.imageId) && [ -n "$IMG_C" ]; then
         break
     fi
     IMG_C=""

@@ -52,7 +52,10 @@ fn without_redis_the_embedded_fallback_keeps_the_maps_on_disk() {
             "json",
         ],
     ));
-    let instance = launched["instanceIdSet"][0].as_str().unwrap().to_string();
+    let instance = launched["instanceSet"][0]["instanceId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let created = json(&imagectl(
         &cluster_file,
         &[
@@ -69,8 +72,11 @@ fn without_redis_the_embedded_fallback_keeps_the_maps_on_disk() {
             "json",
         ],
     ));
-    assert_eq!(created["imageState"], "NORMAL");
-    let image_id = created["imageId"].as_str().unwrap().to_string();
+    assert_eq!(created["imageSet"][0]["imageState"], "NORMAL");
+    let image_id = created["imageSet"][0]["imageId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // A share: an entry of the maps (image -> accounts, account -> images).
     let second = cluster.accounts[1].account_id.clone();
     let shared = imagectl(
@@ -277,7 +283,10 @@ fn imaged_dev_runs_a_cluster_that_imagectl_drives() {
             second,
         ],
     ));
-    let instance = launched["instanceIdSet"][0].as_str().unwrap().to_string();
+    let instance = launched["instanceSet"][0]["instanceId"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let payload = dir.path().join("payload.bin");
     let bytes = random_bytes(1536 * 1024);
@@ -323,11 +332,11 @@ fn imaged_dev_runs_a_cluster_that_imagectl_drives() {
             "json",
         ],
     ));
-    let image_id = created["imageId"]
+    let image_id = created["imageSet"][0]["imageId"]
         .as_str()
         .expect("the created image")
         .to_string();
-    assert_eq!(created["imageState"], "NORMAL");
+    assert_eq!(created["imageSet"][0]["imageState"], "NORMAL");
 
     let from_image = json(&imagectl(
         &cluster_file,
@@ -346,7 +355,10 @@ fn imaged_dev_runs_a_cluster_that_imagectl_drives() {
             "json",
         ],
     ));
-    let copy = from_image["instanceIdSet"][0].as_str().unwrap().to_string();
+    let copy = from_image["instanceSet"][0]["instanceId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let out = dir.path().join("readback.bin");
     let read = imagectl(
         &cluster_file,

@@ -35,16 +35,36 @@ pub struct GlobalArgs {
     /// The account to act as; default: the first account in the cluster file.
     #[arg(long, global = true, value_name = "ID")]
     pub account: Option<String>,
-    /// How to print results: aligned tables for people, or proto3 JSON.
+    /// How to print results: tables for people, one JSON document for programs (shapes in
+    /// docs/cli.md), or only the ids the command names, one a line.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
+    /// Aligned columns, with a total line under lists.
     Table,
+    /// One JSON document: proto3 JSON of the resources (docs/cli.md).
     Json,
+    /// Only the ids of what the command lists, makes or changes, one a line.
+    Id,
 }
+
+/// The image types `images list --type` accepts.
+pub const IMAGE_TYPES: [&str; 3] = ["PUBLIC_IMAGE", "PRIVATE_IMAGE", "SHARED_IMAGE"];
+/// The image states `images list --state` accepts.
+pub const IMAGE_STATES: [&str; 7] = [
+    "CREATING",
+    "NORMAL",
+    "CREATEFAILED",
+    "SYNCING",
+    "IMPORTING",
+    "IMPORTFAILED",
+    "DELETING",
+];
+/// The instance states `instances list --state` accepts.
+pub const INSTANCE_STATES: [&str; 4] = ["PENDING", "RUNNING", "STOPPED", "TERMINATED"];
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -60,6 +80,31 @@ pub enum Command {
     /// Instance types a region offers.
     #[command(subcommand, name = "instance-types")]
     InstanceTypes(InstanceTypesCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
+    ///
+    /// bash: `source <(imagectl completions bash)`; zsh: `imagectl completions zsh >
+    /// "${fpath[1]}/_imagectl"`; fish: `imagectl completions fish >
+    /// ~/.config/fish/completions/imagectl.fish`.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), generated from the same definitions as `--help`.
+    ///
+    /// `imagectl man | man -l -` reads it; `imagectl man --out DIR` writes one page per
+    /// command (imagectl.1, imagectl-images.1, imagectl-images-list.1, ...).
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell the script is for.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write one page per command into this directory instead of the top page to stdout.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,10 +138,10 @@ pub struct RegionArg {
 /// Offset/limit paging, or every page with `--all`.
 #[derive(Debug, Args)]
 pub struct PageArgs {
-    /// Results per page (server default 20, at most 100).
+    /// Results per page (default 20, at most 100).
     #[arg(long, value_name = "N")]
     pub limit: Option<u32>,
-    /// Results to skip.
+    /// Results to skip (the table's last line says where the next page starts).
     #[arg(long, value_name = "N")]
     pub offset: Option<u32>,
     /// Follow the page tokens until every result is fetched.
@@ -122,17 +167,19 @@ pub enum ImagesCommand {
     Quota(RegionArg),
     /// Copy custom images of --region to the --to regions (SyncImages).
     ///
-    /// Without `--wait` it prints the destination images it started: a table SOURCE_IMAGE_ID
-    /// REGION IMAGE_ID, or the `SyncImagesResponse` as proto3 JSON.
+    /// Without `--wait` it prints the destination images it started, as they are right after
+    /// the call: a table SOURCE_IMAGE_ID REGION IMAGE_ID STATE, or with `--output json` the
+    /// image list shape `{"imageSet": [Image, ...], "totalCount": N}`, each Image with one
+    /// field added, `sourceImageId` (the image it copies), in the order SyncImages returned
+    /// them. `--dry-run` prints the plan instead: SOURCE_IMAGE_ID REGION IMAGE_ID (no ids), or
+    /// the `SyncImagesResponse`.
     ///
-    /// With `--wait` it then polls every destination image (every 250 ms, for at most 2 hours)
-    /// until all are NORMAL or CREATEFAILED, showing each one's progress on stderr: redrawn
-    /// progress bars on a terminal, otherwise a plain line whenever a destination's percent
-    /// moves by 10 points or it finishes. It exits 1 if any destination ended CREATEFAILED
-    /// (naming each with its state reason). On success, `--output json` prints one document
-    /// `{"imageSet": [Image, ...]}`: each destination's final Image as proto3 JSON, in the order
-    /// SyncImages returned them, with one field added, `sourceImageId` (the image it copies);
-    /// the table has SOURCE_IMAGE_ID REGION IMAGE_ID STATE.
+    /// With `--wait` it polls every destination image (every 250 ms, for at most 2 hours)
+    /// until all are NORMAL or CREATEFAILED, showing each one's progress on stderr: bars on a
+    /// terminal, otherwise a plain line when a destination's total is known, each time its
+    /// percent crosses a 10-point step, and when it ends. It exits 1 if any destination ended
+    /// CREATEFAILED (naming each with its state reason); on success it prints the final images
+    /// as above.
     Sync(ImagesSync),
     /// Share an own custom image with other accounts (ModifyImageSharePermission SHARE).
     ///
@@ -151,21 +198,17 @@ pub enum ImagesCommand {
 pub struct ImagesList {
     #[command(flatten)]
     pub region: RegionArg,
-    /// Only images of this type.
-    #[arg(
-        long = "type",
-        value_name = "TYPE",
-        value_parser = ["PUBLIC_IMAGE", "PRIVATE_IMAGE", "SHARED_IMAGE"]
-    )]
+    /// Only images of this type (SHARED_IMAGE: shared with the account by others).
+    #[arg(long = "type", value_name = "TYPE", value_parser = IMAGE_TYPES)]
     pub image_type: Option<String>,
-    /// Only images with this name.
-    #[arg(long, value_name = "N")]
+    /// Only images with this exact name.
+    #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
-    /// Only images of this platform (e.g. Ubuntu).
-    #[arg(long, value_name = "P")]
+    /// Only images of this platform (e.g. Ubuntu, CentOS, Windows).
+    #[arg(long, value_name = "PLATFORM")]
     pub platform: Option<String>,
-    /// Only images in this state (e.g. NORMAL).
-    #[arg(long, value_name = "S")]
+    /// Only images in this state.
+    #[arg(long, value_name = "STATE", value_parser = IMAGE_STATES)]
     pub state: Option<String>,
     #[command(flatten)]
     pub page: PageArgs,
@@ -187,12 +230,13 @@ pub struct ImagesCreate {
     /// The instance whose system disk becomes the image.
     #[arg(long, value_name = "ID")]
     pub instance: String,
-    /// The new image's name (unique per account and region).
-    #[arg(long, value_name = "N")]
+    /// The new image's name (unique per account and region; at most 60 characters).
+    #[arg(long, value_name = "NAME")]
     pub name: String,
-    #[arg(long, value_name = "D")]
+    /// The new image's description (at most 256 characters).
+    #[arg(long, value_name = "TEXT")]
     pub description: Option<String>,
-    /// Wait until the image is NORMAL (or failed), then print it.
+    /// Wait until the image is NORMAL (or failed), then print the image.
     #[arg(long)]
     pub wait: bool,
 }
@@ -218,9 +262,11 @@ pub struct ImagesModify {
     /// The image id.
     #[arg(long, value_name = "ID")]
     pub image: String,
-    #[arg(long, value_name = "N")]
+    /// The image's new name (unique per account and region).
+    #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
-    #[arg(long, value_name = "D")]
+    /// The image's new description.
+    #[arg(long, value_name = "TEXT")]
     pub description: Option<String>,
     /// Mark the image deprecated (true) or not (false).
     #[arg(long, value_name = "true|false")]
@@ -237,7 +283,8 @@ pub struct ImagesExport {
     /// The file format written.
     #[arg(long, value_name = "FORMAT", value_parser = ["raw"], default_value = "raw")]
     pub format: String,
-    /// The file to write (created or truncated).
+    /// The file to write (created or truncated, sparse); `-` writes the bytes to stdout
+    /// (zeros included) and the summary to stderr.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
 }
@@ -263,11 +310,11 @@ pub struct ImagesSync {
     )]
     pub to: Vec<String>,
     /// The copies' name; default: each source image's name.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
     /// Makes retries safe: a repeated call with the same token (and the same images and
     /// regions) returns the same destination images instead of starting new copies.
-    #[arg(long, value_name = "T")]
+    #[arg(long, value_name = "TOKEN")]
     pub client_token: Option<String>,
     /// Check every rule at every destination, start nothing.
     #[arg(long, conflicts_with = "wait")]
@@ -326,17 +373,22 @@ pub struct InstancesRun {
     /// The image id.
     #[arg(long, value_name = "ID")]
     pub image: String,
-    /// The instance type, e.g. S5.MEDIUM4.
-    #[arg(long = "type", value_name = "T")]
+    /// The instance type, e.g. S5.MEDIUM4 (`imagectl instance-types list` shows them all).
+    #[arg(long = "type", value_name = "TYPE")]
     pub instance_type: String,
-    /// How many instances (1 to 100).
+    /// How many instances (1 to 100; default 1).
     #[arg(long, value_name = "N")]
     pub count: Option<u32>,
-    /// System disk size; default 50 GiB, at least the image's size.
-    #[arg(long, value_name = "G")]
+    /// System disk size in GiB; default 50, at least the image's size.
+    #[arg(long, value_name = "GIB")]
     pub disk_size_gib: Option<u64>,
-    #[arg(long, value_name = "N")]
+    /// The instances' name: as given for one instance, NAME-1 .. NAME-N when --count is more
+    /// than 1; without it, each instance is named by its id.
+    #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
+    /// Wait until every instance is RUNNING (instances start PENDING), then print them.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -349,8 +401,8 @@ pub struct InstancesList {
     /// Only instances launched from this image.
     #[arg(long, value_name = "ID")]
     pub image: Option<String>,
-    /// Only instances in this state (e.g. RUNNING).
-    #[arg(long, value_name = "S")]
+    /// Only instances in this state.
+    #[arg(long, value_name = "STATE", value_parser = INSTANCE_STATES)]
     pub state: Option<String>,
     #[command(flatten)]
     pub page: PageArgs,
@@ -392,8 +444,8 @@ pub struct InstancesWrite {
     /// Byte offset on the disk where the file's first byte goes.
     #[arg(long, value_name = "N")]
     pub offset: u64,
-    /// The local file to write.
-    #[arg(long, value_name = "F")]
+    /// The local file whose bytes are written; `-` reads them from stdin.
+    #[arg(long, value_name = "FILE")]
     pub file: PathBuf,
 }
 
@@ -408,10 +460,11 @@ pub struct InstancesRead {
     #[arg(long, value_name = "N")]
     pub offset: u64,
     /// How many bytes to read.
-    #[arg(long, value_name = "L")]
+    #[arg(long, value_name = "BYTES")]
     pub length: u64,
-    /// The local file to write (created or truncated).
-    #[arg(long, value_name = "F")]
+    /// Where the bytes go: a local file (created or truncated), or `-` (the default) for
+    /// stdout, with the summary line on stderr.
+    #[arg(long, value_name = "FILE", default_value = "-")]
     pub out: PathBuf,
 }
 
@@ -427,6 +480,101 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// Every flag and argument of every command, with the command's path.
+    fn every_arg(command: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+        for arg in command.get_arguments() {
+            out.push((path.to_string(), arg.clone()));
+        }
+        for sub in command.get_subcommands() {
+            every_arg(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_command_has_help_text() {
+        let mut command = Cli::command();
+        command.build();
+        let mut args = Vec::new();
+        every_arg(&command, "imagectl", &mut args);
+        assert!(args.len() > 50, "{}", args.len());
+        for (path, arg) in &args {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(
+                arg.get_help()
+                    .is_some_and(|h| !h.to_string().trim().is_empty()),
+                "{path} --{id} has no help text"
+            );
+        }
+        fn commands(command: &clap::Command, path: &str) {
+            for sub in command.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" {
+                    assert!(sub.get_about().is_some(), "{path} has no help text");
+                }
+                commands(sub, &path);
+            }
+        }
+        commands(&command, "imagectl");
+    }
+
+    #[test]
+    fn enumerations_list_their_valid_values_when_refused() {
+        for args in [
+            &["images", "list", "--region", "r", "--state", "BAD"][..],
+            &["images", "list", "--region", "r", "--type", "BAD"][..],
+            &["instances", "list", "--region", "r", "--state", "BAD"][..],
+            &["regions", "list", "--output", "yaml"][..],
+            &["completions", "tcsh"][..],
+        ] {
+            let err = parse(args).expect_err("refused").to_string();
+            assert!(err.contains("possible values"), "{args:?}: {err}");
+        }
+        let err = parse(&["images", "list", "--region", "r", "--state", "BAD"])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("NORMAL") && err.contains("CREATEFAILED"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn output_takes_table_json_or_id() {
+        for (value, expected) in [
+            ("table", OutputFormat::Table),
+            ("json", OutputFormat::Json),
+            ("id", OutputFormat::Id),
+        ] {
+            let cli = parse(&["regions", "list", "--output", value]).expect("parses");
+            assert_eq!(cli.global.output, expected);
+        }
+    }
+
+    #[test]
+    fn read_writes_to_stdout_unless_told_otherwise() {
+        let cli = parse(&[
+            "instances",
+            "read",
+            "--region",
+            "r",
+            "--instance",
+            "ins-aaaaaaaa",
+            "--offset",
+            "0",
+            "--length",
+            "5",
+        ])
+        .expect("parses");
+        let Command::Instances(InstancesCommand::Read(read)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(read.out, PathBuf::from("-"));
+        assert!(crate::is_stdio(&read.out));
     }
 
     #[test]
@@ -602,6 +750,7 @@ mod tests {
         assert_eq!(run.count, Some(3));
         assert_eq!(run.disk_size_gib, Some(60));
         assert_eq!(run.name.as_deref(), Some("web"));
+        assert!(!run.wait);
     }
 
     #[test]

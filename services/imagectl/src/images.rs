@@ -8,7 +8,7 @@ use crate::cli::{
 use crate::error::{CliError, Result};
 use crate::output::{self, enum_name, Table};
 use crate::paging;
-use crate::progress::{self, ProgressSink, SyncProgressView};
+use crate::progress::{self, Progress, Task};
 use crate::session::Session;
 use imagefleet_proto::region::v1::region_service_client::RegionServiceClient;
 use imagefleet_proto::region::v1::{
@@ -46,7 +46,7 @@ pub async fn run(
     session: &Session,
     command: ImagesCommand,
     format: OutputFormat,
-    progress: ProgressSink<'_>,
+    progress: &Progress,
 ) -> Result<String> {
     match command {
         ImagesCommand::List(args) => list(session, args, format).await,
@@ -100,14 +100,42 @@ async fn list(session: &Session, args: ImagesList, format: OutputFormat) -> Resu
     .await?;
     match format {
         OutputFormat::Json => output::json(&response),
-        OutputFormat::Table => Ok(image_table(&response.image_set)),
+        OutputFormat::Id => Ok(output::ids(
+            response.image_set.iter().map(|i| i.image_id.as_str()),
+        )),
+        OutputFormat::Table => Ok(output::list_table(
+            &image_rows(&response.image_set),
+            "images",
+            args.page.offset.unwrap_or(0),
+            response.total_count,
+            !response.next_page_token.is_empty(),
+        )),
     }
 }
 
-/// Images as a table: one row each.
-pub fn image_table(images: &[Image]) -> String {
+/// Who owns an image as the list shows it: `public` for public images, else the owner's
+/// account (for a SHARED_IMAGE, the account that shared it).
+pub fn image_owner(image: &Image) -> String {
+    if image.image_type == ImageType::PublicImage as i32 && image.image_creator.is_empty() {
+        "public".to_string()
+    } else {
+        image.image_creator.clone()
+    }
+}
+
+/// Whether launching from the image is paid: its ultimate source is a paid image.
+pub fn image_paid(image: &Image) -> &'static str {
+    match &image.lineage {
+        Some(lineage) if lineage.ultimate_source_paid => "yes",
+        _ => "no",
+    }
+}
+
+/// Images as table rows: one each.
+pub fn image_rows(images: &[Image]) -> Table {
     let mut table = Table::new(&[
-        "IMAGE_ID", "NAME", "TYPE", "STATE", "PLATFORM", "SIZE_GIB", "CREATED",
+        "IMAGE_ID", "NAME", "TYPE", "STATE", "OWNER", "PLATFORM", "ARCH", "SIZE_GIB", "PAID",
+        "CREATED",
     ]);
     for image in images {
         table.row(vec![
@@ -115,12 +143,20 @@ pub fn image_table(images: &[Image]) -> String {
             image.image_name.clone(),
             enum_name(image.image_type, ImageType::as_str_name),
             enum_name(image.image_state, ImageState::as_str_name),
+            image_owner(image),
             image.platform.clone(),
+            image.architecture.clone(),
             image.image_size_gib.to_string(),
+            image_paid(image).to_string(),
             image.created_time.clone(),
         ]);
     }
-    table.render()
+    table
+}
+
+/// Images as a table: one row each.
+pub fn image_table(images: &[Image]) -> String {
+    image_rows(images).render()
 }
 
 /// One image with every field, one per line.
@@ -208,6 +244,16 @@ pub fn image_fields(image: &Image) -> String {
     output::fields(&fields)
 }
 
+/// One image in the JSON shape of every image result: `{"imageSet": [Image], "totalCount": 1,
+/// "nextPageToken": ""}`.
+pub fn image_set(image: Image) -> DescribeImagesResponse {
+    DescribeImagesResponse {
+        image_set: vec![image],
+        total_count: 1,
+        next_page_token: String::new(),
+    }
+}
+
 /// The image `image_id` of the region, by id.
 async fn describe_one(
     client: &mut RegionClient,
@@ -231,9 +277,10 @@ async fn describe_one(
 
 async fn describe(session: &Session, args: ImagesDescribe, format: OutputFormat) -> Result<String> {
     let mut client = session.region(&args.region.region).await?;
-    let (response, image) = describe_one(&mut client, &args.image).await?;
+    let (_, image) = describe_one(&mut client, &args.image).await?;
     match format {
-        OutputFormat::Json => output::json(&response),
+        OutputFormat::Json => output::json(&image_set(image.clone())),
+        OutputFormat::Id => Ok(output::ids([image.image_id.as_str()])),
         OutputFormat::Table => Ok(image_fields(&image)),
     }
 }
@@ -251,12 +298,14 @@ async fn create(session: &Session, args: ImagesCreate, format: OutputFormat) -> 
     if !args.wait {
         return match format {
             OutputFormat::Json => output::json(&response),
+            OutputFormat::Id => Ok(output::ids([response.image_id.as_str()])),
             OutputFormat::Table => Ok(output::fields(&[("IMAGE_ID", response.image_id)])),
         };
     }
     let image = wait_until_built(&mut client, &response.image_id).await?;
     match format {
-        OutputFormat::Json => output::json(&image),
+        OutputFormat::Json => output::json(&image_set(image.clone())),
+        OutputFormat::Id => Ok(output::ids([image.image_id.as_str()])),
         OutputFormat::Table => Ok(image_fields(&image)),
     }
 }
@@ -302,6 +351,7 @@ async fn delete(session: &Session, args: ImagesDelete, format: OutputFormat) -> 
         .into_inner();
     match format {
         OutputFormat::Json => output::json(&response),
+        OutputFormat::Id => Ok(output::ids(args.image.iter().map(String::as_str))),
         OutputFormat::Table => Ok(format!("deleted {}\n", args.image.join(" "))),
     }
 }
@@ -319,6 +369,7 @@ async fn modify(session: &Session, args: ImagesModify, format: OutputFormat) -> 
         .into_inner();
     match format {
         OutputFormat::Json => output::json(&response),
+        OutputFormat::Id => Ok(output::ids([args.image.as_str()])),
         OutputFormat::Table => Ok(format!("modified {}\n", args.image)),
     }
 }
@@ -335,44 +386,123 @@ struct Exported {
 
 async fn export(session: &Session, args: ImagesExport, format: OutputFormat) -> Result<String> {
     let mut client = session.region(&args.region.region).await?;
-    let what = || format!("cannot write {}", args.out.display());
-    let mut file = std::fs::File::create(&args.out).map_err(|e| CliError::io(what(), e))?;
-    let result = export_into(&mut client, &args.image, &mut file, &args.out).await;
-    let exported = match result {
-        Ok(exported) => exported,
-        Err(e) => {
-            // A half-written file is not the image: leave none behind.
-            drop(file);
-            let _ = std::fs::remove_file(&args.out);
-            return Err(e);
+    let to_stdout = crate::is_stdio(&args.out);
+    let exported = if to_stdout {
+        let stdout = std::io::stdout();
+        let mut sink = ExportSink::Stream {
+            out: Box::new(stdout.lock()),
+            written: 0,
+        };
+        export_into(&mut client, &args.image, &mut sink, &args.out).await?
+    } else {
+        let what = || format!("cannot write {}", args.out.display());
+        let file = std::fs::File::create(&args.out).map_err(|e| CliError::io(what(), e))?;
+        let mut sink = ExportSink::File(file);
+        let result = export_into(&mut client, &args.image, &mut sink, &args.out).await;
+        match result {
+            Ok(exported) => exported,
+            Err(e) => {
+                // A half-written file is not the image: leave none behind.
+                drop(sink);
+                let _ = std::fs::remove_file(&args.out);
+                return Err(e);
+            }
         }
     };
-    match format {
-        OutputFormat::Json => Ok(output::json_document(&serde_json::json!({
+    let summary = match format {
+        OutputFormat::Json => output::json_document(&serde_json::json!({
             "imageId": args.image,
             "out": args.out.display().to_string(),
             "format": args.format,
             "bytes": exported.virtual_size_bytes,
             "bytesReceived": exported.bytes_received,
             "contentDigest": exported.content_digest,
-        }))),
-        OutputFormat::Table => Ok(output::fields(&[
+        })),
+        OutputFormat::Id => output::ids([args.image.as_str()]),
+        OutputFormat::Table => output::fields(&[
             ("IMAGE_ID", args.image),
             ("FILE", args.out.display().to_string()),
             ("FORMAT", args.format),
             ("BYTES", exported.virtual_size_bytes.to_string()),
             ("BYTES_RECEIVED", exported.bytes_received.to_string()),
             ("CONTENT_DIGEST", exported.content_digest),
-        ])),
+        ]),
+    };
+    if to_stdout {
+        // stdout holds the image: the summary goes to stderr.
+        eprint!("{summary}");
+        return Ok(String::new());
+    }
+    Ok(summary)
+}
+
+/// Where an export goes: a file written sparsely at each chunk's offset, or a stream
+/// (stdout) written in order with the zero ranges in between.
+enum ExportSink {
+    File(std::fs::File),
+    Stream { out: Box<dyn Write>, written: u64 },
+}
+
+impl ExportSink {
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        match self {
+            ExportSink::File(file) => file.set_len(len),
+            ExportSink::Stream { .. } => Ok(()),
+        }
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            ExportSink::File(file) => {
+                file.seek(SeekFrom::Start(offset))?;
+                file.write_all(data)
+            }
+            ExportSink::Stream { out, written } => {
+                if offset < *written {
+                    return Err(std::io::Error::other(format!(
+                        "the server sent offset {offset} after {written} bytes: stdout can only be written in order"
+                    )));
+                }
+                zeros(out, offset - *written)?;
+                out.write_all(data)?;
+                *written = offset + data.len() as u64;
+                Ok(())
+            }
+        }
+    }
+
+    /// Completes the output at `len` bytes and makes it durable (a file) or flushed.
+    fn finish(&mut self, len: u64) -> std::io::Result<()> {
+        match self {
+            ExportSink::File(file) => {
+                file.set_len(len)?;
+                file.sync_all()
+            }
+            ExportSink::Stream { out, written } => {
+                zeros(out, len.saturating_sub(*written))?;
+                *written = len.max(*written);
+                out.flush()
+            }
+        }
     }
 }
 
+fn zeros(out: &mut Box<dyn Write>, mut count: u64) -> std::io::Result<()> {
+    let block = [0u8; 64 * 1024];
+    while count > 0 {
+        let n = count.min(block.len() as u64) as usize;
+        out.write_all(&block[..n])?;
+        count -= n as u64;
+    }
+    Ok(())
+}
+
 /// Streams the image into `file`: a sparse file of the image's virtual size with each chunk
-/// written at its offset, fsynced at the end.
+/// written at its offset, fsynced at the end (or stdout, in order).
 async fn export_into(
     client: &mut RegionClient,
     image_id: &str,
-    file: &mut std::fs::File,
+    file: &mut ExportSink,
     path: &Path,
 ) -> Result<Exported> {
     let what = || format!("cannot write {}", path.display());
@@ -405,8 +535,7 @@ async fn export_into(
                 chunk.offset, state.virtual_size_bytes
             )));
         }
-        file.seek(SeekFrom::Start(chunk.offset))
-            .and_then(|_| file.write_all(&chunk.data))
+        file.write_at(chunk.offset, &chunk.data)
             .map_err(|e| CliError::io(what(), e))?;
         state.bytes_received += len;
     }
@@ -415,8 +544,6 @@ async fn export_into(
         None => {
             // No data at all: an image of zeros. Its size and digest come from its metadata.
             let (_, image) = describe_one(client, image_id).await?;
-            file.set_len(image.virtual_size_bytes)
-                .map_err(|e| CliError::io(what(), e))?;
             Exported {
                 virtual_size_bytes: image.virtual_size_bytes,
                 bytes_received: 0,
@@ -424,7 +551,8 @@ async fn export_into(
             }
         }
     };
-    file.sync_all().map_err(|e| CliError::io(what(), e))?;
+    file.finish(exported.virtual_size_bytes)
+        .map_err(|e| CliError::io(what(), e))?;
     Ok(exported)
 }
 
@@ -455,8 +583,9 @@ pub fn synced_images_table(finished: &[(SyncedImage, Image)]) -> String {
     table.render()
 }
 
-/// The `--wait --output json` document: `{"imageSet": [...]}`, each destination's final
-/// Image as proto3 JSON with `sourceImageId` added.
+/// The `--wait --output json` document: `{"imageSet": [...], "totalCount": N}` (the shape of
+/// every image list), each destination's final Image as proto3 JSON with `sourceImageId`
+/// added.
 pub fn synced_images_json(finished: &[(SyncedImage, Image)]) -> Result<serde_json::Value> {
     let mut image_set = Vec::with_capacity(finished.len());
     for (synced, image) in finished {
@@ -469,14 +598,15 @@ pub fn synced_images_json(finished: &[(SyncedImage, Image)]) -> Result<serde_jso
         }
         image_set.push(value);
     }
-    Ok(serde_json::json!({ "imageSet": image_set }))
+    let total = image_set.len();
+    Ok(serde_json::json!({ "imageSet": image_set, "totalCount": total, "nextPageToken": "" }))
 }
 
 async fn sync(
     session: &Session,
     args: ImagesSync,
     format: OutputFormat,
-    progress: ProgressSink<'_>,
+    progress: &Progress,
 ) -> Result<String> {
     let mut client = session.region(&args.region.region).await?;
     let response = client
@@ -489,15 +619,26 @@ async fn sync(
         })
         .await?
         .into_inner();
-    if !args.wait || args.dry_run {
+    if args.dry_run {
         return match format {
             OutputFormat::Json => output::json(&response),
+            OutputFormat::Id => Ok(output::ids(
+                response.image_set.iter().map(|s| s.image_id.as_str()),
+            )),
             OutputFormat::Table => Ok(synced_table(&response.image_set)),
         };
     }
-    let finished = wait_until_synced(session, &response.image_set, progress).await?;
+    if format == OutputFormat::Id && !args.wait {
+        return Ok(output::ids(
+            response.image_set.iter().map(|s| s.image_id.as_str()),
+        ));
+    }
+    let finished = wait_until_synced(session, &response.image_set, progress, args.wait).await?;
     match format {
         OutputFormat::Json => Ok(output::json_document(&synced_images_json(&finished)?)),
+        OutputFormat::Id => Ok(output::ids(
+            finished.iter().map(|(_, image)| image.image_id.as_str()),
+        )),
         OutputFormat::Table => Ok(synced_images_table(&finished)),
     }
 }
@@ -514,11 +655,17 @@ fn transient(status: &tonic::Status) -> bool {
 /// until each is `NORMAL` or `CREATEFAILED`, for at most `SYNC_TIMEOUT`, showing progress.
 /// Returns each destination with its final image, in the order given; an error naming every
 /// `CREATEFAILED` destination with its reason if any failed.
+///
+/// With `wait` false, each destination is described once (no progress shown) and returned
+/// in whatever state it is.
 async fn wait_until_synced(
     session: &Session,
     image_set: &[SyncedImage],
-    progress: ProgressSink<'_>,
+    progress: &Progress,
+    wait: bool,
 ) -> Result<Vec<(SyncedImage, Image)>> {
+    let hidden = Progress::hidden();
+    let progress = if wait { progress } else { &hidden };
     if let Some(missing) = image_set.iter().find(|s| s.image_id.is_empty()) {
         return Err(CliError::Failed(format!(
             "the server named no destination image for {} in {}",
@@ -538,11 +685,10 @@ async fn wait_until_synced(
             None => by_region.push((region, vec![index])),
         }
     }
-    let names: Vec<(String, String)> = image_set
+    let mut tasks: Vec<Task> = image_set
         .iter()
-        .map(|s| (s.region.clone(), s.image_id.clone()))
+        .map(|s| progress.task(&format!("{} {}", s.region, s.image_id)))
         .collect();
-    let mut view = SyncProgressView::new(progress, &names);
     let mut last: Vec<Option<Image>> = vec![None; image_set.len()];
     let mut outage_since: HashMap<&str, Instant> = HashMap::new();
     let deadline = Instant::now() + SYNC_TIMEOUT;
@@ -596,11 +742,13 @@ async fn wait_until_synced(
                 if image.region.is_empty() {
                     image.region = synced.region.clone();
                 }
-                view.observe(i, now, &image);
+                observe(&mut tasks[i], &image);
                 last[i] = Some(image);
             }
         }
-        view.render();
+        if !wait && last.iter().all(Option::is_some) {
+            break;
+        }
         if last
             .iter()
             .all(|image| image.as_ref().is_some_and(finished))
@@ -616,12 +764,13 @@ async fn wait_until_synced(
                     let state = image.as_ref().map_or_else(
                         || "not seen".to_string(),
                         |image| {
-                            let (done, total) = progress::image_bytes(image);
-                            format!(
-                                "{} {}%",
-                                enum_name(image.image_state, ImageState::as_str_name),
-                                progress::percent(done, total)
-                            )
+                            let state = enum_name(image.image_state, ImageState::as_str_name);
+                            match copy_bytes(image) {
+                                Some((done, total)) => {
+                                    format!("{state} {}%", progress::percent(done, total))
+                                }
+                                None => state,
+                            }
                         },
                     );
                     format!("{} in {} ({state})", synced.image_id, synced.region)
@@ -656,10 +805,50 @@ async fn wait_until_synced(
             )
         })
         .collect();
-    if failures.is_empty() {
+    if failures.is_empty() || !wait {
         Ok(finished)
     } else {
         Err(CliError::Failed(failures.join("; ")))
+    }
+}
+
+/// What a destination image tells of its copy, as (bytes done, bytes total): the bytes the
+/// copy moves when the server reports them (`sync_progress`); from a server that reports only
+/// `sync_percent`, that percent of the virtual size; `None` while no total is known.
+pub fn copy_bytes(image: &Image) -> Option<(u64, u64)> {
+    match &image.sync_progress {
+        Some(p) if p.bytes_total > 0 => Some((p.bytes_done.min(p.bytes_total), p.bytes_total)),
+        Some(_) => None,
+        None if image.virtual_size_bytes == 0 => None,
+        None => {
+            let total = image.virtual_size_bytes;
+            let pct = u128::from(image.sync_percent.min(100));
+            Some(((u128::from(total) * pct / 100) as u64, total))
+        }
+    }
+}
+
+/// Shows one poll of a destination image on its progress task, and ends the task when the
+/// image is NORMAL or CREATEFAILED.
+pub fn observe(task: &mut Task, image: &Image) {
+    if let Some((done, total)) = copy_bytes(image) {
+        // The total comes from the first poll that knows it and stays: a later poll that
+        // reports on another basis does not make the bar jump.
+        if task.total().is_none() {
+            task.set_position(done);
+            task.set_total(total);
+        } else if task.total() == Some(total) {
+            task.set_position(done);
+        }
+    }
+    match ImageState::try_from(image.image_state) {
+        Ok(ImageState::Normal) => task.finish("NORMAL"),
+        Ok(ImageState::Createfailed) => task.fail(&if image.state_reason.is_empty() {
+            "CREATEFAILED".to_string()
+        } else {
+            format!("CREATEFAILED: {}", image.state_reason)
+        }),
+        _ => {}
     }
 }
 
@@ -696,6 +885,7 @@ async fn quota(session: &Session, args: RegionArg, format: OutputFormat) -> Resu
         .into_inner();
     match format {
         OutputFormat::Json => output::json(&response),
+        OutputFormat::Id => Ok(output::ids([session.account().account_id.as_str()])),
         OutputFormat::Table => {
             let mut table = Table::new(&[
                 "REGION",
@@ -740,6 +930,7 @@ async fn modify_shares(
         .into_inner();
     match format {
         OutputFormat::Json => output::json(&response),
+        OutputFormat::Id => Ok(output::ids([args.image.as_str()])),
         OutputFormat::Table => Ok(share_line(permission, &args.image, &args.accounts)),
     }
 }
@@ -773,6 +964,12 @@ async fn shares(session: &Session, args: ImagesShares, format: OutputFormat) -> 
         .into_inner();
     match format {
         OutputFormat::Json => output::json(&response),
+        OutputFormat::Id => Ok(output::ids(
+            response
+                .share_permission_set
+                .iter()
+                .map(|s| s.account_id.as_str()),
+        )),
         OutputFormat::Table => Ok(share_table(&response.share_permission_set)),
     }
 }
@@ -822,6 +1019,8 @@ mod tests {
             image_source: ImageSource::CreateImage as i32,
             image_state: ImageState::Syncing as i32,
             platform: "Ubuntu".into(),
+            architecture: "x86_64".into(),
+            image_creator: "100000000001".into(),
             image_size_gib: 50,
             created_time: "2025-01-02T03:04:05Z".into(),
             sync_percent: 40,
@@ -848,7 +1047,10 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0].split_whitespace().collect::<Vec<_>>(),
-            ["IMAGE_ID", "NAME", "TYPE", "STATE", "PLATFORM", "SIZE_GIB", "CREATED"]
+            [
+                "IMAGE_ID", "NAME", "TYPE", "STATE", "OWNER", "PLATFORM", "ARCH", "SIZE_GIB",
+                "PAID", "CREATED"
+            ]
         );
         assert_eq!(
             lines[1].split_whitespace().collect::<Vec<_>>(),
@@ -857,8 +1059,11 @@ mod tests {
                 "web-server",
                 "PRIVATE_IMAGE",
                 "SYNCING",
+                "100000000001",
                 "Ubuntu",
+                "x86_64",
                 "50",
+                "yes",
                 "2025-01-02T03:04:05Z"
             ]
         );
@@ -872,6 +1077,14 @@ mod tests {
         let text = image_table(&[shared]);
         let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(row[2], "SHARED_IMAGE", "{text}");
+        // The owner column says who shared it.
+        assert_eq!(row[4], "100000000001", "{text}");
+        let mut public = image();
+        public.image_type = ImageType::PublicImage as i32;
+        public.image_creator.clear();
+        let text = image_table(&[public]);
+        let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(row[4], "public", "{text}");
     }
 
     #[test]

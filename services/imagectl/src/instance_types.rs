@@ -29,6 +29,12 @@ pub async fn run(
                 .into_inner();
             match format {
                 OutputFormat::Json => output::json(&response),
+                OutputFormat::Id => Ok(output::ids(
+                    response
+                        .instance_type_config_set
+                        .iter()
+                        .map(|t| t.instance_type.as_str()),
+                )),
                 OutputFormat::Table => Ok(type_table(&response.instance_type_config_set)),
             }
         }

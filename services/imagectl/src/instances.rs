@@ -10,10 +10,16 @@ use crate::output::{self, enum_name, Table};
 use crate::paging;
 use crate::session::Session;
 use imagefleet_proto::region::v1::{
-    DescribeInstancesRequest, Filter, Instance, InstanceState, ReadInstanceDiskRequest,
-    ResetInstanceRequest, RunInstancesRequest, TerminateInstancesRequest, WriteInstanceDiskRequest,
+    DescribeInstancesRequest, DescribeInstancesResponse, Filter, Instance, InstanceState,
+    ReadInstanceDiskRequest, ResetInstanceRequest, RunInstancesRequest, TerminateInstancesRequest,
+    WriteInstanceDiskRequest,
 };
 use std::io::{Read, Write};
+
+/// How often `instances run --wait` asks for the instances' state.
+const RUN_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long `instances run --wait` waits for the instances to leave `PENDING`.
+const RUN_WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The most bytes one `WriteInstanceDisk` or `ReadInstanceDisk` call carries.
 pub const DISK_IO_BYTES: usize = 1024 * 1024;
@@ -49,15 +55,60 @@ async fn run_instances(
         })
         .await?
         .into_inner();
-    match format {
-        OutputFormat::Json => output::json(&response),
-        OutputFormat::Table => {
-            let mut table = Table::new(&["INSTANCE_ID"]);
-            for id in &response.instance_id_set {
-                table.row(vec![id.clone()]);
-            }
-            Ok(table.render())
+    let ids = response.instance_id_set;
+    if format == OutputFormat::Id && !args.wait {
+        return Ok(output::ids(ids.iter().map(String::as_str)));
+    }
+    // The launched instances as `instances list` shows them, in launch order; with `--wait`,
+    // once every one is RUNNING.
+    let deadline = tokio::time::Instant::now() + RUN_WAIT_TIMEOUT;
+    let described = loop {
+        let described = client
+            .describe_instances(DescribeInstancesRequest {
+                instance_ids: ids.clone(),
+                limit: ids.len().min(100) as u32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let pending = described
+            .instance_set
+            .iter()
+            .filter(|i| i.instance_state == InstanceState::Pending as i32)
+            .count();
+        if !args.wait || pending == 0 {
+            break described;
         }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::Failed(format!(
+                "{pending} of {} instances still PENDING after {} seconds",
+                ids.len(),
+                RUN_WAIT_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(RUN_WAIT_POLL).await;
+    };
+    if format == OutputFormat::Id {
+        return Ok(output::ids(ids.iter().map(String::as_str)));
+    }
+    let mut instance_set = Vec::with_capacity(ids.len());
+    for id in &ids {
+        match described.instance_set.iter().find(|i| &i.instance_id == id) {
+            Some(instance) => instance_set.push(instance.clone()),
+            None => instance_set.push(Instance {
+                instance_id: id.clone(),
+                ..Default::default()
+            }),
+        }
+    }
+    let total_count = instance_set.len() as u32;
+    match format {
+        OutputFormat::Json => output::json(&DescribeInstancesResponse {
+            instance_set,
+            total_count,
+            next_page_token: String::new(),
+        }),
+        _ => Ok(instance_table(&instance_set)),
     }
 }
 
@@ -91,12 +142,26 @@ async fn list(session: &Session, args: InstancesList, format: OutputFormat) -> R
     .await?;
     match format {
         OutputFormat::Json => output::json(&response),
-        OutputFormat::Table => Ok(instance_table(&response.instance_set)),
+        OutputFormat::Id => Ok(output::ids(
+            response.instance_set.iter().map(|i| i.instance_id.as_str()),
+        )),
+        OutputFormat::Table => Ok(output::list_table(
+            &instance_rows(&response.instance_set),
+            "instances",
+            args.page.offset.unwrap_or(0),
+            response.total_count,
+            !response.next_page_token.is_empty(),
+        )),
     }
 }
 
 /// Instances as a table: one row each.
 pub fn instance_table(instances: &[Instance]) -> String {
+    instance_rows(instances).render()
+}
+
+/// Instances as table rows.
+pub fn instance_rows(instances: &[Instance]) -> Table {
     let mut table = Table::new(&[
         "INSTANCE_ID",
         "NAME",
@@ -118,7 +183,7 @@ pub fn instance_table(instances: &[Instance]) -> String {
                 .unwrap_or_default(),
         ]);
     }
-    table.render()
+    table
 }
 
 async fn terminate(
@@ -135,6 +200,7 @@ async fn terminate(
         .into_inner();
     match format {
         OutputFormat::Json => output::json(&response),
+        OutputFormat::Id => Ok(output::ids(args.instance.iter().map(String::as_str))),
         OutputFormat::Table => Ok(format!("terminated {}\n", args.instance.join(" "))),
     }
 }
@@ -150,6 +216,7 @@ async fn reset(session: &Session, args: InstancesReset, format: OutputFormat) ->
         .into_inner();
     match format {
         OutputFormat::Json => output::json(&response),
+        OutputFormat::Id => Ok(output::ids([args.instance.as_str()])),
         OutputFormat::Table => Ok(match args.image {
             Some(image) => format!("reset {} from {image}\n", args.instance),
             None => format!("reset {}\n", args.instance),
@@ -172,8 +239,14 @@ fn fill(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 async fn write(session: &Session, args: InstancesWrite, format: OutputFormat) -> Result<String> {
-    let mut file = std::fs::File::open(&args.file)
-        .map_err(|e| CliError::io(format!("cannot read {}", args.file.display()), e))?;
+    let mut file: Box<dyn Read> = if crate::is_stdio(&args.file) {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(
+            std::fs::File::open(&args.file)
+                .map_err(|e| CliError::io(format!("cannot read {}", args.file.display()), e))?,
+        )
+    };
     let mut client = session.region(&args.region.region).await?;
     let mut buf = vec![0u8; DISK_IO_BYTES];
     let mut written: u64 = 0;
@@ -208,6 +281,7 @@ async fn write(session: &Session, args: InstancesWrite, format: OutputFormat) ->
             "offset": args.offset,
             "bytesWritten": written,
         }))),
+        OutputFormat::Id => Ok(output::ids([args.instance.as_str()])),
         OutputFormat::Table => Ok(format!(
             "wrote {written} bytes to {} at offset {}\n",
             args.instance, args.offset
@@ -217,8 +291,16 @@ async fn write(session: &Session, args: InstancesWrite, format: OutputFormat) ->
 
 async fn read(session: &Session, args: InstancesRead, format: OutputFormat) -> Result<String> {
     let mut client = session.region(&args.region.region).await?;
+    let to_stdout = crate::is_stdio(&args.out);
     let what = || format!("cannot write {}", args.out.display());
-    let mut file = std::fs::File::create(&args.out).map_err(|e| CliError::io(what(), e))?;
+    let mut disk_file = None;
+    let mut file: Box<dyn Write> = if to_stdout {
+        Box::new(std::io::stdout().lock())
+    } else {
+        let created = std::fs::File::create(&args.out).map_err(|e| CliError::io(what(), e))?;
+        disk_file = Some(created.try_clone().map_err(|e| CliError::io(what(), e))?);
+        Box::new(created)
+    };
     let mut done: u64 = 0;
     while done < args.length {
         let offset = args.offset.checked_add(done).ok_or_else(|| {
@@ -243,21 +325,36 @@ async fn read(session: &Session, args: InstancesRead, format: OutputFormat) -> R
         file.write_all(&data).map_err(|e| CliError::io(what(), e))?;
         done += data.len() as u64;
     }
-    file.sync_all().map_err(|e| CliError::io(what(), e))?;
-    match format {
-        OutputFormat::Json => Ok(output::json_document(&serde_json::json!({
+    file.flush().map_err(|e| CliError::io(what(), e))?;
+    drop(file);
+    if let Some(disk_file) = disk_file {
+        disk_file.sync_all().map_err(|e| CliError::io(what(), e))?;
+    }
+    let summary = match format {
+        OutputFormat::Json => output::json_document(&serde_json::json!({
             "instanceId": args.instance,
             "offset": args.offset,
             "bytesRead": done,
             "out": args.out.display().to_string(),
-        }))),
-        OutputFormat::Table => Ok(format!(
+        })),
+        OutputFormat::Id => output::ids([args.instance.as_str()]),
+        OutputFormat::Table => format!(
             "read {done} bytes from {} at offset {} into {}\n",
             args.instance,
             args.offset,
-            args.out.display()
-        )),
+            if to_stdout {
+                "stdout".to_string()
+            } else {
+                args.out.display().to_string()
+            }
+        ),
+    };
+    if to_stdout {
+        // stdout holds the bytes read: the summary goes to stderr.
+        eprint!("{summary}");
+        return Ok(String::new());
     }
+    Ok(summary)
 }
 
 #[cfg(test)]

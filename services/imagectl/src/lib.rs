@@ -6,7 +6,8 @@
 //! - `session`: the cluster file, the account, and signed catalog and region clients.
 //! - `regions`, `images`, `instances`, `instance_types`: the commands of each group.
 //! - `output`: tables and proto3 JSON; `paging`: `--all`; `error`: how failures are reported.
-//! - `progress`: progress of long waits on stderr (bars on a terminal, plain lines otherwise).
+//! - `progress`: progress of long operations on stderr (indicatif bars on a terminal, plain
+//!   lines otherwise), as tasks with a total in bytes.
 
 pub mod cli;
 pub mod error;
@@ -22,7 +23,7 @@ pub mod session;
 use clap::Parser;
 use cli::{Cli, Command};
 use error::{CliError, Result};
-use progress::ProgressSink;
+use progress::Progress;
 use session::Session;
 use std::io::Write;
 use std::process::ExitCode;
@@ -66,13 +67,50 @@ pub fn main() -> ExitCode {
 
 /// Runs one command; returns what it prints on stdout. Progress goes to stderr.
 pub async fn run(cli: Cli) -> Result<String> {
-    let mut stderr = std::io::stderr();
-    run_with_progress(cli, ProgressSink::stderr(&mut stderr)).await
+    run_with_progress(cli, &Progress::stderr()).await
 }
 
-/// Runs one command with its progress (of `images sync --wait`) written to `progress`;
+/// Whether a path given for a file means stdin or stdout: `-`.
+pub fn is_stdio(path: &std::path::Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// The shell completion script for `shell`.
+pub fn completions(shell: clap_complete::Shell) -> String {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command, "imagectl", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The manual page of `imagectl` (roff); with `dir`, one page per command written there.
+pub fn man(dir: Option<&std::path::Path>) -> Result<String> {
+    let command = <Cli as clap::CommandFactory>::command();
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .and_then(|_| clap_mangen::generate_to(command, dir))
+                .map_err(|e| CliError::io(format!("cannot write pages to {}", dir.display()), e))?;
+            Ok(String::new())
+        }
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(command)
+                .render(&mut out)
+                .map_err(|e| CliError::io("cannot render the manual page", e))?;
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        }
+    }
+}
+
+/// Runs one command with its progress (of `images sync --wait`) shown on `progress`;
 /// returns what it prints on stdout.
-pub async fn run_with_progress(cli: Cli, progress: ProgressSink<'_>) -> Result<String> {
+pub async fn run_with_progress(cli: Cli, progress: &Progress) -> Result<String> {
+    match &cli.command {
+        Command::Completions(args) => return Ok(completions(args.shell)),
+        Command::Man(args) => return man(args.out.as_deref()),
+        _ => {}
+    }
     let session = Session::open(&cli.global.cluster, cli.global.account.as_deref())?;
     let format = cli.global.output;
     match cli.command {
@@ -80,5 +118,6 @@ pub async fn run_with_progress(cli: Cli, progress: ProgressSink<'_>) -> Result<S
         Command::Images(command) => images::run(&session, command, format, progress).await,
         Command::Instances(command) => instances::run(&session, command, format).await,
         Command::InstanceTypes(command) => instance_types::run(&session, command, format).await,
+        Command::Completions(_) | Command::Man(_) => Ok(String::new()),
     }
 }

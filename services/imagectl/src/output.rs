@@ -172,6 +172,45 @@ impl Table {
     }
 }
 
+/// Ids alone, one a line (`--output id`), escaped like every server text.
+pub fn ids<'a>(ids: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for id in ids {
+        out.push_str(&escape(id));
+        out.push('\n');
+    }
+    out
+}
+
+/// A list as a table for people: the rows and a total line (`20 of 506 shown; --all or
+/// --limit N --offset 20 for more` when more exist), or one line saying nothing matched.
+/// `noun` names the items in the plural (`images`); `offset` is where the rows start.
+pub fn list_table(rows: &Table, noun: &str, offset: u32, total: u32, more: bool) -> String {
+    let shown = rows.rows.len();
+    if shown == 0 {
+        return if offset > 0 && total > 0 {
+            format!("no {noun} from offset {offset} ({total} in all)\n")
+        } else {
+            format!("no {noun} found\n")
+        };
+    }
+    let mut out = rows.render();
+    let next = u64::from(offset) + shown as u64;
+    let total = u64::from(total).max(next);
+    if more || next < total {
+        out.push_str(&format!(
+            "{shown} of {total} shown; --all or --limit N --offset {next} for more\n"
+        ));
+    } else if offset > 0 {
+        out.push_str(&format!(
+            "{shown} of {total} shown (from offset {offset})\n"
+        ));
+    } else {
+        out.push_str(&format!("{shown} of {total} shown\n"));
+    }
+    out
+}
+
 /// Fields shown one per line (`NAME  value`), for a single object's every field.
 pub fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
@@ -219,6 +258,42 @@ mod tests {
     fn an_empty_table_is_its_header() {
         let table = Table::new(&["A", "BB"]);
         assert_eq!(table.render(), "A  BB\n");
+    }
+
+    #[test]
+    fn list_tables_end_with_the_total_and_a_next_page_hint() {
+        let mut table = Table::new(&["IMAGE_ID"]);
+        table.row(vec!["img-aaaaaaaa".into()]);
+        table.row(vec!["img-bbbbbbbb".into()]);
+        assert_eq!(
+            list_table(&table, "images", 0, 506, true),
+            "IMAGE_ID\nimg-aaaaaaaa\nimg-bbbbbbbb\n\
+             2 of 506 shown; --all or --limit N --offset 2 for more\n"
+        );
+        assert_eq!(
+            list_table(&table, "images", 0, 2, false),
+            "IMAGE_ID\nimg-aaaaaaaa\nimg-bbbbbbbb\n2 of 2 shown\n"
+        );
+        assert_eq!(
+            list_table(&table, "images", 4, 6, false),
+            "IMAGE_ID\nimg-aaaaaaaa\nimg-bbbbbbbb\n2 of 6 shown (from offset 4)\n"
+        );
+        let empty = Table::new(&["IMAGE_ID"]);
+        assert_eq!(
+            list_table(&empty, "images", 0, 0, false),
+            "no images found\n"
+        );
+        assert_eq!(
+            list_table(&empty, "instances", 40, 3, false),
+            "no instances from offset 40 (3 in all)\n"
+        );
+    }
+
+    #[test]
+    fn ids_are_one_a_line() {
+        assert_eq!(ids(["img-a", "img-b"]), "img-a\nimg-b\n");
+        assert_eq!(ids([]), "");
+        assert_eq!(ids(["x\ny"]), "x\\ny\n");
     }
 
     #[test]

@@ -16,6 +16,9 @@ pub async fn run(
             let response = session.describe_regions().await?;
             match format {
                 OutputFormat::Json => output::json(&response),
+                OutputFormat::Id => Ok(output::ids(
+                    response.region_set.iter().map(|r| r.region.as_str()),
+                )),
                 OutputFormat::Table => Ok(region_table(&response.region_set)),
             }
         }

@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use imagefleet_imagectl::cli::Cli;
-use imagefleet_imagectl::progress::ProgressSink;
+use imagefleet_imagectl::progress::{Progress, SystemClock};
 use imagefleet_proto::catalog::v1 as catalog;
 use imagefleet_proto::region::v1 as region;
 use imagefleet_rpc::cluster::{AccountEntry, ClusterFile, RegionEndpoint, ServiceEndpoint};
@@ -125,6 +125,7 @@ fn listed_images() -> Vec<region::Image> {
 fn shared_images() -> Vec<region::Image> {
     let mut img = image("img-shared01", region::ImageState::Normal);
     img.image_type = region::ImageType::SharedImage as i32;
+    img.image_creator = "100000000009".into();
     vec![img]
 }
 
@@ -599,6 +600,20 @@ fn write_cluster(path: &Path, catalog: &str, regions: Vec<RegionEndpoint>) {
     .unwrap();
 }
 
+/// What progress wrote, shared with the `Progress` writing it.
+#[derive(Clone, Default)]
+struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Harness {
     async fn run(&self, args: &[&str]) -> Result<String, String> {
         self.run_with_stderr(args).await.0
@@ -615,12 +630,13 @@ impl Harness {
             Ok(cli) => cli,
             Err(e) => return (Err(e.to_string()), String::new()),
         };
-        let mut stderr: Vec<u8> = Vec::new();
-        let result =
-            imagefleet_imagectl::run_with_progress(cli, ProgressSink::new(&mut stderr, false))
-                .await
-                .map_err(|e| e.to_string());
-        (result, String::from_utf8(stderr).expect("UTF-8 stderr"))
+        let stderr = SharedBuffer::default();
+        let progress = Progress::plain(Box::new(stderr.clone()), Arc::new(SystemClock::new()));
+        let result = imagefleet_imagectl::run_with_progress(cli, &progress)
+            .await
+            .map_err(|e| e.to_string());
+        let text = stderr.0.lock().unwrap().clone();
+        (result, String::from_utf8(text).expect("UTF-8 stderr"))
     }
 
     async fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -701,7 +717,37 @@ async fn list_all_follows_the_page_tokens() {
         ])
         .await
         .unwrap();
-    assert_eq!(table.lines().count(), 1 + 4, "{table}");
+    // Header, four rows and the total line.
+    assert_eq!(table.lines().count(), 1 + 4 + 1, "{table}");
+    assert_eq!(
+        table.lines().last(),
+        Some("4 of 5 shown (from offset 1)"),
+        "{table}"
+    );
+    let first_page = h
+        .run(&["images", "list", "--region", "ap-guangzhou"])
+        .await
+        .unwrap();
+    assert!(
+        first_page.ends_with("2 of 5 shown; --all or --limit N --offset 2 for more\n"),
+        "{first_page}"
+    );
+    let ids = h
+        .run(&[
+            "images",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--all",
+            "--output",
+            "id",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        ids,
+        "img-list0001\nimg-list0002\nimg-list0003\nimg-list0004\nimg-list0005\n"
+    );
 }
 
 #[tokio::test]
@@ -720,8 +766,10 @@ async fn create_wait_polls_until_normal() {
             "--wait",
         ])
         .await;
-    assert_eq!(image["imageId"], "img-created1");
-    assert_eq!(image["imageState"], "NORMAL");
+    // The shape of every image result: {"imageSet": [Image], "totalCount": 1, ...}.
+    assert_eq!(image["totalCount"], 1, "{image}");
+    assert_eq!(image["imageSet"][0]["imageId"], "img-created1");
+    assert_eq!(image["imageSet"][0]["imageState"], "NORMAL");
 }
 
 #[tokio::test]
@@ -862,7 +910,9 @@ async fn instance_commands_print_tables_and_json() {
             "2",
         ])
         .await;
-    assert_eq!(run["instanceIdSet"].as_array().unwrap().len(), 2);
+    // The launched instances, in the shape of `instances list`.
+    assert!(!run["instanceSet"].as_array().unwrap().is_empty(), "{run}");
+    assert_eq!(run["instanceSet"][0]["instanceId"], "ins-00000000");
     let table = h
         .run(&["instances", "list", "--region", "ap-guangzhou"])
         .await
@@ -925,7 +975,12 @@ async fn sync_wait_prints_the_final_images_and_plain_progress() {
 
     // stdout: {"imageSet": [final Image + sourceImageId, ...]}, in SyncImages' order.
     let object = value.as_object().unwrap();
-    assert_eq!(object.keys().collect::<Vec<_>>(), ["imageSet"], "{value}");
+    assert_eq!(
+        object.keys().collect::<Vec<_>>(),
+        ["imageSet", "nextPageToken", "totalCount"],
+        "{value}"
+    );
+    assert_eq!(value["totalCount"], 2);
     let images = value["imageSet"].as_array().unwrap();
     assert_eq!(images.len(), 2, "{value}");
     let shanghai = &images[0];
@@ -996,17 +1051,17 @@ async fn sync_wait_prints_the_final_images_and_plain_progress() {
     assert_eq!(stderr.lines().count(), 9, "{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(
-        lines[0].starts_with("ap-shanghai img-sync0001 30% 30 MiB/100 MiB --"),
+        lines[0] == "ap-shanghai img-sync0001 30% 30.0/100.0 MiB",
         "{stderr}"
     );
     assert!(
-        lines[1].starts_with("ap-beijing img-sync0002 40% 4096 KiB/10240 KiB --"),
+        lines[1] == "ap-beijing img-sync0002 40% 4.0/10.0 MiB",
         "{stderr}"
     );
     // From the second poll on: a rate (since the first poll) and an ETA.
     let second = lines
         .iter()
-        .find(|l| l.starts_with("ap-shanghai img-sync0001 60% 60 MiB/100 MiB "))
+        .find(|l| l.starts_with("ap-shanghai img-sync0001 60% 60.0/100.0 MiB "))
         .unwrap();
     assert!(second.contains("B/s ETA "), "{second}");
     for (region, id) in SYNC_DESTINATIONS {
@@ -1053,7 +1108,10 @@ async fn sync_wait_fails_when_a_destination_fails() {
         .lines()
         .rfind(|l| l.starts_with("ap-beijing img-sync0002 "))
         .unwrap();
-    assert!(failed.ends_with(" CREATEFAILED"), "{stderr}");
+    assert!(
+        failed.ends_with(&format!(" CREATEFAILED: {SYNC_FAILURE}")),
+        "{stderr}"
+    );
     assert!(stderr
         .lines()
         .any(|l| l.starts_with("ap-shanghai img-sync0001 100%") && l.ends_with(" NORMAL")));
@@ -1064,32 +1122,45 @@ async fn sync_without_wait_prints_the_response() {
     let h = start().await;
     let (result, stderr) = h.run_with_stderr(&sync_args(&["--output", "json"])).await;
     let value: serde_json::Value = serde_json::from_str(&result.unwrap()).unwrap();
-    assert_eq!(
-        value,
-        serde_json::json!({
-            "imageSet": [
-                {"sourceImageId": SYNC_SOURCE, "region": "ap-shanghai", "imageId": "img-sync0001"},
-                {"sourceImageId": SYNC_SOURCE, "region": "ap-beijing", "imageId": "img-sync0002"},
-            ]
+    // The image list shape, each destination as it is right after the call.
+    assert_eq!(value["totalCount"], 2, "{value}");
+    let images = value["imageSet"].as_array().unwrap();
+    let seen: Vec<(&str, &str, &str, &str)> = images
+        .iter()
+        .map(|i| {
+            (
+                i["sourceImageId"].as_str().unwrap(),
+                i["region"].as_str().unwrap(),
+                i["imageId"].as_str().unwrap(),
+                i["imageState"].as_str().unwrap(),
+            )
         })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (SYNC_SOURCE, "ap-shanghai", "img-sync0001", "SYNCING"),
+            (SYNC_SOURCE, "ap-beijing", "img-sync0002", "SYNCING"),
+        ]
     );
     assert_eq!(stderr, "");
-    assert!(h.fake.state.lock().unwrap().sync_polls.is_empty());
+    assert_eq!(h.fake.state.lock().unwrap().sync_polls["img-sync0001"], 1);
 
-    let table = h.run(&sync_args(&[])).await.unwrap();
-    assert_eq!(
-        table,
-        "SOURCE_IMAGE_ID  REGION       IMAGE_ID\n\
-         img-list0001     ap-shanghai  img-sync0001\n\
-         img-list0001     ap-beijing   img-sync0002\n"
-    );
+    let ids = h.run(&sync_args(&["--output", "id"])).await.unwrap();
+    assert_eq!(ids, "img-sync0001\nimg-sync0002\n");
 
     let dry = h.json(&sync_args(&["--dry-run"])).await;
     assert_eq!(dry["imageSet"][0]["imageId"], "");
+    let table = h.run(&sync_args(&["--dry-run"])).await.unwrap();
+    assert!(
+        table.starts_with("SOURCE_IMAGE_ID  REGION       IMAGE_ID\n"),
+        "{table}"
+    );
     let state = h.fake.state.lock().unwrap();
-    assert_eq!(state.sync_requests.len(), 3);
+    assert_eq!(state.sync_requests.len(), 4);
     assert!(state.sync_requests[2].1.dry_run);
-    assert!(state.sync_polls.is_empty());
+    // Only the first call described its destinations (once each).
+    assert_eq!(state.sync_polls["img-sync0001"], 1);
 }
 
 #[tokio::test]
@@ -1306,10 +1377,15 @@ async fn shared_images_list_with_their_type() {
         .lines()
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(rows.len(), 2, "{table}");
+    // Header, the row and the total line.
+    assert_eq!(rows.len(), 3, "{table}");
+    assert_eq!(rows[2], ["1", "of", "1", "shown"], "{table}");
     assert_eq!(rows[0][2], "TYPE");
     assert_eq!(rows[1][0], "img-shared01");
     assert_eq!(rows[1][2], "SHARED_IMAGE");
+    // Who shared it.
+    assert_eq!(rows[0][4], "OWNER");
+    assert_eq!(rows[1][4], "100000000009");
     let value = h
         .json(&[
             "images",

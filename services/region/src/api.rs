@@ -74,7 +74,13 @@ fn image_message(row: &ImageRow, caller: &str, region: &str) -> Image {
             })
             .collect(),
         license_type: row.license_type.clone(),
-        sync_percent: row.sync_percent,
+        // A NORMAL image is complete whatever wrote its row (rows from before `make_normal`
+        // set the percent read 0 for images made by CreateImage).
+        sync_percent: if row.state == ImageState::Normal {
+            100
+        } else {
+            row.sync_percent
+        },
         lineage: Some(Lineage {
             parent_image_id: row.parent_image_id.clone(),
             parent_region: row.parent_region.clone(),
@@ -101,6 +107,19 @@ fn sync_progress(task: &CopyTask) -> SyncProgress {
         bytes_transferred: task.bytes_transferred,
         attempts: task.attempts,
         last_error: task.last_error.clone(),
+    }
+}
+
+/// The name of instance `index` (from 0) of a launch of `count`: the name asked for, with
+/// `-1` .. `-N` appended when a launch makes more than one; without a name asked for, the
+/// instance's own id (one rule whatever the count: no instance is ever named `unnamed`).
+pub fn instance_name(requested: &str, instance_id: &str, index: u32, count: u32) -> String {
+    if requested.is_empty() {
+        instance_id.to_string()
+    } else if count == 1 {
+        requested.to_string()
+    } else {
+        format!("{requested}-{}", index + 1)
     }
 }
 
@@ -471,7 +490,15 @@ impl RegionApi {
             RegionError::invalid(
                 "instance_type",
                 "InvalidInstanceType.Malformed",
-                format!("unknown instance type {:?}", req.instance_type),
+                format!(
+                    "unknown instance type {:?}; valid types: {}",
+                    req.instance_type,
+                    catalogue::instance_types_listed()
+                        .iter()
+                        .map(|t| t.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             )
         })?;
         let count = if req.instance_count == 0 {
@@ -511,20 +538,16 @@ impl RegionApi {
             g => g,
         };
         let now = unix_now();
-        let base_name = if req.instance_name.is_empty() {
-            "unnamed".to_string()
-        } else {
-            req.instance_name.clone()
-        };
         let instances: Vec<InstanceRow> = (0..count)
-            .map(|i| InstanceRow {
-                instance_id: random_id("ins"),
+            .map(|i| {
+                let instance_id = random_id("ins");
+                let name = instance_name(&req.instance_name, &instance_id, i, count);
+                (instance_id, name)
+            })
+            .map(|(instance_id, name)| InstanceRow {
+                instance_id,
                 owner: caller.clone(),
-                name: if count == 1 {
-                    base_name.clone()
-                } else {
-                    format!("{base_name}-{}", i + 1)
-                },
+                name,
                 instance_type: instance_type.name.to_string(),
                 cpu: instance_type.cpu,
                 memory_gib: instance_type.memory_gib,
@@ -986,5 +1009,19 @@ impl RegionService for RegionApi {
         Ok(Response::new(DescribeInstanceTypeConfigsResponse {
             instance_type_config_set: set,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::instance_name;
+
+    #[test]
+    fn instances_are_named_by_one_rule() {
+        assert_eq!(instance_name("web", "ins-aaaaaaaa", 0, 1), "web");
+        assert_eq!(instance_name("web", "ins-aaaaaaaa", 0, 2), "web-1");
+        assert_eq!(instance_name("web", "ins-bbbbbbbb", 1, 2), "web-2");
+        assert_eq!(instance_name("", "ins-aaaaaaaa", 0, 1), "ins-aaaaaaaa");
+        assert_eq!(instance_name("", "ins-bbbbbbbb", 1, 2), "ins-bbbbbbbb");
     }
 }
