@@ -19,6 +19,9 @@ mod api;
 pub mod catalogue;
 mod copy;
 mod disk;
+mod export;
+mod fetch;
+mod import;
 pub mod error;
 pub mod fairness;
 mod lifecycle;
@@ -31,7 +34,7 @@ mod shares;
 mod validate;
 
 pub use fairness::FairShare;
-pub use region::{Region, RegionConfig, StorageLimits};
+pub use region::{ImportLimits, Region, RegionConfig, StorageLimits};
 
 use imagefleet_proto::catalog::v1::{RegisterImageRequest, RegisterRegionRequest};
 use imagefleet_proto::region::v1::region_internal_service_server::RegionInternalServiceServer;
