@@ -189,8 +189,8 @@ pub(crate) fn stream(
                     let data = chunks
                         .get(&digest)
                         .map_err(|e| Status::from(RegionError::from(e)))?;
-                    let len = (header.virtual_size - idx * CHUNK_SIZE as u64)
-                        .min(CHUNK_SIZE as u64) as usize;
+                    let len = (header.virtual_size - idx * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64)
+                        as usize;
                     let mut data = Bytes::from(data);
                     data.truncate(len);
                     let pieces = writer.chunk(idx, data).map_err(export_error)?;

@@ -246,7 +246,11 @@ async fn open(url: &str, allow_private: bool) -> Result<(http::Response<Body>, S
                 format!(
                     "{}://{}{location}",
                     target.uri.scheme_str().unwrap_or("http"),
-                    target.uri.authority().map(|a| a.as_str()).unwrap_or_default()
+                    target
+                        .uri
+                        .authority()
+                        .map(|a| a.as_str())
+                        .unwrap_or_default()
                 )
             } else {
                 location.to_string()
@@ -259,9 +263,7 @@ async fn open(url: &str, allow_private: bool) -> Result<(http::Response<Body>, S
         }
         return Ok((response, target.uri.to_string()));
     }
-    Err(unreachable(format!(
-        "more than {MAX_REDIRECTS} redirects"
-    )))
+    Err(unreachable(format!("more than {MAX_REDIRECTS} redirects")))
 }
 
 /// `ImportImage`: checks, pulls the file's first bytes, answers with the `IMPORTING` image.
@@ -287,12 +289,10 @@ pub(crate) async fn import_image(
     let mut job = region
         .prepare_import(caller, params, None, &req.image_url)
         .await?;
-    let (response, _) = tokio::time::timeout_at(
-        deadline,
-        open(&req.image_url, limits.allow_private_urls),
-    )
-    .await
-    .map_err(|_| timed_out(limits.timeout))??;
+    let (response, _) =
+        tokio::time::timeout_at(deadline, open(&req.image_url, limits.allow_private_urls))
+            .await
+            .map_err(|_| timed_out(limits.timeout))??;
     job.size = response
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -352,12 +352,31 @@ mod tests {
         for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
             assert_eq!(class(public), AddressClass::Public, "{public}");
         }
-        for private in ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "::1", "fd00::1", "100.64.0.1", "::ffff:10.0.0.1"] {
+        for private in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.5.4",
+            "192.168.1.1",
+            "::1",
+            "fd00::1",
+            "100.64.0.1",
+            "::ffff:10.0.0.1",
+        ] {
             assert_eq!(class(private), AddressClass::Private, "{private}");
         }
         for never in [
-            "0.0.0.0", "169.254.169.254", "224.0.0.1", "255.255.255.255", "240.0.0.1", "192.0.2.1",
-            "::", "fe80::1", "ff02::1", "2001:db8::1", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe",
+            "0.0.0.0",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "240.0.0.1",
+            "192.0.2.1",
+            "::",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
         ] {
             assert_eq!(class(never), AddressClass::Never, "{never}");
         }
@@ -367,7 +386,14 @@ mod tests {
     fn urls_are_checked() {
         assert!(parse_url("http://example.com/a.qcow2").is_ok());
         assert_eq!(parse_url("http://[::1]:8080/x").unwrap().host, "::1");
-        for bad in ["ftp://h/x", "file:///etc/passwd", "http://", "x", "http://u:p@h/x", "http://h/a b"] {
+        for bad in [
+            "ftp://h/x",
+            "file:///etc/passwd",
+            "http://",
+            "x",
+            "http://u:p@h/x",
+            "http://h/a b",
+        ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
     }

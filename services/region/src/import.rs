@@ -25,6 +25,9 @@ use tonic::{Code, Status};
 /// Chunks stored and recorded together (one `sync`, one transaction).
 const BATCH_CHUNKS: usize = 16;
 
+/// File bytes read between two records of the progress (and of the chunks ready by then).
+const PROGRESS_EVERY: u64 = 16 << 20;
+
 /// Messages of the file queued for the worker.
 pub(crate) const QUEUE: usize = 4;
 
@@ -196,10 +199,7 @@ impl Region {
         self: &Arc<Self>,
         job: ImportJob,
         admitted: Option<oneshot::Sender<std::result::Result<String, Status>>>,
-    ) -> (
-        mpsc::Sender<Piece>,
-        tokio::task::JoinHandle<Outcome>,
-    ) {
+    ) -> (mpsc::Sender<Piece>, tokio::task::JoinHandle<Outcome>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let region = self.clone();
         let worker = tokio::task::spawn_blocking(move || {
@@ -209,6 +209,7 @@ impl Region {
                 image_id: None,
                 admitted,
                 chunker: Chunker::default(),
+                recorded: 0,
             };
             let outcome = worker.run(rx);
             if let (Some(tell), Outcome::Refused(status)) = (worker.admitted.take(), &outcome) {
@@ -244,6 +245,8 @@ struct Worker<'a> {
     image_id: Option<String>,
     admitted: Option<oneshot::Sender<std::result::Result<String, Status>>>,
     chunker: Chunker,
+    /// File bytes read as last recorded.
+    recorded: u64,
 }
 
 impl Worker<'_> {
@@ -275,8 +278,12 @@ impl Worker<'_> {
                                 self.admit(header.virtual_size, header.format)?;
                             }
                         }
-                        if self.image_id.is_some() && self.chunker.ready.len() >= BATCH_CHUNKS {
-                            self.store_ready(decoder.bytes_read())?;
+                        let read = decoder.bytes_read();
+                        if self.image_id.is_some()
+                            && (self.chunker.ready.len() >= BATCH_CHUNKS
+                                || read.saturating_sub(self.recorded) >= PROGRESS_EVERY)
+                        {
+                            self.store_ready(read)?;
                         }
                     }
                     Piece::Abort(status) => return Err(status),
@@ -359,6 +366,7 @@ impl Worker<'_> {
             return Ok(());
         };
         let ready = std::mem::take(&mut self.chunker.ready);
+        self.recorded = bytes_read;
         let region = self.region;
         if !ready.is_empty() {
             region.check_free_space_blocking((ready.len() * CHUNK_SIZE) as u64)?;
@@ -372,12 +380,9 @@ impl Worker<'_> {
                 }
             }
             region.chunks.sync()?;
-            region.store.record_import_chunks(
-                &image_id,
-                &entries,
-                bytes_read,
-                region.limits(),
-            )
+            region
+                .store
+                .record_import_chunks(&image_id, &entries, bytes_read, region.limits())
         })();
         drop(shared);
         if let Err(e) = stored {
@@ -396,7 +401,8 @@ impl Worker<'_> {
         let Some(image_id) = self.image_id.clone() else {
             return Outcome::Refused(status);
         };
-        let reason = imagefleet_proto::error::reason(&status).unwrap_or_else(|| "InternalError".into());
+        let reason =
+            imagefleet_proto::error::reason(&status).unwrap_or_else(|| "InternalError".into());
         tracing::warn!(image = %image_id, %reason, message = status.message(), "import failed");
         match self
             .region
@@ -408,7 +414,9 @@ impl Worker<'_> {
                     tracing::warn!(image = %image_id, error = %e, "chunks of a failed import left for the next sweep");
                 }
             }
-            Err(e) => tracing::warn!(image = %image_id, error = %e, "could not mark the import failed"),
+            Err(e) => {
+                tracing::warn!(image = %image_id, error = %e, "could not mark the import failed")
+            }
         }
         let mut metadata: Vec<(String, String)> = imagefleet_proto::error::metadata(&status)
             .into_iter()
