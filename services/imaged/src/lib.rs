@@ -30,7 +30,7 @@ enum Command {
     /// Run the sharing service.
     Sharing(SharingArgs),
     /// Run one region service.
-    Region(RegionArgs),
+    Region(Box<RegionArgs>),
     /// Check a service's gRPC health: exit 0 when it is SERVING (for container healthchecks).
     Health(HealthArgs),
     /// Make a cluster CA and a certificate per service identity (for mutual TLS).
@@ -418,6 +418,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             imagefleet_sharing::run(config, listener, shutdown).await
         }
         Command::Region(args) => {
+            let args = *args;
             let _lock = lock_data_dir(&args.data_dir)?;
             let tls = args.transport.install(&format!(
                 "{}{}",

@@ -173,9 +173,7 @@ pub(crate) fn stream(
             if s.done {
                 return None;
             }
-            let Some(mut writer) = s.writer.take() else {
-                return None;
-            };
+            let mut writer = s.writer.take()?;
             if !s.started {
                 s.started = true;
                 let pieces = writer.start();

@@ -466,7 +466,7 @@ impl Chunker {
             }
             self.pos += take as u64;
             rest = tail;
-            if self.pos % Self::SIZE == 0 {
+            if self.pos.is_multiple_of(Self::SIZE) {
                 self.complete();
             }
         }
@@ -484,7 +484,7 @@ impl Chunker {
             let take = (Self::SIZE - within).min(len);
             self.pos += take;
             len -= take;
-            if self.pos % Self::SIZE == 0 {
+            if self.pos.is_multiple_of(Self::SIZE) {
                 self.complete();
             }
         }
@@ -502,7 +502,7 @@ impl Chunker {
 
     /// The end of the disk: a partial last chunk is complete (zero-padded).
     fn finish(&mut self) {
-        if self.pos % Self::SIZE != 0 {
+        if !self.pos.is_multiple_of(Self::SIZE) {
             self.complete();
         }
     }
