@@ -470,6 +470,71 @@ async fn a_file_found_broken_late_fails_the_import_and_releases_its_chunks() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_limits_and_the_storage_quota_hold_for_imports() {
+    let cluster = Cluster::start_with(
+        &["ap-guangzhou"],
+        &[(
+            "ap-guangzhou",
+            RegionOptions::env(&[
+                ("IMAGEFLEET_STORAGE_BYTES_QUOTA", &(8 * MIB).to_string()),
+                (
+                    "IMAGEFLEET_MAX_IMPORT_VIRTUAL_SIZE",
+                    &(20 * MIB).to_string(),
+                ),
+                ("IMAGEFLEET_MAX_IMPORT_FILE_SIZE", &(18 * MIB).to_string()),
+            ]),
+        )],
+    )
+    .await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let dir = tempfile::tempdir().unwrap();
+    let chunk_dir = cluster.region_dir("ap-guangzhou");
+    let before = chunk_files(&chunk_dir);
+    let (disk, _) = source_disk();
+    let source = write(dir.path(), "source.raw", &disk);
+    assert_refused(
+        upload(&mut gz, parameters("too-big-file", ""), &disk).await,
+        Code::InvalidArgument,
+        "InvalidImage.FileTooLarge",
+    );
+    let qcow2 = std::fs::read(convert(&source, dir.path(), "s.qcow2", "qcow2", &[])).unwrap();
+    assert!(qcow2.len() < 18 * MIB);
+    assert_refused(
+        upload(&mut gz, parameters("too-big-disk", ""), &qcow2).await,
+        Code::InvalidArgument,
+        "InvalidImage.VirtualSizeTooLarge",
+    );
+    // 16 MiB of data against a quota of 8 MiB: found as the chunks are recorded.
+    let status = upload(
+        &mut gz,
+        parameters("over-quota", "raw"),
+        &random_bytes(16 * MIB),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "LimitExceeded.StorageQuota");
+    let image_id = error_metadata(&status).get("image_id").cloned().unwrap();
+    let failed = image(&mut gz, &image_id).await;
+    assert_eq!(failed.image_state, ImageState::Importfailed as i32);
+    assert_eq!(
+        failed.import_progress.unwrap().error_reason,
+        "LimitExceeded.StorageQuota"
+    );
+    assert_eq!(
+        chunk_files(&chunk_dir),
+        before,
+        "imports over the limits left chunks"
+    );
+    let quota = gz
+        .describe_image_quota(DescribeImageQuotaRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(quota.storage_bytes_used, 0);
+}
+
 /// Starts an upload of `file` that sends its first `sent` bytes and then waits; returns the
 /// sender that keeps it open and the call's handle.
 async fn held_upload(
