@@ -24,6 +24,13 @@
 //!   concurrent readers, against A's p99 for the same calls in the same region before B
 //!   arrived; the figure is the larger of the two ratios. A's calls alternate, one at a time:
 //!   200 warm-up calls (at most 10 s), then 2000 measured ones (at most 10 minutes).
+//! - import_1g: wall time of an `UploadImage` of a 1 GiB qcow2 of random bytes, from the call
+//!   to its answer (the image `NORMAL`: inspected, chunked, hashed, stored durably), against
+//!   `cp` of the same file to the same disk plus `sync`. The image is deleted between rounds
+//!   (its chunks reclaimed), so every round stores every chunk.
+//! - export_1g: wall time of an `ExportImage` of that image as QCOW2, written to a local file
+//!   as a client does, against `qemu-img convert -O qcow2` of the same raw bytes on the same
+//!   disk.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -778,6 +785,165 @@ async fn noisy_neighbour() {
     );
 }
 
+/// The upload of `file` as one image, in 1 MiB messages read as they are sent.
+fn upload_stream(
+    name: &str,
+    file: std::path::PathBuf,
+) -> impl futures::Stream<Item = UploadImageRequest> + Send + 'static {
+    use std::io::Read;
+    let size = std::fs::metadata(&file).expect("file").len();
+    let first = UploadImageRequest {
+        parameters: Some(ImportImageParameters {
+            image_name: name.into(),
+            format: "qcow2".into(),
+            platform: "Ubuntu".into(),
+            os_version: "22.04".into(),
+            ..Default::default()
+        }),
+        size_bytes: size,
+        data: Vec::new(),
+    };
+    let mut reader = std::fs::File::open(&file).expect("file");
+    let rest = std::iter::from_fn(move || {
+        let mut buf = vec![0u8; MIB as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match reader.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => panic!("reading the file: {e}"),
+            }
+        }
+        (filled > 0).then(|| {
+            buf.truncate(filled);
+            UploadImageRequest {
+                data: buf,
+                ..Default::default()
+            }
+        })
+    });
+    futures::stream::iter(std::iter::once(first).chain(rest))
+}
+
+fn cp_sync(file: &std::path::Path, target: &std::path::Path) -> f64 {
+    let start = Instant::now();
+    let cp = std::process::Command::new("cp")
+        .arg(file)
+        .arg(target)
+        .status()
+        .expect("cp runs");
+    let sync = std::process::Command::new("sync")
+        .status()
+        .expect("sync runs");
+    let secs = start.elapsed().as_secs_f64();
+    assert!(cp.success() && sync.success(), "cp or sync failed");
+    let _ = std::fs::remove_file(target);
+    secs
+}
+
+async fn import_export() {
+    use futures::StreamExt;
+    use std::io::{Seek, SeekFrom, Write};
+    let cluster = Cluster::start(&["ap-guangzhou"]).await;
+    let mut region = cluster.region("ap-guangzhou", 0);
+    let dir = cluster.dir.path();
+    let raw = dir.join("content.raw");
+    std::fs::write(&raw, random_bytes(1024 * MIB as usize)).expect("content file");
+    let qcow2 = dir.join("content.qcow2");
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2)
+        .status()
+        .expect("qemu-img runs");
+    assert!(converted.success(), "qemu-img convert failed");
+    let (mut ours, mut baseline) = (Vec::new(), Vec::new());
+    let mut image_id = String::new();
+    for round in 0..3 {
+        if !image_id.is_empty() {
+            region
+                .delete_images(DeleteImagesRequest {
+                    image_ids: vec![image_id.clone()],
+                })
+                .await
+                .expect("delete");
+        }
+        let cp = cp_sync(&qcow2, &dir.join("copy.qcow2"));
+        let start = Instant::now();
+        let done = region
+            .upload_image(upload_stream(
+                &format!("bench-import-{round}"),
+                qcow2.clone(),
+            ))
+            .await
+            .expect("upload")
+            .into_inner();
+        let secs = start.elapsed().as_secs_f64();
+        println!("  round {}: cp+sync {cp:.3}s, import {secs:.3}s", round + 1);
+        image_id = done.image_id;
+        ours.push(secs);
+        baseline.push(cp);
+    }
+    let (o, b) = (median(&mut ours), median(&mut baseline));
+    report(
+        "import_1g",
+        o / b,
+        &format!("{o:.3}s"),
+        &format!("cp+sync {b:.3}s"),
+        "<= 1.5",
+    );
+    let (mut ours, mut baseline) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let target = dir.join("qemu.qcow2");
+        let start = Instant::now();
+        let converted = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&target)
+            .status()
+            .expect("qemu-img runs");
+        let qemu = start.elapsed().as_secs_f64();
+        assert!(converted.success());
+        let _ = std::fs::remove_file(&target);
+        let target = dir.join("export.qcow2");
+        let start = Instant::now();
+        let mut stream = region
+            .export_image(ExportImageRequest {
+                image_id: image_id.clone(),
+                format: ExportFormat::Qcow2 as i32,
+            })
+            .await
+            .expect("export")
+            .into_inner();
+        let mut file = std::fs::File::create(&target).expect("export file");
+        let mut end = 0;
+        while let Some(piece) = stream.next().await {
+            let piece = piece.expect("export piece");
+            file.seek(SeekFrom::Start(piece.offset)).expect("seek");
+            file.write_all(&piece.data).expect("write");
+            end = piece.offset;
+        }
+        file.set_len(end).expect("set_len");
+        let secs = start.elapsed().as_secs_f64();
+        drop(file);
+        let _ = std::fs::remove_file(&target);
+        println!(
+            "  round {}: qemu-img convert {qemu:.3}s, export {secs:.3}s",
+            round + 1
+        );
+        ours.push(secs);
+        baseline.push(qemu);
+    }
+    let (o, b) = (median(&mut ours), median(&mut baseline));
+    report(
+        "export_1g",
+        o / b,
+        &format!("{o:.3}s"),
+        &format!("qemu-img convert {b:.3}s"),
+        "<= 1.5",
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects figures.
     let filter: Vec<String> = std::env::args()
@@ -816,6 +982,9 @@ fn main() {
         }
         if wanted("noisy_neighbour") {
             noisy_neighbour().await;
+        }
+        if wanted("import") || wanted("export") {
+            import_export().await;
         }
     });
 }

@@ -33,6 +33,9 @@ pub struct DevArgs {
     redis_url: Option<String>,
     #[command(flatten)]
     fair_share: crate::FairShareArgs,
+    /// Every region's import limits.
+    #[command(flatten)]
+    imports: crate::ImportArgs,
     /// Every region's per-account limits and free-space reserve.
     #[command(flatten)]
     storage: super::StorageArgs,
@@ -376,6 +379,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             account_rate: imagefleet_region::RegionConfig::DEFAULT_ACCOUNT_RATE,
             fair_share: args.fair_share.limits(),
             storage: args.storage.limits()?,
+            imports: args.imports.limits(),
         };
         let stop = stopped(stop_rx.clone());
         tasks.spawn(on_own_runtime(name, listener, |listener| async move {

@@ -30,7 +30,7 @@ enum Command {
     /// Run the sharing service.
     Sharing(SharingArgs),
     /// Run one region service.
-    Region(RegionArgs),
+    Region(Box<RegionArgs>),
     /// Check a service's gRPC health: exit 0 when it is SERVING (for container healthchecks).
     Health(HealthArgs),
     /// Make a cluster CA and a certificate per service identity (for mutual TLS).
@@ -251,6 +251,8 @@ struct RegionArgs {
     #[command(flatten)]
     storage: StorageArgs,
     #[command(flatten)]
+    imports: ImportArgs,
+    #[command(flatten)]
     transport: TransportArgs,
     #[command(flatten)]
     key: ServiceKeyArgs,
@@ -286,6 +288,41 @@ impl FairShareArgs {
             max_streams: self.max_streams_per_account,
             max_exports: self.max_exports_per_account,
             max_copies: self.max_copies_per_account,
+        }
+    }
+}
+
+/// Limits of image imports in a region (`imaged region` and `imaged dev`).
+#[derive(Args, Debug, Clone)]
+struct ImportArgs {
+    /// Imports (UploadImage, ImportImage) an account may have under way at once in a region;
+    /// past it RESOURCE_EXHAUSTED `LimitExceeded.ConcurrentImports`. 0: no limit.
+    #[arg(long, env = "IMAGEFLEET_MAX_IMPORTS_PER_ACCOUNT", default_value_t = imagefleet_region::ImportLimits::DEFAULT_MAX_IMPORTS)]
+    max_imports_per_account: u32,
+    /// Largest virtual (guest) size of an imported disk, in bytes
+    /// (`InvalidImage.VirtualSizeTooLarge`); default 500 GiB.
+    #[arg(long, env = "IMAGEFLEET_MAX_IMPORT_VIRTUAL_SIZE", default_value_t = imagefleet_region::ImportLimits::DEFAULT_MAX_VIRTUAL_SIZE)]
+    max_import_virtual_size: u64,
+    /// Largest imported file, in bytes (`InvalidImage.FileTooLarge`); default 50 GiB.
+    #[arg(long, env = "IMAGEFLEET_MAX_IMPORT_FILE_SIZE", default_value_t = imagefleet_region::ImportLimits::DEFAULT_MAX_FILE_SIZE)]
+    max_import_file_size: u64,
+    /// Let ImportImage pull from hosts whose addresses are not public (loopback, private,
+    /// link-local...). For tests and closed networks only.
+    #[arg(long, env = "IMAGEFLEET_IMPORT_ALLOW_PRIVATE_URLS")]
+    import_allow_private_urls: bool,
+    /// How long a URL import may take in all, e.g. `6h`.
+    #[arg(long, env = "IMAGEFLEET_IMPORT_TIMEOUT", default_value = "6h", value_parser = humantime::parse_duration)]
+    import_timeout: std::time::Duration,
+}
+
+impl ImportArgs {
+    fn limits(&self) -> imagefleet_region::ImportLimits {
+        imagefleet_region::ImportLimits {
+            max_imports: self.max_imports_per_account,
+            max_virtual_size: self.max_import_virtual_size,
+            max_file_size: self.max_import_file_size,
+            allow_private_urls: self.import_allow_private_urls,
+            timeout: self.import_timeout,
         }
     }
 }
@@ -381,6 +418,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             imagefleet_sharing::run(config, listener, shutdown).await
         }
         Command::Region(args) => {
+            let args = *args;
             let _lock = lock_data_dir(&args.data_dir)?;
             let tls = args.transport.install(&format!(
                 "{}{}",
@@ -413,6 +451,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 account_rate: args.account_rate,
                 fair_share: args.fair_share.limits(),
                 storage: args.storage.limits()?,
+                imports: args.imports.limits(),
             })?;
             imagefleet_region::run(region, listener, shutdown).await
         }

@@ -92,6 +92,7 @@ fn image_message(row: &ImageRow, caller: &str, region: &str) -> Image {
         is_deprecated: row.deprecated,
         region: region.to_string(),
         sync_progress: None,
+        import_progress: None,
     }
 }
 
@@ -286,6 +287,27 @@ impl RegionApi {
             .filter(|i| i.image_source == pb::ImageSource::Sync as i32)
             .map(|i| i.image_id.clone())
             .collect();
+        let imported: Vec<String> = image_set
+            .iter()
+            .filter(|i| i.image_source == pb::ImageSource::ExternalImport as i32)
+            .map(|i| i.image_id.clone())
+            .collect();
+        if !imported.is_empty() {
+            let store = self.region.store.clone();
+            let imports = blocking(move || store.imports_for(&imported)).await?;
+            for image in &mut image_set {
+                if let Some(row) = imports.get(&image.image_id) {
+                    image.import_progress = Some(ImportProgress {
+                        bytes_read: row.bytes_read,
+                        size_bytes: row.size_bytes,
+                        format: row.format.clone(),
+                        format_variant: row.format_variant.clone(),
+                        error_reason: row.error_reason.clone(),
+                        image_url: row.image_url.clone(),
+                    });
+                }
+            }
+        }
         if !copied.is_empty() {
             let store = self.region.store.clone();
             let tasks = blocking(move || store.copy_tasks_for(&copied)).await?;
@@ -414,16 +436,17 @@ impl RegionApi {
 
     async fn export_image(&self, caller: String, req: ExportImageRequest) -> Result<ExportStream> {
         validate::image_id("image_id", &req.image_id)?;
-        match ExportFormat::try_from(req.format) {
-            Ok(ExportFormat::Raw | ExportFormat::Unspecified) => {}
-            _ => {
+        let format = match ExportFormat::try_from(req.format) {
+            Ok(ExportFormat::Unspecified) => ExportFormat::Raw,
+            Ok(format) => format,
+            Err(_) => {
                 return Err(RegionError::invalid(
                     "format",
                     "InvalidParameterValue.Format",
-                    "only RAW export is supported",
+                    "format is not one of RAW, QCOW2, VHD, VMDK",
                 ))
             }
-        }
+        };
         let (image, access) = self.region.resolve_image(&req.image_id, &caller).await?;
         match access {
             Access::Own => {}
@@ -454,12 +477,29 @@ impl RegionApi {
         let chunks = self.region.chunks.clone();
         let snapshot = image.snapshot_id.clone().unwrap_or_default();
         let manifest = blocking(move || store.snapshot_manifest(&snapshot)).await?;
+        if format != ExportFormat::Raw {
+            let seed = image
+                .content_digest
+                .bytes()
+                .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b));
+            let (header, writer) = crate::export::plan(
+                format,
+                image.virtual_size,
+                &image.content_digest,
+                &manifest,
+                seed,
+            )?;
+            let stream = crate::export::stream(chunks, manifest, header, writer);
+            return Ok(self.region.guarded(stream, permits));
+        }
         let (size, digest) = (image.virtual_size, image.content_digest.clone());
         let piece = move |offset: u64, data: Vec<u8>| ExportImageChunk {
             offset,
             data,
             virtual_size_bytes: size,
             content_digest: digest.clone(),
+            format: ExportFormat::Raw as i32,
+            file_size_bytes: size,
         };
         // An image of zeros still tells the client its size.
         let last = piece(size, Vec::new());
@@ -478,6 +518,84 @@ impl RegionApi {
             Some(last),
         );
         Ok(self.region.guarded(stream, permits))
+    }
+
+    async fn upload_image(
+        &self,
+        caller: String,
+        mut stream: tonic::Streaming<UploadImageRequest>,
+    ) -> Result<UploadImageResponse, Status> {
+        use crate::import::Piece;
+        let stall = self.region.config.fair_share.stream_stall_timeout;
+        let first = match tokio::time::timeout(stall, stream.message()).await {
+            Ok(Ok(Some(first))) => first,
+            Ok(Ok(None)) => {
+                return Err(RegionError::invalid(
+                    "parameters",
+                    "MissingParameter",
+                    "the call carried no message",
+                )
+                .into())
+            }
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(slow_writer(stall)),
+        };
+        let Some(params) = first.parameters.as_ref() else {
+            return Err(RegionError::invalid(
+                "parameters",
+                "MissingParameter",
+                "the first message carries the parameters",
+            )
+            .into());
+        };
+        if first.size_bytes == 0 {
+            return Err(RegionError::invalid(
+                "size_bytes",
+                "MissingParameter",
+                "the first message carries the file's size",
+            )
+            .into());
+        }
+        let job = self
+            .region
+            .prepare_import(&caller, params, Some(first.size_bytes), "")
+            .await?;
+        let (tx, worker) = self.region.start_import(job, None);
+        let mut next = Some(Piece::Data(first.data.into()));
+        loop {
+            if let Some(piece) = next.take() {
+                let end = !matches!(piece, Piece::Data(_));
+                if tx.send(piece).await.is_err() || end {
+                    // The worker stopped reading (a refusal), or the file is complete.
+                    break;
+                }
+            }
+            next = Some(match tokio::time::timeout(stall, stream.message()).await {
+                Ok(Ok(Some(message))) => Piece::Data(message.data.into()),
+                Ok(Ok(None)) => Piece::End,
+                Ok(Err(status)) => Piece::Abort(imagefleet_proto::error::status(
+                    tonic::Code::Cancelled,
+                    crate::import::INTERRUPTED,
+                    format!("the upload was interrupted: {}", status.message()),
+                )),
+                Err(_) => Piece::Abort(slow_writer(stall)),
+            });
+        }
+        drop(tx);
+        let outcome = worker
+            .await
+            .map_err(|e| Status::from(RegionError::Task(e.to_string())))?;
+        let (image_id, summary) = self.region.conclude_import(outcome).await?;
+        let store = self.region.store.clone();
+        let id = image_id.clone();
+        let image = blocking(move || store.image(&id)).await?;
+        Ok(UploadImageResponse {
+            image_id,
+            virtual_size_bytes: summary.virtual_size,
+            content_digest: image.map(|i| i.content_digest).unwrap_or_default(),
+            format: summary.format.as_str().to_string(),
+            format_variant: summary.format.variant().to_string(),
+        })
     }
 
     async fn run_instances(
@@ -803,6 +921,22 @@ impl RegionApi {
     }
 }
 
+/// The status of an upload whose client sent nothing for `stall`.
+fn slow_writer(stall: std::time::Duration) -> Status {
+    imagefleet_proto::error::status_with_metadata(
+        tonic::Code::DeadlineExceeded,
+        crate::import::SLOW_WRITER,
+        format!(
+            "the upload was cut off: its client sent nothing for {}",
+            humantime::format_duration(stall)
+        ),
+        [(
+            "stall_timeout".to_string(),
+            humantime::format_duration(stall).to_string(),
+        )],
+    )
+}
+
 /// Answers a handler's result: its error becomes a status here.
 fn answer<T>(result: Result<T>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
@@ -876,6 +1010,50 @@ impl RegionService for RegionApi {
     ) -> Result<Response<Self::ExportImageStream>, Status> {
         let caller = self.caller(&request).await?;
         answer(RegionApi::export_image(self, caller, request.into_inner()).await)
+    }
+
+    async fn upload_image(
+        &self,
+        request: Request<tonic::Streaming<UploadImageRequest>>,
+    ) -> Result<Response<UploadImageResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        RegionApi::upload_image(self, caller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn import_image(
+        &self,
+        request: Request<ImportImageRequest>,
+    ) -> Result<Response<ImportImageResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        crate::fetch::import_image(&self.region, &caller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn describe_import_image_os(
+        &self,
+        request: Request<DescribeImportImageOsRequest>,
+    ) -> Result<Response<DescribeImportImageOsResponse>, Status> {
+        self.caller(&request).await?;
+        Ok(Response::new(DescribeImportImageOsResponse {
+            import_os_list_support: catalogue::IMPORT_OS
+                .iter()
+                .map(|(platform, versions)| ImportImageOs {
+                    platform: platform.to_string(),
+                    os_versions: versions.iter().map(|v| v.to_string()).collect(),
+                })
+                .collect(),
+            architectures: catalogue::IMPORT_ARCHITECTURES
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            image_formats: catalogue::IMPORT_FORMATS
+                .iter()
+                .map(|f| f.to_string())
+                .collect(),
+        }))
     }
 
     async fn run_instances(

@@ -183,3 +183,21 @@ pub fn is_mainland(region: &str) -> bool {
             | "ap-chongqing"
     )
 }
+
+/// The platforms an imported image may declare, each with the versions it may declare
+/// (`DescribeImportImageOs`). The platforms are those of the public images, plus `Other`.
+pub const IMPORT_OS: &[(&str, &[&str])] = &[
+    ("TencentOS", &["2.4", "3.1", "4"]),
+    ("CentOS", &["7", "8", "9"]),
+    ("Ubuntu", &["18.04", "20.04", "22.04", "24.04"]),
+    ("Debian", &["10", "11", "12"]),
+    ("RedHat", &["7", "8", "9"]),
+    ("Windows", &["2012", "2016", "2019", "2022"]),
+    ("Other", &["Linux", "Windows", "-"]),
+];
+
+/// Architectures an imported image may declare.
+pub const IMPORT_ARCHITECTURES: &[&str] = &["x86_64", "arm64"];
+
+/// Formats an import may declare.
+pub const IMPORT_FORMATS: &[&str] = &["raw", "qcow2", "vmdk", "vhd", "vpc", "vhdx", "iso"];

@@ -54,6 +54,8 @@ impl Default for FairShare {
 pub enum Kind {
     Stream,
     Export,
+    /// An import under way (`UploadImage`, `ImportImage`).
+    Import,
 }
 
 impl Kind {
@@ -61,6 +63,7 @@ impl Kind {
         match self {
             Kind::Stream => "LimitExceeded.ConcurrentStreams",
             Kind::Export => "LimitExceeded.ConcurrentExports",
+            Kind::Import => "LimitExceeded.ConcurrentImports",
         }
     }
 
@@ -68,6 +71,7 @@ impl Kind {
         match self {
             Kind::Stream => "streams",
             Kind::Export => "exports",
+            Kind::Import => "imports",
         }
     }
 }
@@ -267,6 +271,12 @@ impl crate::region::Region {
             );
         }
         Ok(permits)
+    }
+
+    /// The permit an import of `account` holds while it runs.
+    pub(crate) fn import_permit(&self, account: &str) -> Result<Permit> {
+        self.gate
+            .acquire(Kind::Import, account, self.config.imports.max_imports)
     }
 
     /// `inner`, holding `permits` while it is open and cut off when its reader stalls.

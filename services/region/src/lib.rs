@@ -20,7 +20,10 @@ pub mod catalogue;
 mod copy;
 mod disk;
 pub mod error;
+mod export;
 pub mod fairness;
+mod fetch;
+mod import;
 mod lifecycle;
 pub mod meta;
 pub mod model;
@@ -31,7 +34,7 @@ mod shares;
 mod validate;
 
 pub use fairness::FairShare;
-pub use region::{Region, RegionConfig, StorageLimits};
+pub use region::{ImportLimits, Region, RegionConfig, StorageLimits};
 
 use imagefleet_proto::catalog::v1::{RegisterImageRequest, RegisterRegionRequest};
 use imagefleet_proto::region::v1::region_internal_service_server::RegionInternalServiceServer;

@@ -225,12 +225,12 @@ impl Region {
             self.spawn_copy(image.image_id);
         }
         for image in self.store.images_in_state(ImageState::Importing)? {
-            self.store.transition_image(
+            let dropped = self.store.fail_import(
                 &image.image_id,
-                ImageState::Importing,
-                ImageState::ImportFailed,
-                "the import was interrupted by a restart of the region",
+                crate::import::INTERRUPTED,
+                "the import was interrupted by a region restart",
             )?;
+            self.reclaim_blocking(&dropped)?;
         }
         for image in self.store.images_in_state(ImageState::Deleting)? {
             self.delete_in_background(image.image_id);

@@ -51,6 +51,44 @@ pub struct RegionConfig {
     pub fair_share: crate::fairness::FairShare,
     /// Per-account instance and stored-bytes quotas, and the region's free-space reserve.
     pub storage: StorageLimits,
+    /// Limits of image imports.
+    pub imports: ImportLimits,
+}
+
+/// What an import may be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportLimits {
+    /// Imports an account may have under way at once (`LimitExceeded.ConcurrentImports`);
+    /// 0: no limit.
+    pub max_imports: u32,
+    /// Largest virtual (guest) size of an imported disk (`InvalidImage.VirtualSizeTooLarge`).
+    pub max_virtual_size: u64,
+    /// Largest imported file (`InvalidImage.FileTooLarge`).
+    pub max_file_size: u64,
+    /// Whether `ImportImage` may pull from hosts whose addresses are not public (loopback,
+    /// private, link-local...). Off in production; tests serve files on loopback.
+    pub allow_private_urls: bool,
+    /// How long a URL import may take in all, from the first connection to the last byte.
+    pub timeout: Duration,
+}
+
+impl ImportLimits {
+    pub const DEFAULT_MAX_IMPORTS: u32 = 4;
+    pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 500 << 30;
+    pub const DEFAULT_MAX_FILE_SIZE: u64 = 50 << 30;
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+}
+
+impl Default for ImportLimits {
+    fn default() -> Self {
+        ImportLimits {
+            max_imports: Self::DEFAULT_MAX_IMPORTS,
+            max_virtual_size: Self::DEFAULT_MAX_VIRTUAL_SIZE,
+            max_file_size: Self::DEFAULT_MAX_FILE_SIZE,
+            allow_private_urls: false,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
 }
 
 /// What one account may hold in a region, and the free space the region keeps for itself.
@@ -118,6 +156,21 @@ pub struct Region {
     pub(crate) pacer: crate::pacing::Pacer,
     /// What each account holds of the `fair_share` limits.
     pub(crate) gate: Arc<crate::fairness::Gate>,
+}
+
+/// Deletes the chunks among `candidates` that nothing references, holding the chunk
+/// references lock exclusively.
+fn reclaim_now(
+    store: &Store,
+    chunks: &ChunkStore,
+    lock: &RwLock<()>,
+    candidates: &[ChunkDigest],
+) -> Result<()> {
+    let _exclusive = lock.write().unwrap_or_else(|e| e.into_inner());
+    for digest in store.unreferenced(candidates)? {
+        chunks.remove(&digest)?;
+    }
+    Ok(())
 }
 
 /// Runs a blocking store or chunk operation off the async threads.
@@ -216,14 +269,15 @@ impl Region {
         let store = self.store.clone();
         let chunks = self.chunks.clone();
         let lock = self.chunk_refs.clone();
-        blocking(move || {
-            let _exclusive = lock.write().unwrap_or_else(|e| e.into_inner());
-            for digest in store.unreferenced(&candidates)? {
-                chunks.remove(&digest)?;
-            }
-            Ok(())
-        })
-        .await
+        blocking(move || reclaim_now(&store, &chunks, &lock, &candidates)).await
+    }
+
+    /// [`Region::reclaim`] on the calling (blocking) thread.
+    pub(crate) fn reclaim_blocking(&self, candidates: &[ChunkDigest]) -> Result<()> {
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        reclaim_now(&self.store, &self.chunks, &self.chunk_refs, candidates)
     }
 
     /// What admission applies in this region: the configured quotas.
@@ -242,13 +296,23 @@ impl Region {
     /// one more chunk above its reserve is out of space for every such call. Calls that
     /// store nothing never ask.
     pub(crate) async fn check_free_space(&self, needed: u64) -> Result<()> {
-        let needed = needed.max(imagefleet_chunkstore::CHUNK_SIZE as u64);
-        let reserve = self.config.storage.free_space_reserve_bytes;
         let chunks = self.chunks.clone();
         let space = blocking(move || Ok(chunks.space()?)).await?;
-        if space.free_bytes < reserve.saturating_add(needed) {
+        self.check_space(space.free_bytes, needed)
+    }
+
+    /// [`Region::check_free_space`] on the calling (blocking) thread.
+    pub(crate) fn check_free_space_blocking(&self, needed: u64) -> Result<()> {
+        let space = self.chunks.space()?;
+        self.check_space(space.free_bytes, needed)
+    }
+
+    fn check_space(&self, free_bytes: u64, needed: u64) -> Result<()> {
+        let needed = needed.max(imagefleet_chunkstore::CHUNK_SIZE as u64);
+        let reserve = self.config.storage.free_space_reserve_bytes;
+        if free_bytes < reserve.saturating_add(needed) {
             return Err(RegionError::DiskSpace {
-                free: space.free_bytes,
+                free: free_bytes,
                 reserve,
                 needed,
             });

@@ -18,8 +18,8 @@ pub enum NewContent {
     /// Another region's image; chunks arrive afterwards. An image already admitted under the
     /// task's request key is returned as it is (idempotent retries).
     Copy { task: Box<CopyTask> },
-    /// A disk file read in afterwards.
-    Import,
+    /// A disk file read in afterwards: its size (0: unknown) and where it comes from.
+    Import { size_bytes: u64, image_url: String },
 }
 
 /// One image to admit.
@@ -200,7 +200,16 @@ fn admit_in(
                 copies::insert_task(tx, &task)?;
                 Vec::new()
             }
-            NewContent::Import => Vec::new(),
+            NewContent::Import {
+                size_bytes,
+                image_url,
+            } => {
+                // An account already at its storage quota imports nothing; the chunks are
+                // counted as they are stored.
+                check_storage(tx, owner, super::chunk_bytes(1), limits)?;
+                super::imports::insert_import(tx, &row.image_id, *size_bytes, image_url)?;
+                Vec::new()
+            }
         };
         snapshots::insert_snapshot(
             tx,

@@ -282,6 +282,7 @@ impl Store {
                 return Ok(Vec::new());
             };
             tx.execute("DELETE FROM images WHERE image_id = ?1", [image_id])?;
+            tx.execute("DELETE FROM imports WHERE image_id = ?1", [image_id])?;
             let mut dropped = super::copies::drop_copy(tx, image_id)?;
             let Some(snapshot_id) = image.snapshot_id else {
                 return Ok(dropped);

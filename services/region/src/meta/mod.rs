@@ -16,6 +16,7 @@
 mod admission;
 mod copies;
 mod images;
+mod imports;
 mod instances;
 mod schema;
 pub use schema::CURRENT_VERSION as SCHEMA_VERSION;
@@ -24,6 +25,7 @@ mod snapshots;
 pub use admission::{Limits, NewContent, NewImage, Usage};
 pub use copies::{CopyPin, CopySource};
 pub use images::ImageChanges;
+pub use imports::ImportRow;
 pub use instances::{InstancePage, InstanceQuery};
 
 use crate::error::Result;

@@ -161,6 +161,19 @@ INSERT INTO account_usage (owner, written_chunks)
     WHERE c.digest IS NOT NULL GROUP BY i.owner
     ON CONFLICT(owner) DO UPDATE SET written_chunks = excluded.written_chunks;
 "#,
+    // 5: imports: the file behind each imported image, how much of it was read, and why an
+    // import failed.
+    r#"
+CREATE TABLE imports (
+    image_id TEXT PRIMARY KEY,
+    size_bytes INTEGER NOT NULL,
+    bytes_read INTEGER NOT NULL DEFAULT 0,
+    format TEXT NOT NULL DEFAULT '',
+    format_variant TEXT NOT NULL DEFAULT '',
+    error_reason TEXT NOT NULL DEFAULT '',
+    image_url TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID;
+"#,
 ];
 
 /// The schema version this build writes.

@@ -193,6 +193,7 @@ impl Harness {
             chunks: Some(chunks.clone()),
             account_rate: RegionConfig::DEFAULT_ACCOUNT_RATE,
             fair_share: Default::default(),
+            imports: Default::default(),
             // Chunks live in memory here: tests that want a full store give a backend with a
             // capacity, and the region's free-space reserve does not get in their way.
             storage: imagefleet_region::StorageLimits {
