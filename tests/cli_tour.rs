@@ -93,12 +93,18 @@ fn the_readme_tour_runs_as_written() {
         stdout.lines().any(|l| l == "hello from my app"),
         "{context}"
     );
-    // The image made by CreateImage and its copy are whole.
+    // The image made by CreateImage, the one imported from its qcow2 export and its copy are
+    // whole, and hold the same content.
     let percents = field_values(&stdout, "SYNC_PERCENT");
-    assert_eq!(percents, ["100", "100"], "{context}");
+    assert_eq!(percents, ["100", "100", "100"], "{context}");
     assert_eq!(
         field_values(&stdout, "SOURCE"),
-        ["CREATE_IMAGE", "SYNC"],
+        ["CREATE_IMAGE", "EXTERNAL_IMPORT", "SYNC"],
+        "{context}"
+    );
+    let digests = field_values(&stdout, "CONTENT_DIGEST");
+    assert!(
+        digests.len() >= 3 && digests.iter().all(|d| *d == digests[0]),
         "{context}"
     );
     // Before the share, the second account saw nothing, for the right reason.
@@ -368,10 +374,55 @@ fn every_command_prints_its_documented_json_shape() {
             "bytes",
             "bytesReceived",
             "contentDigest",
+            "fileBytes",
             "format",
             "imageId",
             "out"
         ]
+    );
+    // A qcow2 export (small: the disk is mostly zeros) imported back: the image list shape.
+    let qcow2 = dir.path().join("shape.qcow2");
+    let export = run(&[
+        "images",
+        "export",
+        "--region",
+        gz,
+        "--image",
+        &second,
+        "--format",
+        "qcow2",
+        "--out",
+        qcow2.to_str().unwrap(),
+    ]);
+    assert_eq!(export["format"], "qcow2", "{export}");
+    let imported = run(&[
+        "images",
+        "import",
+        "--region",
+        gz,
+        "--file",
+        qcow2.to_str().unwrap(),
+        "--name",
+        "json-shape-import",
+    ]);
+    assert_eq!(
+        keys(&imported),
+        ["imageSet", "nextPageToken", "totalCount"],
+        "{imported}"
+    );
+    assert_eq!(
+        imported["imageSet"][0]["imageState"], "NORMAL",
+        "{imported}"
+    );
+    let imported_id = imported["imageSet"][0]["imageId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let import_os = run(&["images", "import-os", "--region", gz]);
+    assert_eq!(
+        keys(&import_os),
+        ["architectures", "imageFormats", "importOsListSupport"],
+        "{import_os}"
     );
     let quota = run(&["images", "quota", "--region", gz]);
     assert!(keys(&quota).contains(&"imageNumQuota"), "{quota}");
@@ -510,7 +561,7 @@ fn every_command_prints_its_documented_json_shape() {
         .map(str::to_string)
         .collect();
     ids.sort();
-    let mut expected = vec![image, second];
+    let mut expected = vec![image, second, imported_id];
     expected.sort();
     assert_eq!(ids, expected);
 

@@ -32,13 +32,35 @@ pub fn json(output: &std::process::Output) -> serde_json::Value {
 }
 
 /// Starts `imaged dev` and waits for its ready line; `path_env` replaces its `PATH`.
-pub fn start_dev(
-    dir: &std::path::Path,
-    regions: &str,
-    path_env: Option<&str>,
-) -> std::process::Child {
+pub fn start_dev(dir: &std::path::Path, regions: &str, path_env: Option<&str>) -> DevProcess {
     let env: Vec<(&str, &str)> = path_env.map(|path| ("PATH", path)).into_iter().collect();
     start_dev_with_env(dir, regions, &env)
+}
+
+/// A running `imaged dev`: stopped with [`stop`]; killed when dropped (a test that fails midway
+/// leaves no cluster behind: its children die with it).
+pub struct DevProcess(Option<std::process::Child>);
+
+impl std::ops::Deref for DevProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        self.0.as_ref().expect("a running imaged dev")
+    }
+}
+
+impl std::ops::DerefMut for DevProcess {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("a running imaged dev")
+    }
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Starts `imaged dev` with more environment variables and waits for its ready line.
@@ -46,7 +68,7 @@ pub fn start_dev_with_env(
     dir: &std::path::Path,
     regions: &str,
     env: &[(&str, &str)],
-) -> std::process::Child {
+) -> DevProcess {
     std::fs::create_dir_all(dir).unwrap();
     let mut command = Command::new(IMAGED);
     command
@@ -57,7 +79,7 @@ pub fn start_dev_with_env(
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join("imaged-dev.log")).unwrap());
     command.envs(env.iter().copied());
-    let mut child = command.spawn().unwrap();
+    let mut child = DevProcess(Some(command.spawn().unwrap()));
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -78,17 +100,19 @@ pub fn start_dev_with_env(
 }
 
 /// Stops `imaged dev` with SIGTERM and checks it exits cleanly.
-pub fn stop(mut child: std::process::Child) {
+pub fn stop(mut dev: DevProcess) {
+    let mut child = dev.0.take().expect("a running imaged dev");
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "imaged dev did not stop on SIGTERM"
-        );
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("imaged dev did not stop on SIGTERM");
+        }
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "imaged dev exited with {status}");

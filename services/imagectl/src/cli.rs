@@ -161,8 +161,20 @@ pub enum ImagesCommand {
     Delete(ImagesDelete),
     /// Change an image's name, description or deprecated flag.
     Modify(ImagesModify),
-    /// Export an image's content to a local file.
+    /// Export an image as a disk file (raw, qcow2, vhd or vmdk).
     Export(ImagesExport),
+    /// Import a disk file (raw, qcow2, vmdk, vhd, vhdx; iso with --force) as a custom image.
+    ///
+    /// With `--file` the file is streamed to the region, which checks its headers first (a
+    /// refusal leaves no image) and reads it as it arrives; the command ends when the image is
+    /// NORMAL, or fails with the gRPC code and reason. With `--url` the region pulls the file;
+    /// the command ends once its headers are checked (the image is IMPORTING), or with
+    /// `--wait` when the import has ended. Prints the image as `images describe` does (with
+    /// `--output json`, the image list shape `{"imageSet": [Image]}`); progress goes to
+    /// stderr.
+    Import(ImagesImport),
+    /// List the platforms, OS versions, architectures and formats an import may declare.
+    ImportOs(ImportOs),
     /// Show the account's quotas in a region (images, instances, stored bytes) and its usage.
     Quota(RegionArg),
     /// Copy custom images of --region to the --to regions (SyncImages).
@@ -280,13 +292,67 @@ pub struct ImagesExport {
     /// The image id.
     #[arg(long, value_name = "ID")]
     pub image: String,
-    /// The file format written.
-    #[arg(long, value_name = "FORMAT", value_parser = ["raw"], default_value = "raw")]
+    /// The file format written: raw (the disk's bytes, sparse), qcow2 (v3), vhd (dynamic) or
+    /// vmdk (streamOptimized).
+    #[arg(long, value_name = "FORMAT", value_parser = EXPORT_FORMATS, default_value = "raw")]
     pub format: String,
     /// The file to write (created or truncated, sparse); `-` writes the bytes to stdout
     /// (zeros included) and the summary to stderr.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+}
+
+/// The formats `images export` writes.
+pub const EXPORT_FORMATS: [&str; 4] = ["raw", "qcow2", "vhd", "vmdk"];
+/// The formats `images import --format` may declare.
+pub const IMPORT_FORMATS: [&str; 6] = ["raw", "qcow2", "vmdk", "vhd", "vhdx", "iso"];
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["file", "url"])))]
+pub struct ImagesImport {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The disk file to upload; `-` reads stdin (a pipe needs --size).
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// An http:// or https:// URL the region pulls the file from.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// The file's size in bytes, when --file - is a pipe.
+    #[arg(long, value_name = "BYTES", requires = "file")]
+    pub size: Option<u64>,
+    /// The new image's name (unique per account and region; at most 60 characters).
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    /// The new image's description (at most 256 characters).
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+    /// The file's format, if known; it is always detected from the content, and a declared
+    /// format the content contradicts is refused.
+    #[arg(long, value_name = "FORMAT", value_parser = IMPORT_FORMATS)]
+    pub format: Option<String>,
+    /// The image's platform (`images import-os` lists them), e.g. Ubuntu; default `Other`
+    /// (with version `-`).
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// The platform's version (`images import-os` lists them); needed with --platform.
+    #[arg(long, value_name = "VERSION", requires = "platform")]
+    pub os_version: Option<String>,
+    /// The image's architecture.
+    #[arg(long = "arch", value_name = "ARCH", value_parser = ["x86_64", "arm64"])]
+    pub architecture: Option<String>,
+    /// Accept an ISO 9660 file (imported as its raw bytes).
+    #[arg(long)]
+    pub force: bool,
+    /// With --url: wait until the import has ended (NORMAL, or IMPORTFAILED with the reason).
+    #[arg(long, requires = "url")]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportOs {
+    #[command(flatten)]
+    pub region: RegionArg,
 }
 
 #[derive(Debug, Args)]

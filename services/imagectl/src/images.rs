@@ -24,7 +24,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-type RegionClient = RegionServiceClient<SignedChannel>;
+pub(crate) type RegionClient = RegionServiceClient<SignedChannel>;
 
 /// How often `images create --wait` asks for the image's state.
 const WAIT_POLL: Duration = Duration::from_millis(200);
@@ -55,6 +55,8 @@ pub async fn run(
         ImagesCommand::Delete(args) => delete(session, args, format).await,
         ImagesCommand::Modify(args) => modify(session, args, format).await,
         ImagesCommand::Export(args) => export(session, args, format).await,
+        ImagesCommand::Import(args) => crate::import::import(session, args, format, progress).await,
+        ImagesCommand::ImportOs(args) => crate::import::import_os(session, args, format).await,
         ImagesCommand::Quota(args) => quota(session, args, format).await,
         ImagesCommand::Sync(args) => sync(session, args, format, progress).await,
         ImagesCommand::Share(args) => {
@@ -255,7 +257,7 @@ pub fn image_set(image: Image) -> DescribeImagesResponse {
 }
 
 /// The image `image_id` of the region, by id.
-async fn describe_one(
+pub(crate) async fn describe_one(
     client: &mut RegionClient,
     image_id: &str,
 ) -> Result<(DescribeImagesResponse, Image)> {
@@ -377,8 +379,10 @@ async fn modify(session: &Session, args: ImagesModify, format: OutputFormat) -> 
 /// What an export wrote.
 #[derive(Debug, Default)]
 struct Exported {
-    /// The file's length: the image's virtual size.
+    /// The disk's size.
     virtual_size_bytes: u64,
+    /// The file's length (the virtual size for raw).
+    file_bytes: u64,
     /// Bytes of data received (zero ranges are not sent).
     bytes_received: u64,
     content_digest: String,
@@ -393,12 +397,13 @@ async fn export(session: &Session, args: ImagesExport, format: OutputFormat) -> 
             out: Box::new(stdout.lock()),
             written: 0,
         };
-        export_into(&mut client, &args.image, &mut sink, &args.out).await?
+        export_into(&mut client, &args.image, &args.format, &mut sink, &args.out).await?
     } else {
         let what = || format!("cannot write {}", args.out.display());
         let file = std::fs::File::create(&args.out).map_err(|e| CliError::io(what(), e))?;
         let mut sink = ExportSink::File(file);
-        let result = export_into(&mut client, &args.image, &mut sink, &args.out).await;
+        let result =
+            export_into(&mut client, &args.image, &args.format, &mut sink, &args.out).await;
         match result {
             Ok(exported) => exported,
             Err(e) => {
@@ -415,6 +420,7 @@ async fn export(session: &Session, args: ImagesExport, format: OutputFormat) -> 
             "out": args.out.display().to_string(),
             "format": args.format,
             "bytes": exported.virtual_size_bytes,
+            "fileBytes": exported.file_bytes,
             "bytesReceived": exported.bytes_received,
             "contentDigest": exported.content_digest,
         })),
@@ -424,6 +430,7 @@ async fn export(session: &Session, args: ImagesExport, format: OutputFormat) -> 
             ("FILE", args.out.display().to_string()),
             ("FORMAT", args.format),
             ("BYTES", exported.virtual_size_bytes.to_string()),
+            ("FILE_BYTES", exported.file_bytes.to_string()),
             ("BYTES_RECEIVED", exported.bytes_received.to_string()),
             ("CONTENT_DIGEST", exported.content_digest),
         ]),
@@ -502,26 +509,45 @@ fn zeros(out: &mut Box<dyn Write>, mut count: u64) -> std::io::Result<()> {
 async fn export_into(
     client: &mut RegionClient,
     image_id: &str,
+    format: &str,
     file: &mut ExportSink,
     path: &Path,
 ) -> Result<Exported> {
     let what = || format!("cannot write {}", path.display());
+    let wanted = match format {
+        "qcow2" => ExportFormat::Qcow2,
+        "vhd" => ExportFormat::Vhd,
+        "vmdk" => ExportFormat::Vmdk,
+        _ => ExportFormat::Raw,
+    };
     let mut stream = client
         .export_image(ExportImageRequest {
             image_id: image_id.to_string(),
-            format: ExportFormat::Raw as i32,
+            format: wanted as i32,
         })
         .await?
         .into_inner();
     let mut exported: Option<Exported> = None;
+    // Where the file ends: the server's last message carries no data and says it by its
+    // offset (for raw, the virtual size).
+    let mut end_of_file = 0u64;
     while let Some(chunk) = stream.message().await? {
         let state = match exported.as_mut() {
             Some(state) => state,
             None => {
-                file.set_len(chunk.virtual_size_bytes)
-                    .map_err(|e| CliError::io(what(), e))?;
+                // The file's length, when the server knows it up front (every format but
+                // vmdk): a bound for every offset that follows.
+                let known = if wanted == ExportFormat::Raw {
+                    chunk.virtual_size_bytes
+                } else {
+                    chunk.file_size_bytes
+                };
+                if known > 0 {
+                    file.set_len(known).map_err(|e| CliError::io(what(), e))?;
+                }
                 exported.insert(Exported {
                     virtual_size_bytes: chunk.virtual_size_bytes,
+                    file_bytes: known,
                     bytes_received: 0,
                     content_digest: chunk.content_digest.clone(),
                 })
@@ -529,29 +555,35 @@ async fn export_into(
         };
         let len = chunk.data.len() as u64;
         let end = chunk.offset.checked_add(len);
-        if end.is_none_or(|end| end > state.virtual_size_bytes) {
+        if end.is_none_or(|end| state.file_bytes > 0 && end > state.file_bytes) {
             return Err(CliError::Failed(format!(
-                "the server sent {len} bytes at offset {}, past the image's end ({} bytes)",
-                chunk.offset, state.virtual_size_bytes
+                "the server sent {len} bytes at offset {}, past the file's end ({} bytes)",
+                chunk.offset, state.file_bytes
             )));
         }
-        file.write_at(chunk.offset, &chunk.data)
-            .map_err(|e| CliError::io(what(), e))?;
+        if len > 0 {
+            file.write_at(chunk.offset, &chunk.data)
+                .map_err(|e| CliError::io(what(), e))?;
+        }
+        end_of_file = end_of_file.max(end.unwrap_or(0));
         state.bytes_received += len;
     }
-    let exported = match exported {
+    let mut exported = match exported {
         Some(exported) => exported,
         None => {
-            // No data at all: an image of zeros. Its size and digest come from its metadata.
+            // No message at all: an image of zeros, from a server that sends none for it. Its
+            // size and digest come from its metadata.
             let (_, image) = describe_one(client, image_id).await?;
             Exported {
                 virtual_size_bytes: image.virtual_size_bytes,
+                file_bytes: image.virtual_size_bytes,
                 bytes_received: 0,
                 content_digest: image.content_digest,
             }
         }
     };
-    file.finish(exported.virtual_size_bytes)
+    exported.file_bytes = exported.file_bytes.max(end_of_file);
+    file.finish(exported.file_bytes)
         .map_err(|e| CliError::io(what(), e))?;
     Ok(exported)
 }

@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod error;
 pub mod images;
+pub mod import;
 pub mod instance_types;
 pub mod instances;
 pub mod output;

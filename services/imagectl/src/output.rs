@@ -69,6 +69,7 @@ proto_messages!(
     ModifyImageSharePermissionResponse,
     DescribeImageSharePermissionResponse,
     DescribeInstanceTypeConfigsResponse,
+    DescribeImportImageOsResponse,
 );
 
 /// A message as proto3 JSON: enum values by name, every field present (defaults included).

@@ -344,6 +344,8 @@ impl region::region_service_server::RegionService for Fake {
                 data,
                 virtual_size_bytes: EXPORT_SIZE,
                 content_digest: "sha256:feed".into(),
+                format: region::ExportFormat::Raw as i32,
+                file_size_bytes: EXPORT_SIZE,
             })
         };
         // The second MiB is zeros and not sent.
@@ -462,6 +464,27 @@ impl region::region_service_server::RegionService for Fake {
         &self,
         _request: Request<region::DescribeInstanceTypeConfigsRequest>,
     ) -> Result<Response<region::DescribeInstanceTypeConfigsResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn upload_image(
+        &self,
+        _request: Request<tonic::Streaming<region::UploadImageRequest>>,
+    ) -> Result<Response<region::UploadImageResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn import_image(
+        &self,
+        _request: Request<region::ImportImageRequest>,
+    ) -> Result<Response<region::ImportImageResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn describe_import_image_os(
+        &self,
+        _request: Request<region::DescribeImportImageOsRequest>,
+    ) -> Result<Response<region::DescribeImportImageOsResponse>, Status> {
         Err(Status::unimplemented("not faked"))
     }
 
