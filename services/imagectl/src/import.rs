@@ -135,7 +135,7 @@ fn stdin_len() -> Option<u64> {
     let fd = stdin.as_fd().try_clone_to_owned().ok()?;
     let file = std::fs::File::from(fd);
     let meta = file.metadata().ok()?;
-    meta.is_file().then(|| meta.len())
+    meta.is_file().then_some(meta.len())
 }
 
 /// Streams `size` bytes of `reader` in `UploadImage`; returns the new image's id.
@@ -153,7 +153,7 @@ async fn upload(
         let first = UploadImageRequest {
             parameters: Some(parameters),
             size_bytes: size,
-            data: Vec::new().into(),
+            data: Vec::new(),
         };
         if tx.blocking_send(first).is_err() {
             return Ok(());
@@ -178,7 +178,7 @@ async fn upload(
             let message = UploadImageRequest {
                 parameters: None,
                 size_bytes: 0,
-                data: buf.into(),
+                data: buf,
             };
             if tx.blocking_send(message).is_err() {
                 // The call ended (refused): its error says why.
