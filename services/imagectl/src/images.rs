@@ -315,20 +315,41 @@ async fn create(session: &Session, args: ImagesCreate, format: OutputFormat) -> 
 /// Polls an image until it is `NORMAL` (returned) or `CREATEFAILED` (an error with the
 /// reason), for at most `WAIT_TIMEOUT`.
 async fn wait_until_built(client: &mut RegionClient, image_id: &str) -> Result<Image> {
-    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+    wait_for_image(client, image_id, WAIT_POLL, WAIT_TIMEOUT, |_| {}).await
+}
+
+/// Polls an image every `poll` until it is `NORMAL` (returned) or has failed (`CREATEFAILED`,
+/// `IMPORTFAILED`: an error with the reason), for at most `timeout`; `seen` gets every poll.
+pub(crate) async fn wait_for_image(
+    client: &mut RegionClient,
+    image_id: &str,
+    poll: Duration,
+    timeout: Duration,
+    mut seen: impl FnMut(&Image),
+) -> Result<Image> {
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let (_, image) = describe_one(client, image_id).await?;
+        seen(&image);
         match ImageState::try_from(image.image_state) {
             Ok(ImageState::Normal) => return Ok(image),
-            Ok(ImageState::Createfailed) => {
+            Ok(state @ (ImageState::Createfailed | ImageState::Importfailed)) => {
+                let reason = image
+                    .import_progress
+                    .as_ref()
+                    .map(|p| p.error_reason.as_str())
+                    .filter(|r| !r.is_empty())
+                    .map(|r| format!("{r}: "))
+                    .unwrap_or_default();
                 return Err(CliError::Failed(format!(
-                    "image {image_id} is CREATEFAILED: {}",
+                    "image {image_id} is {}: {reason}{}",
+                    state.as_str_name(),
                     if image.state_reason.is_empty() {
                         "no reason given"
                     } else {
                         &image.state_reason
                     }
-                )))
+                )));
             }
             _ => {}
         }
@@ -336,10 +357,10 @@ async fn wait_until_built(client: &mut RegionClient, image_id: &str) -> Result<I
             return Err(CliError::Failed(format!(
                 "image {image_id} is still {} after {} minutes",
                 enum_name(image.image_state, ImageState::as_str_name),
-                WAIT_TIMEOUT.as_secs() / 60
+                timeout.as_secs() / 60
             )));
         }
-        tokio::time::sleep(WAIT_POLL).await;
+        tokio::time::sleep(poll).await;
     }
 }
 

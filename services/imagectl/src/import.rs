@@ -7,12 +7,12 @@
 
 use crate::cli::{ImagesImport, ImportOs, OutputFormat};
 use crate::error::{CliError, Result};
-use crate::images::{describe_one, image_fields, image_set};
-use crate::output::{self, enum_name, Table};
+use crate::images::{describe_one, image_fields, image_set, wait_for_image};
+use crate::output::{self, Table};
 use crate::progress::{Progress, Task};
 use crate::session::Session;
 use imagefleet_proto::region::v1::{
-    DescribeImportImageOsRequest, Image, ImageState, ImportImageParameters, ImportImageRequest,
+    DescribeImportImageOsRequest, Image, ImportImageParameters, ImportImageRequest,
     UploadImageRequest,
 };
 use std::io::Read;
@@ -220,52 +220,20 @@ async fn follow(
     image_id: &str,
     task: &mut Task,
 ) -> Result<Image> {
-    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
-    loop {
-        let (_, image) = describe_one(client, image_id).await?;
+    let result = wait_for_image(client, image_id, POLL, WAIT_TIMEOUT, |image| {
         if let Some(p) = &image.import_progress {
             if p.size_bytes > 0 && task.total().is_none() {
                 task.set_total(p.size_bytes);
             }
             task.set_position(p.bytes_read);
         }
-        match ImageState::try_from(image.image_state) {
-            Ok(ImageState::Normal) => {
-                task.finish("NORMAL");
-                return Ok(image);
-            }
-            Ok(ImageState::Importfailed) => {
-                let reason = image
-                    .import_progress
-                    .as_ref()
-                    .map(|p| p.error_reason.clone())
-                    .unwrap_or_default();
-                task.fail("IMPORTFAILED");
-                return Err(CliError::Failed(format!(
-                    "image {image_id} is IMPORTFAILED: {}{}",
-                    if reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!("{reason}: ")
-                    },
-                    if image.state_reason.is_empty() {
-                        "no reason given"
-                    } else {
-                        &image.state_reason
-                    }
-                )));
-            }
-            _ => {}
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(CliError::Failed(format!(
-                "image {image_id} is still {} after {} minutes",
-                enum_name(image.image_state, ImageState::as_str_name),
-                WAIT_TIMEOUT.as_secs() / 60
-            )));
-        }
-        tokio::time::sleep(POLL).await;
+    })
+    .await;
+    match &result {
+        Ok(_) => task.finish("NORMAL"),
+        Err(_) => task.fail("IMPORTFAILED"),
     }
+    result
 }
 
 /// `imagectl images import-os`: the platforms, versions, architectures and formats an import
