@@ -168,6 +168,14 @@ impl Region {
         image_url: &str,
     ) -> Result<ImportJob> {
         let (row, declared) = check_parameters(owner, params)?;
+        let max_file_size = self.config.imports.max_file_size;
+        if let Some(size) = size.filter(|s| *s > max_file_size) {
+            let refusal = Refusal::new(
+                imagefleet_inspect::RefusalKind::FileTooLarge,
+                format!("the file is {size} bytes, over the limit of {max_file_size} bytes"),
+            );
+            return Err(refusal_status(&refusal).into());
+        }
         let permit = self.import_permit(owner)?;
         let new = NewImage {
             row: row.clone(),
@@ -179,8 +187,7 @@ impl Region {
         };
         self.admit(owner, vec![new], true).await?;
         if let Some(size) = size {
-            self.check_free_space(size.min(self.config.imports.max_file_size))
-                .await?;
+            self.check_free_space(size).await?;
         }
         Ok(ImportJob {
             owner: owner.to_string(),
