@@ -382,6 +382,14 @@ async fn hostile_uploads_are_refused_and_leave_nothing_behind() {
             "InvalidImage.UnsupportedVmdk",
         ),
     ];
+    // A declared size over the file limit is refused before the region looks for room for it.
+    let mut messages = upload_messages(parameters("petabyte", ""), &plain);
+    messages[0].size_bytes = 1 << 50;
+    assert_refused(
+        gz.upload_image(futures::stream::iter(messages)).await,
+        Code::InvalidArgument,
+        "InvalidImage.FileTooLarge",
+    );
     for (name, file, declared, reason) in cases {
         let refused = upload(&mut gz, parameters(name, declared), &file).await;
         assert_refused(refused, Code::InvalidArgument, reason);

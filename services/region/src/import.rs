@@ -25,6 +25,9 @@ use tonic::{Code, Status};
 /// Chunks stored and recorded together (one `sync`, one transaction).
 const BATCH_CHUNKS: usize = 16;
 
+/// Threads that store one batch's chunks.
+const STORE_THREADS: usize = 4;
+
 /// File bytes read between two records of the progress (and of the chunks ready by then).
 const PROGRESS_EVERY: u64 = 16 << 20;
 
@@ -168,6 +171,14 @@ impl Region {
         image_url: &str,
     ) -> Result<ImportJob> {
         let (row, declared) = check_parameters(owner, params)?;
+        let max_file_size = self.config.imports.max_file_size;
+        if let Some(size) = size.filter(|s| *s > max_file_size) {
+            let refusal = Refusal::new(
+                imagefleet_inspect::RefusalKind::FileTooLarge,
+                format!("the file is {size} bytes, over the limit of {max_file_size} bytes"),
+            );
+            return Err(refusal_status(&refusal).into());
+        }
         let permit = self.import_permit(owner)?;
         let new = NewImage {
             row: row.clone(),
@@ -179,8 +190,7 @@ impl Region {
         };
         self.admit(owner, vec![new], true).await?;
         if let Some(size) = size {
-            self.check_free_space(size.min(self.config.imports.max_file_size))
-                .await?;
+            self.check_free_space(size).await?;
         }
         Ok(ImportJob {
             owner: owner.to_string(),
@@ -374,10 +384,54 @@ impl Worker<'_> {
         let shared = region.chunk_refs.read().unwrap_or_else(|e| e.into_inner());
         let mut entries: Manifest = Vec::with_capacity(ready.len());
         let stored = (|| -> Result<()> {
-            for (idx, data) in &ready {
-                if let Some(digest) = region.chunks.put(data)? {
-                    entries.push((*idx, digest));
+            // Hashing and writing a chunk (its own file, fsynced) dominate: the batch is
+            // split between a few threads.
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, STORE_THREADS);
+            let per = ready.len().div_ceil(threads).max(1);
+            // Each part: what it stored (reclaimed if the batch fails), and its error.
+            type Part = (Manifest, Option<RegionError>);
+            let parts: Vec<Result<Part>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = ready
+                    .chunks(per)
+                    .map(|part| {
+                        scope.spawn(move || {
+                            let mut out = Vec::with_capacity(part.len());
+                            for (idx, data) in part {
+                                match region.chunks.put(data) {
+                                    Ok(Some(digest)) => out.push((*idx, digest)),
+                                    Ok(None) => {}
+                                    Err(e) => return Ok((out, Some(e.into()))),
+                                }
+                            }
+                            Ok((out, None))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(RegionError::Task("a chunk writer panicked".into()))
+                        })
+                    })
+                    .collect()
+            });
+            let mut failed = None;
+            for part in parts {
+                match part {
+                    Ok((part, error)) => {
+                        entries.extend(part);
+                        failed = failed.or(error);
+                    }
+                    Err(e) => failed = Some(e),
                 }
+            }
+            entries.sort_by_key(|(idx, _)| *idx);
+            if let Some(e) = failed {
+                return Err(e);
             }
             region.chunks.sync()?;
             region
