@@ -312,6 +312,118 @@ async fn every_export_format_is_a_valid_file_of_the_same_disk() {
     }
 }
 
+/// `ExportImages`: several images in one call, each file equal to its own `ExportImage`; one
+/// image that cannot be exported refuses the whole call before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_images_sends_each_image_in_turn_or_refuses_the_call_whole() {
+    let cluster = Cluster::start(&["ap-guangzhou"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let (disk, _) = source_disk();
+    let mut other = disk.clone();
+    other[..4096].fill(0x77);
+    let first = upload(&mut gz, parameters("multi-1", "raw"), &disk)
+        .await
+        .unwrap()
+        .image_id;
+    let second = upload(&mut gz, parameters("multi-2", "raw"), &other)
+        .await
+        .unwrap()
+        .image_id;
+    let mut stream = gz
+        .export_images(ExportImagesRequest {
+            image_ids: vec![second.clone(), first.clone()],
+            format: ExportFormat::Qcow2 as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Files by image, in the order they came.
+    let mut files: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.unwrap();
+        let chunk = piece.chunk.expect("a chunk");
+        if files.last().is_none_or(|(id, _, _)| *id != piece.image_id) {
+            assert!(
+                files.iter().all(|(id, _, _)| *id != piece.image_id),
+                "the pieces of one image come together"
+            );
+            files.push((piece.image_id.clone(), Vec::new(), 0));
+        }
+        let (_, file, end) = files.last_mut().unwrap();
+        let at = chunk.offset as usize;
+        if file.len() < at + chunk.data.len() {
+            file.resize(at + chunk.data.len(), 0);
+        }
+        file[at..at + chunk.data.len()].copy_from_slice(&chunk.data);
+        *end = at;
+    }
+    let order: Vec<&str> = files.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(order, [second.as_str(), first.as_str()]);
+    for (id, mut file, end) in files {
+        file.resize(end, 0);
+        assert!(
+            file == export_file(&mut gz, &id, ExportFormat::Qcow2).await,
+            "{id}: the same file as its own export"
+        );
+    }
+
+    // A public image among them: the whole call is refused, nothing is sent.
+    let public = gz
+        .describe_images(DescribeImagesRequest {
+            filters: vec![Filter {
+                name: "image-type".into(),
+                values: vec!["PUBLIC_IMAGE".into()],
+            }],
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_set[0]
+        .image_id
+        .clone();
+    let refused = gz
+        .export_images(ExportImagesRequest {
+            image_ids: vec![first.clone(), public],
+            format: ExportFormat::Raw as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (
+            Code::FailedPrecondition,
+            "UnsupportedOperation.PublicImageExportUnsupported"
+        ),
+        "{refused:?}"
+    );
+    for (ids, why) in [
+        (vec![], "MissingParameter"),
+        (
+            vec![first.clone(), first.clone()],
+            "InvalidParameterValue.Duplicate",
+        ),
+        (
+            vec![first.clone(); 11],
+            "InvalidParameterValue.TooManyImages",
+        ),
+    ] {
+        let refused = gz
+            .export_images(ExportImagesRequest {
+                image_ids: ids,
+                format: ExportFormat::Raw as i32,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (refused.code(), reason(&refused).as_str()),
+            (Code::InvalidArgument, why),
+            "{refused:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_uploads_are_refused_and_leave_nothing_behind() {
     let cluster = Cluster::start(&["ap-guangzhou"]).await;

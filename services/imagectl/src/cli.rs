@@ -820,7 +820,7 @@ mod tests {
     }
 
     #[test]
-    fn export_accepts_raw_only() {
+    fn export_accepts_the_four_formats_only() {
         let args = |format: &'static str| {
             [
                 "images",
@@ -835,8 +835,10 @@ mod tests {
                 "/tmp/x.raw",
             ]
         };
-        assert!(parse(&args("raw")).is_ok());
-        assert!(parse(&args("qcow2")).is_err());
+        for format in ["raw", "qcow2", "vhd", "vmdk"] {
+            assert!(parse(&args(format)).is_ok(), "{format}");
+        }
+        assert!(parse(&args("vdi")).is_err());
     }
 
     #[test]

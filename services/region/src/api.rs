@@ -35,6 +35,21 @@ impl RegionApi {
 }
 
 type ExportStream = disk::ChunkStream<ExportImageChunk>;
+type ExportImagesStream = disk::ChunkStream<ExportImagesChunk>;
+/// The most images one ExportImages call may name.
+const MAX_EXPORTS_PER_CALL: usize = 10;
+
+fn export_format(format: i32) -> Result<ExportFormat> {
+    match ExportFormat::try_from(format) {
+        Ok(ExportFormat::Unspecified) => Ok(ExportFormat::Raw),
+        Ok(format) => Ok(format),
+        Err(_) => Err(RegionError::invalid(
+            "format",
+            "InvalidParameterValue.Format",
+            "format is not one of RAW, QCOW2, VHD, VMDK",
+        )),
+    }
+}
 
 fn enum_name<E: Into<i32>>(value: E, name: impl Fn(i32) -> Option<&'static str>) -> String {
     name(value.into()).unwrap_or_default().to_string()
@@ -436,18 +451,78 @@ impl RegionApi {
 
     async fn export_image(&self, caller: String, req: ExportImageRequest) -> Result<ExportStream> {
         validate::image_id("image_id", &req.image_id)?;
-        let format = match ExportFormat::try_from(req.format) {
-            Ok(ExportFormat::Unspecified) => ExportFormat::Raw,
-            Ok(format) => format,
-            Err(_) => {
+        let format = export_format(req.format)?;
+        let image = self.exportable(&caller, &req.image_id).await?;
+        self.open_export(&caller, image, format).await
+    }
+
+    /// Exports several images in one call: every image is checked before anything is sent (one
+    /// that cannot be exported refuses the whole call), then each is streamed in turn, its
+    /// messages tagged with its id; each takes its stream permits when the one before it ends.
+    async fn export_images(
+        &self,
+        caller: String,
+        req: ExportImagesRequest,
+    ) -> Result<ExportImagesStream> {
+        if req.image_ids.is_empty() {
+            return Err(RegionError::invalid(
+                "image_ids",
+                "MissingParameter",
+                "name at least one image",
+            ));
+        }
+        if req.image_ids.len() > MAX_EXPORTS_PER_CALL {
+            return Err(RegionError::invalid(
+                "image_ids",
+                "InvalidParameterValue.TooManyImages",
+                format!("at most {MAX_EXPORTS_PER_CALL} images per call"),
+            ));
+        }
+        for (i, id) in req.image_ids.iter().enumerate() {
+            validate::image_id(&format!("image_ids[{i}]"), id)?;
+            if req.image_ids[..i].contains(id) {
                 return Err(RegionError::invalid(
-                    "format",
-                    "InvalidParameterValue.Format",
-                    "format is not one of RAW, QCOW2, VHD, VMDK",
-                ))
+                    &format!("image_ids[{i}]"),
+                    "InvalidParameterValue.Duplicate",
+                    format!("{id} is named twice"),
+                ));
             }
-        };
-        let (image, access) = self.region.resolve_image(&req.image_id, &caller).await?;
+        }
+        let format = export_format(req.format)?;
+        let mut images = Vec::with_capacity(req.image_ids.len());
+        for id in &req.image_ids {
+            images.push(self.exportable(&caller, id).await?);
+        }
+        use futures::StreamExt;
+        let region = self.region.clone();
+        let stream = futures::stream::iter(images)
+            .then(move |image| {
+                let api = RegionApi::new(region.clone());
+                let caller = caller.clone();
+                async move {
+                    let id = image.image_id.clone();
+                    match api.open_export(&caller, image, format).await {
+                        Ok(stream) => stream
+                            .map(move |item| {
+                                item.map(|chunk| ExportImagesChunk {
+                                    image_id: id.clone(),
+                                    chunk: Some(chunk),
+                                })
+                            })
+                            .boxed(),
+                        Err(e) => {
+                            futures::stream::once(async move { Err(Status::from(e)) }).boxed()
+                        }
+                    }
+                }
+            })
+            .flatten();
+        Ok(Box::pin(stream))
+    }
+
+    /// The checks of an export: the caller's own NORMAL image, not public, shared or Windows.
+    async fn exportable(&self, caller: &str, image_id: &str) -> Result<ImageRow> {
+        let (image, access) = self.region.resolve_image(image_id, caller).await?;
         match access {
             Access::Own => {}
             Access::Public => {
@@ -472,6 +547,17 @@ impl RegionApi {
         if image.state != ImageState::Normal {
             return Err(RegionError::image_state(&image));
         }
+        Ok(image)
+    }
+
+    /// The stream of one checked image's export.
+    async fn open_export(
+        &self,
+        caller: &str,
+        image: ImageRow,
+        format: ExportFormat,
+    ) -> Result<ExportStream> {
+        let caller = caller.to_string();
         let permits = self.region.stream_permits(&caller, true)?;
         let store = self.region.store.clone();
         let chunks = self.region.chunks.clone();
@@ -1010,6 +1096,16 @@ impl RegionService for RegionApi {
     ) -> Result<Response<Self::ExportImageStream>, Status> {
         let caller = self.caller(&request).await?;
         answer(RegionApi::export_image(self, caller, request.into_inner()).await)
+    }
+
+    type ExportImagesStream = ExportImagesStream;
+
+    async fn export_images(
+        &self,
+        request: Request<ExportImagesRequest>,
+    ) -> Result<Response<Self::ExportImagesStream>, Status> {
+        let caller = self.caller(&request).await?;
+        answer(RegionApi::export_images(self, caller, request.into_inner()).await)
     }
 
     async fn upload_image(
