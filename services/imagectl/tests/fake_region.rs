@@ -467,6 +467,17 @@ impl region::region_service_server::RegionService for Fake {
         Err(Status::unimplemented("not faked"))
     }
 
+    type ExportImagesStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<region::ExportImagesChunk, Status>> + Send>,
+    >;
+
+    async fn export_images(
+        &self,
+        _request: Request<region::ExportImagesRequest>,
+    ) -> Result<Response<Self::ExportImagesStream>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
     async fn upload_image(
         &self,
         _request: Request<tonic::Streaming<region::UploadImageRequest>>,
