@@ -853,49 +853,99 @@ async fn import_parameters_are_checked_first() {
 /// A tiny HTTP server on loopback: serves `file` at `/disk.img`, and redirects `/hop` to
 /// `redirect`.
 async fn serve(file: Vec<u8>, redirect: String) -> u16 {
+    serve_on(file, redirect, None).await
+}
+
+/// `serve`, in TLS with `tls` when given.
+async fn serve_on(file: Vec<u8>, redirect: String, tls: Option<tokio_rustls::TlsAcceptor>) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let file = std::sync::Arc::new(file);
     tokio::spawn(async move {
         loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
+            let Ok((socket, _)) = listener.accept().await else {
                 return;
             };
             let file = file.clone();
             let redirect = redirect.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                match tls {
+                    None => answer(socket, &file, &redirect).await,
+                    Some(tls) => {
+                        if let Ok(socket) = tls.accept(socket).await {
+                            answer(socket, &file, &redirect).await;
+                        }
                     }
                 }
-                let text = String::from_utf8_lossy(&request);
-                let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
-                if path == "/disk.img" {
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        file.len()
-                    );
-                    let _ = socket.write_all(head.as_bytes()).await;
-                    let _ = socket.write_all(&file).await;
-                } else if path == "/hop" {
-                    let head = format!(
-                        "HTTP/1.1 302 Found\r\nLocation: {redirect}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    );
-                    let _ = socket.write_all(head.as_bytes()).await;
-                } else {
-                    let _ = socket
-                        .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                        .await;
-                }
-                let _ = socket.shutdown().await;
             });
         }
     });
     port
+}
+
+/// Answers one request of `serve`.
+async fn answer<S>(mut socket: S, file: &[u8], redirect: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&request);
+    let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+    if path == "/disk.img" {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            file.len()
+        );
+        let _ = socket.write_all(head.as_bytes()).await;
+        let _ = socket.write_all(file).await;
+    } else if path == "/hop" {
+        let head = format!(
+                        "HTTP/1.1 302 Found\r\nLocation: {redirect}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+        let _ = socket.write_all(head.as_bytes()).await;
+    } else {
+        let _ = socket
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await;
+    }
+    let _ = socket.shutdown().await;
+}
+
+/// A CA (its PEM) and a TLS acceptor whose certificate, from that CA, names `localhost` and
+/// `127.0.0.1`.
+fn https_identity() -> (String, tokio_rustls::TlsAcceptor) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use tokio_rustls::rustls;
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key)
+    .unwrap();
+    (
+        ca.pem(),
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+    )
 }
 
 fn url_import(name: &str, url: &str) -> ImportImageRequest {
@@ -1048,4 +1098,83 @@ async fn redirects_are_followed_and_checked_like_the_url() {
         "InvalidParameterValue.ImageUrlForbidden",
     );
     assert!(images_named(&mut gz, "to-metadata").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_urls_need_a_trusted_certificate_and_never_redirect_to_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, _) = source_disk();
+    let source = write(dir.path(), "source.raw", &disk);
+    let qcow2 = std::fs::read(convert(&source, dir.path(), "s.qcow2", "qcow2", &[])).unwrap();
+    let (ca, tls) = https_identity();
+    let ca_file = write(dir.path(), "ca.pem", ca.as_bytes());
+    let secure = serve_on(qcow2.clone(), String::new(), Some(tls.clone())).await;
+    let plain = serve(qcow2, String::new()).await;
+    let downgrade = serve_on(
+        Vec::new(),
+        format!("http://127.0.0.1:{plain}/disk.img"),
+        Some(tls),
+    )
+    .await;
+    let ca_path = ca_file.display().to_string();
+    let cluster = Cluster::start_with(
+        &["ap-guangzhou", "ap-shanghai"],
+        &[
+            (
+                "ap-guangzhou",
+                RegionOptions::env(&[
+                    ("IMAGEFLEET_IMPORT_ALLOW_PRIVATE_URLS", "true"),
+                    ("IMAGEFLEET_IMPORT_CA_FILE", &ca_path),
+                ]),
+            ),
+            (
+                "ap-shanghai",
+                RegionOptions::env(&[("IMAGEFLEET_IMPORT_ALLOW_PRIVATE_URLS", "true")]),
+            ),
+        ],
+    )
+    .await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let url = format!("https://127.0.0.1:{secure}/disk.img");
+
+    // Trusted through the region's extra CA file.
+    let started = gz
+        .import_image(url_import("over-tls", &url))
+        .await
+        .unwrap()
+        .into_inner();
+    let done = wait_image_state(&mut gz, &started.image_id, ImageState::Normal).await;
+    assert_eq!(done.import_progress.unwrap().image_url, url);
+    let exported = export_file(&mut gz, &started.image_id, ExportFormat::Raw).await;
+    assert!(exported == disk, "the disk pulled over https differs");
+
+    // A region without that CA does not trust the certificate.
+    let refused = sh.import_image(url_import("untrusted", &url)).await;
+    let status = refused.as_ref().err().cloned();
+    assert_refused(
+        refused,
+        Code::FailedPrecondition,
+        "FailedOperation.ImageUrlUnreachable",
+    );
+    let message = status.map(|s| s.message().to_string()).unwrap_or_default();
+    assert!(message.contains("not trusted"), "{message}");
+    assert!(images_named(&mut sh, "untrusted").await.is_empty());
+
+    // https to http is a downgrade, refused even where both hops are allowed.
+    let refused = gz
+        .import_image(url_import(
+            "downgraded",
+            &format!("https://127.0.0.1:{downgrade}/hop"),
+        ))
+        .await;
+    let status = refused.as_ref().err().cloned();
+    assert_refused(
+        refused,
+        Code::InvalidArgument,
+        "InvalidParameterValue.ImageUrlForbidden",
+    );
+    let message = status.map(|s| s.message().to_string()).unwrap_or_default();
+    assert!(message.contains("https to http"), "{message}");
+    assert!(images_named(&mut gz, "downgraded").await.is_empty());
 }

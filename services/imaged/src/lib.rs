@@ -313,6 +313,10 @@ struct ImportArgs {
     /// How long a URL import may take in all, e.g. `6h`.
     #[arg(long, env = "IMAGEFLEET_IMPORT_TIMEOUT", default_value = "6h", value_parser = humantime::parse_duration)]
     import_timeout: std::time::Duration,
+    /// A PEM file of CA certificates ImportImage trusts for https URLs, besides the Mozilla
+    /// roots (e.g. a closed network's own CA).
+    #[arg(long, env = "IMAGEFLEET_IMPORT_CA_FILE")]
+    import_ca_file: Option<std::path::PathBuf>,
 }
 
 impl ImportArgs {
@@ -323,6 +327,7 @@ impl ImportArgs {
             max_file_size: self.max_import_file_size,
             allow_private_urls: self.import_allow_private_urls,
             timeout: self.import_timeout,
+            ca_file: self.import_ca_file.clone(),
         }
     }
 }

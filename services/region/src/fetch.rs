@@ -1,4 +1,4 @@
-//! `ImportImage`: a disk file pulled from an http URL.
+//! `ImportImage`: a disk file pulled from an http or https URL.
 //!
 //! The URL is someone else's input aimed at the region's network, so every hop is checked
 //! before it is connected to: the host is resolved, and every address it resolves to must be
@@ -8,20 +8,29 @@
 //! import timeout, and the file's size by its import limits (the inspector enforces them on
 //! the bytes, whatever the server announced).
 //!
+//! An https hop wraps the checked connection in TLS, verifying the server's certificate for the
+//! URL's host against the Mozilla roots and the region's extra CA file, if any. A redirect from
+//! https to http is refused: the file would leave the protection the URL asked for.
+//!
 //! The call answers once the headers of the file have been read (a refusal they show is the
 //! call's error, and nothing is left behind); the rest is read in the background.
 
 use crate::error::RegionError;
 use crate::import::{Outcome, Piece};
 use crate::region::Region;
+use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use imagefleet_proto::region::v1::{ImportImageRequest, ImportImageResponse};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_rustls::rustls;
 use tonic::{Code, Status};
 
 /// Redirects followed at most.
@@ -120,12 +129,41 @@ fn timed_out(timeout: Duration) -> Status {
     )
 }
 
-/// A checked URL: http, with a host and no user information.
+/// The TLS client configuration of https imports: the Mozilla roots (`webpki-roots`) and the
+/// certificates of `ca_file`, a PEM file holding at least one.
+pub fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read the import CA file {}", path.display()))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.with_context(|| format!("{}: not a PEM file", path.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("{}: a certificate is not usable", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            anyhow::bail!("{} holds no PEM certificate", path.display());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A checked URL: http or https, with a host and no user information.
 #[derive(Clone, Debug)]
 struct Target {
     uri: http::Uri,
     host: String,
     port: u16,
+    https: bool,
 }
 
 fn parse_url(url: &str) -> Result<Target, Status> {
@@ -143,12 +181,8 @@ fn parse_url(url: &str) -> Result<Target, Status> {
     let scheme = uri.scheme_str().unwrap_or_default().to_ascii_lowercase();
     let default_port = match scheme.as_str() {
         "http" => 80,
-        "https" => {
-            return Err(invalid_url(
-                "https image URLs are not supported by this region yet; use http",
-            ))
-        }
-        _ => return Err(invalid_url("image_url must be an http URL")),
+        "https" => 443,
+        _ => return Err(invalid_url("image_url must be an http or https URL")),
     };
     let authority = uri
         .authority()
@@ -165,6 +199,7 @@ fn parse_url(url: &str) -> Result<Target, Status> {
         return Err(invalid_url("image_url has no host"));
     }
     Ok(Target {
+        https: scheme == "https",
         port: authority.port_u16().unwrap_or(default_port),
         host,
         uri,
@@ -201,22 +236,66 @@ async fn checked_address(target: &Target, allow_private: bool) -> Result<SocketA
 }
 
 type Body = hyper::body::Incoming;
+type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>;
+
+/// Starts http/1 on a connected stream; the connection runs in the background.
+async fn handshake<S>(stream: S, address: SocketAddr) -> Result<Sender, Status>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(format!("{address}: {e}")))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// Connects to the checked address, in TLS for an https target (the certificate verified for
+/// the target's host).
+async fn connect(
+    target: &Target,
+    address: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Sender, Status> {
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| unreachable(format!("cannot connect to {address}: {e}")))?;
+    if !target.https {
+        return handshake(stream, address).await;
+    }
+    let name = ServerName::try_from(target.host.clone())
+        .map_err(|e| invalid_url(format!("{} is not a TLS server name: {e}", target.host)))?;
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, stream)
+        .await
+        .map_err(|e| {
+            let tls_error = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+            match tls_error {
+                Some(rustls::Error::InvalidCertificate(why)) => unreachable(format!(
+                    "the certificate of {} ({address}) was not trusted: {why:?}",
+                    target.host
+                )),
+                _ => unreachable(format!("TLS with {} ({address}) failed: {e}", target.host)),
+            }
+        })?;
+    handshake(stream, address).await
+}
 
 /// Follows the URL (and its redirects) to the file's response.
-async fn open(url: &str, allow_private: bool) -> Result<(http::Response<Body>, String), Status> {
+async fn open(
+    url: &str,
+    allow_private: bool,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<(http::Response<Body>, String), Status> {
     let mut target = parse_url(url)?;
     for _ in 0..=MAX_REDIRECTS {
         let address = checked_address(&target, allow_private).await?;
-        let stream = tokio::net::TcpStream::connect(address)
-            .await
-            .map_err(|e| unreachable(format!("cannot connect to {address}: {e}")))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| unreachable(format!("{address}: {e}")))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let mut sender = connect(&target, address, tls).await?;
         let path = target
             .uri
             .path_and_query()
@@ -255,7 +334,14 @@ async fn open(url: &str, allow_private: bool) -> Result<(http::Response<Body>, S
             } else {
                 location.to_string()
             };
-            target = parse_url(&next)?;
+            let next = parse_url(&next)?;
+            if target.https && !next.https {
+                return Err(forbidden(format!(
+                    "{} redirects from https to http ({}), which is refused",
+                    target.uri, next.uri
+                )));
+            }
+            target = next;
             continue;
         }
         if !status.is_success() {
@@ -289,10 +375,14 @@ pub(crate) async fn import_image(
     let mut job = region
         .prepare_import(caller, params, None, &req.image_url)
         .await?;
-    let (response, _) =
-        tokio::time::timeout_at(deadline, open(&req.image_url, limits.allow_private_urls))
-            .await
-            .map_err(|_| timed_out(limits.timeout))??;
+    let pull = open(
+        &req.image_url,
+        limits.allow_private_urls,
+        &region.import_tls,
+    );
+    let (response, _) = tokio::time::timeout_at(deadline, pull)
+        .await
+        .map_err(|_| timed_out(limits.timeout))??;
     job.size = response
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -383,11 +473,26 @@ mod tests {
     }
 
     #[test]
+    fn ca_files_are_checked() {
+        assert!(tls_config(None).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        assert!(tls_config(Some(&empty)).is_err());
+        assert!(tls_config(Some(&dir.path().join("missing.pem"))).is_err());
+    }
+
+    #[test]
     fn urls_are_checked() {
         assert!(parse_url("http://example.com/a.qcow2").is_ok());
+        let https = parse_url("https://example.com/a.qcow2").unwrap();
+        assert!(https.https);
+        assert_eq!(https.port, 443);
+        assert!(!parse_url("http://example.com/a.qcow2").unwrap().https);
         assert_eq!(parse_url("http://[::1]:8080/x").unwrap().host, "::1");
         for bad in [
             "ftp://h/x",
+            "ftps://h/x",
             "file:///etc/passwd",
             "http://",
             "x",

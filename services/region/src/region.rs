@@ -70,6 +70,9 @@ pub struct ImportLimits {
     pub allow_private_urls: bool,
     /// How long a URL import may take in all, from the first connection to the last byte.
     pub timeout: Duration,
+    /// A PEM file of CA certificates `ImportImage` trusts for https URLs besides the Mozilla
+    /// roots (read when the region opens).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl ImportLimits {
@@ -87,6 +90,7 @@ impl Default for ImportLimits {
             max_file_size: Self::DEFAULT_MAX_FILE_SIZE,
             allow_private_urls: false,
             timeout: Self::DEFAULT_TIMEOUT,
+            ca_file: None,
         }
     }
 }
@@ -156,6 +160,8 @@ pub struct Region {
     pub(crate) pacer: crate::pacing::Pacer,
     /// What each account holds of the `fair_share` limits.
     pub(crate) gate: Arc<crate::fairness::Gate>,
+    /// The TLS client of https URL imports: the Mozilla roots and `imports.ca_file`.
+    pub(crate) import_tls: Arc<tokio_rustls::rustls::ClientConfig>,
 }
 
 /// Deletes the chunks among `candidates` that nothing references, holding the chunk
@@ -203,7 +209,9 @@ impl Region {
             SHARING_SCOPE,
         )?);
         let pacer = crate::pacing::Pacer::new(config.account_rate, config.account_rate);
+        let import_tls = crate::fetch::tls_config(config.imports.ca_file.as_deref())?;
         let region = Arc::new(Region {
+            import_tls,
             pacer,
             config,
             store,
