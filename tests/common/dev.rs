@@ -69,10 +69,22 @@ pub fn start_dev_with_env(
     regions: &str,
     env: &[(&str, &str)],
 ) -> DevProcess {
+    start_dev_with(dir, regions, &[], env)
+}
+
+/// Starts `imaged dev` with more arguments (e.g. `--tls`) and environment variables, and waits
+/// for its ready line.
+pub fn start_dev_with(
+    dir: &std::path::Path,
+    regions: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> DevProcess {
     std::fs::create_dir_all(dir).unwrap();
     let mut command = Command::new(IMAGED);
     command
         .args(["dev", "--base-port", "0", "--regions", regions])
+        .args(args)
         .arg("--data-dir")
         .arg(dir)
         .env_remove("REDIS_URL")

@@ -10,9 +10,8 @@ use imagefleet_proto::region::v1::*;
 use imagefleet_rpc::auth::{self, Credentials};
 use imagefleet_rpc::client::{region_scope, signed_channel, CATALOG_SCOPE};
 use prost::Message;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -320,25 +319,6 @@ async fn mutual_tls_refuses_clients_without_a_certificate_and_plaintext() {
     cluster.create_account("carol").await;
 }
 
-fn wait_ready(child: &mut std::process::Child) {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("a ready line");
-        if line.contains("ready") {
-            return;
-        }
-    }
-}
-
 /// `imaged dev --tls`: a local CA in cluster.json, certificates valid for 127.0.0.1 and
 /// localhost, keys owner-only, plaintext refused on every endpoint, and `imagectl` works with
 /// what cluster.json names.
@@ -346,24 +326,8 @@ fn wait_ready(child: &mut std::process::Child) {
 async fn imaged_dev_tls_names_its_ca_in_cluster_json_and_refuses_plaintext() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(IMAGED)
-        .args(["dev", "--tls", "--base-port", "0", "--regions", GZ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env_remove("REDIS_URL")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("imaged-dev.log")).unwrap())
-        .spawn()
-        .unwrap();
-    struct Stop(std::process::Child);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-            let _ = self.0.wait();
-        }
-    }
-    wait_ready(&mut child);
-    let _stop = Stop(child);
+    // Killed when the test ends, whatever happens.
+    let _dev = crate::common::dev::start_dev_with(dir.path(), GZ, &["--tls"], &[]);
     let cluster_file = dir.path().join("cluster.json");
     let cluster = imagefleet_rpc::cluster::ClusterFile::load(&cluster_file).unwrap();
     let ca = std::path::Path::new(&cluster.tls_ca_file);
