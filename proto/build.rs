@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "imagefleet/region/v1/region.proto",
     "imagefleet/catalog/v1/catalog.proto",
     "imagefleet/sharing/v1/sharing.proto",
+    "imagefleet/billing/v1/billing.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

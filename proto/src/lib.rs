@@ -28,6 +28,12 @@ pub mod sharing {
     }
 }
 
+pub mod billing {
+    pub mod v1 {
+        tonic::include_proto!("imagefleet.billing.v1");
+    }
+}
+
 /// The descriptor pool of every imagefleet proto.
 pub fn descriptor_pool() -> &'static prost_reflect::DescriptorPool {
     static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();

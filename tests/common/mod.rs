@@ -26,10 +26,7 @@ pub const IMAGED: &str = env!("CARGO_BIN_EXE_imaged");
 pub const IMAGECTL: &str = env!("CARGO_BIN_EXE_imagectl");
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    imagefleet_rpc::ports::pick_loopback_port().expect("a free loopback port")
 }
 
 /// One child process and how to start it again.

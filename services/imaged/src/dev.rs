@@ -176,10 +176,8 @@ impl RedisChild {
     /// directory while it lives.
     async fn start(dir: &Path, port: u16, lock: &DirLock) -> anyhow::Result<(RedisChild, String)> {
         let port = if port == 0 {
-            // Let the kernel pick, then hand the port to redis-server.
-            std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port()
+            // A port no outgoing connection or other cluster takes before redis-server binds it.
+            imagefleet_rpc::ports::pick_loopback_port()?
         } else {
             port
         };

@@ -96,6 +96,16 @@ pub const RULES: &[(&str, &[Role])] = &[
         "/imagefleet.sharing.v1.SharingInternalService/ListSharedWith",
         &[Region, Admin],
     ),
+    // Billing (in the catalog process): regions report their usage (each its own, checked by
+    // the billing service) and ask for prices; an operator may ask for prices too.
+    (
+        "/imagefleet.billing.v1.BillingInternalService/ReportUsage",
+        &[Region],
+    ),
+    (
+        "/imagefleet.billing.v1.BillingInternalService/QuoteRun",
+        &[Region, Admin],
+    ),
     // Region to region: copies, their chunks and manifests. Regions only.
     (
         "/imagefleet.region.v1.RegionInternalService/StartSync",

@@ -2,16 +2,20 @@
 //!
 //! - `auth`: the request-signing scheme (`docs/auth.md`), its verification as a tower layer in
 //!   front of every server, and the principal (`Caller`) it hands to handlers.
+//! - `clock`: the clock billable usage is dated by (real, scaled or set from a file).
 //! - `client`: channels that sign every request they send.
 //! - `server`: serving a set of gRPC services with health, reflection, request spans, signing
 //!   checks and graceful shutdown.
 //! - `identity`: service identities and the table of who may call which internal method.
 //! - `tls`: TLS settings of servers and clients, and the identity a client certificate proves.
+//! - `ports`: loopback ports for child processes to listen on, without races.
 //! - `telemetry`: logging through `tracing` (`RUST_LOG`).
 
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod identity;
+pub mod ports;
 pub mod server;
 pub mod telemetry;
 pub mod time;

@@ -85,8 +85,7 @@ fn redis_url(port: u16) -> String {
 }
 
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    imagefleet_rpc::ports::pick_loopback_port().unwrap()
 }
 
 /// The sharing service, served until stopped.
