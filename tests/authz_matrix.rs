@@ -64,7 +64,7 @@ fn target(cluster: &Cluster, service: &str) -> Target {
             url: cluster.region_url("ap-guangzhou"),
             scope: region_scope("ap-guangzhou"),
         }
-    } else if service.starts_with("imagefleet.catalog.") {
+    } else if service.starts_with("imagefleet.catalog.") || service.starts_with("imagefleet.billing.") {
         Target {
             url: cluster.catalog.url(),
             scope: CATALOG_SCOPE.into(),
@@ -302,6 +302,7 @@ fn internal_row(
     cluster: &Cluster,
 ) -> Option<(Vec<u8>, &'static [&'static str], Expect)> {
     use imagefleet_proto::catalog::v1 as catalog;
+    use imagefleet_proto::billing::v1 as billing;
     use imagefleet_proto::sharing::v1 as sharing;
     let alice = cluster.accounts[0].account_id.clone();
     let nowhere = "img-0nowhere".to_string();
@@ -454,6 +455,36 @@ fn internal_row(
             .encode_to_vec(),
             REGIONS,
             Refused(Code::NotFound, "InvalidImageId.NotFound"),
+        ),
+        // Billing, in the catalog process: an empty report stores nothing; a quote changes
+        // nothing.
+        "imagefleet.billing.v1.BillingInternalService/ReportUsage" => (
+            billing::ReportUsageRequest { events: Vec::new() }.encode_to_vec(),
+            REGIONS,
+            Allowed,
+        ),
+        "imagefleet.billing.v1.BillingInternalService/QuoteRun" => (
+            billing::QuoteRunRequest {
+                region: "ap-guangzhou".into(),
+                instance_type: "S5.SMALL1".into(),
+                vcpu: 1,
+                instance_count: 1,
+                hours: 1,
+                image: Some(billing::ImageCharge {
+                    image_id: nowhere.clone(),
+                    chain: vec![billing::LineageLink {
+                        image_id: nowhere.clone(),
+                        ..Default::default()
+                    }],
+                    root_image_id: nowhere.clone(),
+                    root_kind: "FREE".into(),
+                }),
+                include_snapshot: false,
+                owner_snapshot_bytes: 0,
+            }
+            .encode_to_vec(),
+            REGIONS_ADMIN,
+            Allowed,
         ),
         "imagefleet.region.v1.RegionInternalService/CancelSync" => (
             CancelSyncRequest {
@@ -650,6 +681,26 @@ fn row(method: &str, f: &Fixture) -> Option<(Vec<u8>, [Expect; 3])> {
             }
             .encode_to_vec(),
             [Allowed, Allowed, not_found_image],
+        ),
+        // The price of a launch: for whoever may launch the image.
+        "imagefleet.region.v1.RegionService/InquiryPriceRunInstances" => (
+            InquiryPriceRunInstancesRequest {
+                image_id: image,
+                instance_type: "S5.SMALL1".into(),
+                instance_count: 1,
+                hours: 1,
+            }
+            .encode_to_vec(),
+            [Allowed, Allowed, not_found_image],
+        ),
+        // Prices are public; each account gets its own bill.
+        "imagefleet.billing.v1.BillingService/DescribePriceBook" => (
+            imagefleet_proto::billing::v1::DescribePriceBookRequest::default().encode_to_vec(),
+            [Allowed, Allowed, Allowed],
+        ),
+        "imagefleet.billing.v1.BillingService/DescribeBill" => (
+            imagefleet_proto::billing::v1::DescribeBillRequest::default().encode_to_vec(),
+            [Allowed, Allowed, Allowed],
         ),
         "imagefleet.region.v1.RegionService/DescribeInstances" => (
             DescribeInstancesRequest {

@@ -8,6 +8,7 @@
 pub mod dev;
 pub mod raw;
 
+use imagefleet_proto::billing::v1::billing_service_client::BillingServiceClient;
 use imagefleet_proto::catalog::v1::catalog_internal_service_client::CatalogInternalServiceClient;
 use imagefleet_proto::catalog::v1::CreateAccountRequest;
 use imagefleet_proto::region::v1::region_service_client::RegionServiceClient;
@@ -24,6 +25,9 @@ use tonic_health::pb::HealthCheckRequest;
 
 pub const IMAGED: &str = env!("CARGO_BIN_EXE_imaged");
 pub const IMAGECTL: &str = env!("CARGO_BIN_EXE_imagectl");
+
+/// The file in a cluster's directory that holds the time its services bill by.
+pub const CLOCK_FILE: &str = "clock";
 
 pub fn free_port() -> u16 {
     imagefleet_rpc::ports::pick_loopback_port().expect("a free loopback port")
@@ -260,6 +264,12 @@ impl Cluster {
         if !regions.is_empty() {
             key_env.push(("IMAGEFLEET_CLUSTER_REGIONS".to_string(), regions.join(",")));
         }
+        // Every service dates billable usage by the cluster's clock file: the real time until a
+        // test sets one (`set_time`).
+        key_env.push((
+            "IMAGEFLEET_CLOCK".to_string(),
+            format!("file:{}", root.join(CLOCK_FILE).display()),
+        ));
         let tls = with_tls.then(|| tls_dir(regions));
         if let Some(tls) = &tls {
             use imagefleet_rpc::tls::{install, DEFAULT};
@@ -421,6 +431,26 @@ impl Cluster {
             cluster.accounts.push(account);
         }
         cluster
+    }
+
+    /// Sets the time every service of the cluster dates usage and bills by (unix seconds).
+    pub fn set_time(&self, unix: i64) {
+        let path = self.dir.path().join(CLOCK_FILE);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, unix.to_string()).expect("write the clock file");
+        std::fs::rename(&tmp, &path).expect("replace the clock file");
+    }
+
+    /// The billing service (in the catalog process) as account `who`.
+    pub fn billing(&self, who: usize) -> BillingServiceClient<SignedChannel> {
+        let account = &self.accounts[who];
+        let credentials = Credentials {
+            secret_id: account.secret_id.clone(),
+            secret_key: account.secret_key.clone(),
+        };
+        BillingServiceClient::new(
+            signed_channel(&self.catalog.url(), credentials, CATALOG_SCOPE).unwrap(),
+        )
     }
 
     /// The operator's service credentials (`svc-admin`).
