@@ -64,7 +64,9 @@ fn target(cluster: &Cluster, service: &str) -> Target {
             url: cluster.region_url("ap-guangzhou"),
             scope: region_scope("ap-guangzhou"),
         }
-    } else if service.starts_with("imagefleet.catalog.") || service.starts_with("imagefleet.billing.") {
+    } else if service.starts_with("imagefleet.catalog.")
+        || service.starts_with("imagefleet.billing.")
+    {
         Target {
             url: cluster.catalog.url(),
             scope: CATALOG_SCOPE.into(),
@@ -301,8 +303,8 @@ fn internal_row(
     f: &Fixture,
     cluster: &Cluster,
 ) -> Option<(Vec<u8>, &'static [&'static str], Expect)> {
-    use imagefleet_proto::catalog::v1 as catalog;
     use imagefleet_proto::billing::v1 as billing;
+    use imagefleet_proto::catalog::v1 as catalog;
     use imagefleet_proto::sharing::v1 as sharing;
     let alice = cluster.accounts[0].account_id.clone();
     let nowhere = "img-0nowhere".to_string();

@@ -23,8 +23,11 @@ const HOUR: i64 = 3600;
 const DAY: i64 = 24 * HOUR;
 
 fn book() -> PriceBook {
-    PriceBook::load(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/price-book.toml"))
-        .expect("the shipped price book loads")
+    PriceBook::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/price-book.toml"
+    ))
+    .expect("the shipped price book loads")
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -336,19 +339,20 @@ async fn each_pricing_rule_on_real_services() {
             .iter()
             .find(|l| l.kind == "INSTANCE")
             .unwrap();
-        assert!(instance_line.resource_ids.contains(&instance), "{}", row.rule);
+        assert!(
+            instance_line.resource_ids.contains(&instance),
+            "{}",
+            row.rule
+        );
         assert_eq!(bill.currency, book.currency());
-        let sum = Money::sum(
-            expected
-                .iter()
-                .map(|l| Money::parse(&l.amount).unwrap()),
-        )
-        .unwrap();
+        let sum = Money::sum(expected.iter().map(|l| Money::parse(&l.amount).unwrap())).unwrap();
         assert_eq!(bill.total, sum.to_string(), "{}", row.rule);
     }
     // An account sees only its own bill: the first account used nothing.
     let alice = cluster.accounts[0].clone();
-    let own = bill_of(&cluster, &alice, DAY0, DAY0 + 30 * DAY).await.unwrap();
+    let own = bill_of(&cluster, &alice, DAY0, DAY0 + 30 * DAY)
+        .await
+        .unwrap();
     assert!(own.line_items.is_empty(), "{:?}", own.line_items);
     assert_eq!(own.total, "0");
 }
@@ -442,7 +446,12 @@ async fn image_fees_follow_every_derivation() {
         };
         terminate(client, instance).await;
     }
-    for instance in [&shared_run, &derived_run, &free_shared_run, &free_derived_run] {
+    for instance in [
+        &shared_run,
+        &derived_run,
+        &free_shared_run,
+        &free_derived_run,
+    ] {
         terminate(&mut gz_receiver, instance).await;
     }
 
@@ -652,7 +661,10 @@ async fn price_book_inquiry_and_bad_input() {
             let p = prices.instance_hour.iter().find(|p| p.instance_type == t);
             assert_eq!(
                 p.map(|p| p.hourly.clone()),
-                book.region(region).unwrap().instance_hour(t).map(|m| m.to_string()),
+                book.region(region)
+                    .unwrap()
+                    .instance_hour(t)
+                    .map(|m| m.to_string()),
                 "{region} {t}"
             );
             if !prices.mainland {
@@ -669,7 +681,10 @@ async fn price_book_inquiry_and_bad_input() {
         Code::InvalidArgument,
         "InvalidParameterValue",
     );
-    for (from, to) in [("yesterday", ""), ("2025-12-02T00:00:00Z", "2025-12-01T00:00:00Z")] {
+    for (from, to) in [
+        ("yesterday", ""),
+        ("2025-12-02T00:00:00Z", "2025-12-01T00:00:00Z"),
+    ] {
         assert_refused(
             billing
                 .describe_bill(DescribeBillRequest {

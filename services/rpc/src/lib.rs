@@ -8,6 +8,7 @@
 //!   checks and graceful shutdown.
 //! - `identity`: service identities and the table of who may call which internal method.
 //! - `tls`: TLS settings of servers and clients, and the identity a client certificate proves.
+//! - `metrics`: Prometheus metrics of calls and services, load shedding, the /metrics endpoint.
 //! - `ports`: loopback ports for child processes to listen on, without races.
 //! - `telemetry`: logging through `tracing` (`RUST_LOG`).
 
@@ -15,6 +16,7 @@ pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod identity;
+pub mod metrics;
 pub mod ports;
 pub mod server;
 pub mod telemetry;

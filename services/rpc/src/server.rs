@@ -163,6 +163,10 @@ pub async fn serve(
         .trace_fn(
             move |req| tracing::debug_span!("rpc", service = %scope, method = %req.uri().path()),
         )
+        .layer(crate::metrics::CallLayer::new(
+            &identity,
+            crate::metrics::call_limit(&identity),
+        ))
         .layer(AuthLayer::new(verifier))
         .serve_with_incoming_shutdown(routes, incoming, shutdown)
         .await
