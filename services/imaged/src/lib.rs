@@ -176,6 +176,8 @@ struct CatalogArgs {
     transport: TransportArgs,
     #[command(flatten)]
     key: ServiceKeyArgs,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -202,6 +204,8 @@ struct SharingArgs {
     transport: TransportArgs,
     #[command(flatten)]
     key: ServiceKeyArgs,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -256,6 +260,43 @@ struct RegionArgs {
     transport: TransportArgs,
     #[command(flatten)]
     key: ServiceKeyArgs,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// Metrics and load shedding of one service (`imaged catalog|sharing|region`).
+#[derive(Args, Debug, Clone)]
+struct ServeArgs {
+    /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`), e.g.
+    /// `127.0.0.1:9100`; not served when unset.
+    #[arg(long, env = "IMAGEFLEET_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Calls the service works on at once; past it a new call is refused at once with
+    /// RESOURCE_EXHAUSTED `RequestLimitExceeded.ServerBusy` instead of waiting in a queue.
+    #[arg(long, env = "IMAGEFLEET_MAX_CONCURRENT_CALLS", default_value_t = imagefleet_rpc::metrics::DEFAULT_MAX_CONCURRENT_CALLS)]
+    max_concurrent_calls: usize,
+}
+
+impl ServeArgs {
+    /// Sets the service's concurrency limit and starts its metrics endpoint, if any.
+    async fn start(&self, identity: &str) -> anyhow::Result<()> {
+        if self.max_concurrent_calls == 0 {
+            anyhow::bail!("--max-concurrent-calls must be positive");
+        }
+        imagefleet_rpc::metrics::set_call_limit(identity, self.max_concurrent_calls);
+        if let Some(addr) = self.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+            tracing::info!(%addr, "metrics at /metrics");
+            tokio::spawn(imagefleet_rpc::metrics::serve_http(
+                listener,
+                identity.to_string(),
+                std::future::pending(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Per-account limits of a region on streams, exports and copies, and the stall timeout of
@@ -392,6 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Catalog(args) => {
             let _lock = lock_data_dir(&args.data_dir)?;
             args.transport.install(imagefleet_rpc::identity::CATALOG)?;
+            args.serve.start(imagefleet_rpc::identity::CATALOG).await?;
             let catalog = imagefleet_catalog::Catalog::open(imagefleet_catalog::CatalogConfig {
                 data_dir: args.data_dir,
                 service_key: args.key.resolve()?,
@@ -406,6 +448,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sharing(args) => {
             let mut _lock = None;
             args.transport.install(imagefleet_rpc::identity::SHARING)?;
+            args.serve.start(imagefleet_rpc::identity::SHARING).await?;
             let backend = match (args.redis_url, args.embedded_dir) {
                 (Some(url), _) => imagefleet_sharing::MapsBackend::Redis { url },
                 (None, Some(dir)) => {
@@ -425,11 +468,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Region(args) => {
             let args = *args;
             let _lock = lock_data_dir(&args.data_dir)?;
-            let tls = args.transport.install(&format!(
-                "{}{}",
-                imagefleet_rpc::identity::REGION_PREFIX,
-                args.region
-            ))?;
+            let identity = format!("{}{}", imagefleet_rpc::identity::REGION_PREFIX, args.region);
+            let tls = args.transport.install(&identity)?;
+            args.serve.start(&identity).await?;
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             let advertise_url = args.advertise_url.unwrap_or_else(|| {
                 format!(

@@ -89,6 +89,56 @@ pub struct RedisMaps {
     connection: OnceCell<ConnectionManager>,
     remove_image: redis::Script,
     modify_shares: redis::Script,
+    metrics: RedisMetrics,
+}
+
+/// Latency and failures of the Redis calls, by operation (`imagefleet_redis_*`).
+struct RedisMetrics {
+    registry: std::sync::Arc<imagefleet_rpc::metrics::Registry>,
+    latency: std::sync::RwLock<
+        std::collections::HashMap<&'static str, std::sync::Arc<imagefleet_rpc::metrics::Series>>,
+    >,
+}
+
+impl RedisMetrics {
+    fn new() -> RedisMetrics {
+        RedisMetrics {
+            registry: imagefleet_rpc::metrics::registry(imagefleet_rpc::identity::SHARING),
+            latency: Default::default(),
+        }
+    }
+
+    fn observe(&self, op: &'static str, elapsed: Duration, outcome: Result<(), &'static str>) {
+        let known = self
+            .latency
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(op)
+            .cloned();
+        let histogram = known.unwrap_or_else(|| {
+            let h = self.registry.histogram(
+                "imagefleet_redis_call_duration_seconds",
+                "Time of each Redis operation of the ownership maps, failures included.",
+                imagefleet_rpc::metrics::STORE_BUCKETS,
+                &[("op", op)],
+            );
+            self.latency
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(op, h.clone());
+            h
+        });
+        histogram.observe(elapsed);
+        if let Err(kind) = outcome {
+            self.registry
+                .counter(
+                    "imagefleet_redis_errors_total",
+                    "Redis operations that failed, by operation and kind (error, timeout).",
+                    &[("op", op), ("kind", kind)],
+                )
+                .inc();
+        }
+    }
 }
 
 impl RedisMaps {
@@ -100,6 +150,7 @@ impl RedisMaps {
             connection: OnceCell::new(),
             remove_image: redis::Script::new(REMOVE_IMAGE),
             modify_shares: redis::Script::new(MODIFY_SHARES),
+            metrics: RedisMetrics::new(),
         })
     }
 
@@ -129,24 +180,31 @@ impl RedisMaps {
     }
 
     /// Runs `f` on a connection, within `CALL_TIMEOUT`.
-    async fn with_connection<T, F, Fut>(&self, f: F) -> Result<T, MapsError>
+    async fn with_connection<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, MapsError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        tokio::time::timeout(CALL_TIMEOUT, async {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(CALL_TIMEOUT, async {
             let connection = self.connection().await?;
             Ok(f(connection).await?)
         })
-        .await
-        .map_err(|_| MapsError::Timeout)?
+        .await;
+        let (result, outcome) = match result {
+            Err(_) => (Err(MapsError::Timeout), Err("timeout")),
+            Ok(Err(e)) => (Err(e), Err("error")),
+            Ok(Ok(v)) => (Ok(v), Ok(())),
+        };
+        self.metrics.observe(op, started.elapsed(), outcome);
+        result
     }
 }
 
 #[tonic::async_trait]
 impl OwnershipBackend for RedisMaps {
     async fn set_owner(&self, image_id: &str, owner: &str) -> Result<(), MapsError> {
-        self.with_connection(|mut c| async move {
+        self.with_connection("set_owner", |mut c| async move {
             c.hset::<_, _, _, ()>(IMAGE_OWNER_KEY, image_id, owner)
                 .await
         })
@@ -154,7 +212,7 @@ impl OwnershipBackend for RedisMaps {
     }
 
     async fn remove_image(&self, image_id: &str) -> Result<(), MapsError> {
-        self.with_connection(|mut c| async move {
+        self.with_connection("remove_image", |mut c| async move {
             self.remove_image
                 .key(IMAGE_OWNER_KEY)
                 .key(image_shares_key(image_id))
@@ -168,7 +226,7 @@ impl OwnershipBackend for RedisMaps {
     }
 
     async fn owner(&self, image_id: &str) -> Result<Option<String>, MapsError> {
-        self.with_connection(|mut c| async move { c.hget(IMAGE_OWNER_KEY, image_id).await })
+        self.with_connection("owner", |mut c| async move { c.hget(IMAGE_OWNER_KEY, image_id).await })
             .await
     }
 
@@ -181,7 +239,7 @@ impl OwnershipBackend for RedisMaps {
         now: i64,
     ) -> Result<Result<(), ShareRefusal>, MapsError> {
         let outcome: String = self
-            .with_connection(|mut c| async move {
+            .with_connection("modify_shares", |mut c| async move {
                 let mut invocation = self.modify_shares.key(IMAGE_OWNER_KEY);
                 invocation
                     .key(image_shares_key(image_id))
@@ -214,7 +272,7 @@ impl OwnershipBackend for RedisMaps {
     }
 
     async fn shares(&self, image_id: &str) -> Result<Vec<(String, i64)>, MapsError> {
-        self.with_connection(|mut c| async move {
+        self.with_connection("shares", |mut c| async move {
             c.hgetall::<_, Vec<(String, i64)>>(image_shares_key(image_id))
                 .await
         })
@@ -222,19 +280,19 @@ impl OwnershipBackend for RedisMaps {
     }
 
     async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, MapsError> {
-        self.with_connection(
+        self.with_connection("is_shared", 
             |mut c| async move { c.hexists(image_shares_key(image_id), account).await },
         )
         .await
     }
 
     async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError> {
-        self.with_connection(|mut c| async move { c.hkeys(account_shares_key(account)).await })
+        self.with_connection("shared_with", |mut c| async move { c.hkeys(account_shares_key(account)).await })
             .await
     }
 
     async fn ping(&self) -> Result<(), MapsError> {
-        self.with_connection(|mut c| async move {
+        self.with_connection("ping", |mut c| async move {
             redis::cmd("PING")
                 .query_async::<String>(&mut c)
                 .await
