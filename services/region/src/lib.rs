@@ -31,6 +31,7 @@ mod pacing;
 mod region;
 pub mod seed;
 mod shares;
+mod telemetry;
 mod validate;
 
 pub use fairness::FairShare;
@@ -118,6 +119,7 @@ pub async fn run(
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let routes = routes.routes.add_service(service).add_service(peer_service);
 
+    telemetry::watch_store(&region.config.region, region.chunks.clone());
     region.resume()?;
     let registering = {
         let region = region.clone();

@@ -110,10 +110,14 @@ struct Family {
     series: BTreeMap<LabelSet, Arc<Series>>,
 }
 
+/// Refreshes gauges that are read rather than counted (free disk space, say) before a scrape.
+type RenderHook = Box<dyn Fn(&Registry) + Send + Sync>;
+
 /// The metrics of one service.
 #[derive(Default)]
 pub struct Registry {
     families: RwLock<BTreeMap<&'static str, Family>>,
+    hooks: Mutex<Vec<RenderHook>>,
 }
 
 fn escape(value: &str) -> String {
@@ -192,8 +196,19 @@ impl Registry {
         self.series(name, help, Kind::Histogram(buckets), labels)
     }
 
+    /// Runs `hook` before every rendering, to refresh gauges from their source.
+    pub fn on_render(&self, hook: impl Fn(&Registry) + Send + Sync + 'static) {
+        self.hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(hook));
+    }
+
     /// The text exposition of every series.
     pub fn render(&self) -> String {
+        for hook in self.hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            hook(self);
+        }
         let families = self.families.read().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();
         for (name, family) in families.iter() {
@@ -571,6 +586,7 @@ mod tests {
         h.observe(Duration::from_millis(500));
         h.observe(Duration::from_secs(5));
         r.gauge("x_bytes", "Bytes.", &[]).set(-2);
+        r.on_render(|r| r.gauge("x_free_bytes", "Free.", &[]).set(7));
         let text = r.render();
         assert!(text.contains("# TYPE x_calls_total counter\n"));
         assert!(text.contains("x_calls_total{method=\"/a/B\",code=\"Ok\"} 3\n"));
@@ -580,6 +596,7 @@ mod tests {
         assert!(text.contains("x_seconds_count{method=\"/a/B\"} 3\n"));
         assert!(text.contains("x_seconds_sum{method=\"/a/B\"} 5.55\n"));
         assert!(text.contains("x_bytes -2\n"));
+        assert!(text.contains("x_free_bytes 7\n"), "{text}");
     }
 
     #[test]

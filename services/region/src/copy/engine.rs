@@ -91,6 +91,7 @@ impl Region {
     }
 
     async fn run_copy(self: &Arc<Self>, image_id: &str, cancelled: &Arc<AtomicBool>) {
+        let _active = crate::telemetry::ActiveCopy::new(&self.config.region);
         let mut backoff = Backoff::with_cap(MAX_RETRY_DELAY);
         loop {
             let outcome = self.copy_attempt(image_id, cancelled).await;
@@ -113,6 +114,7 @@ impl Region {
                             let store = self.store.clone();
                             let id = image_id.to_string();
                             let _ = blocking(move || store.record_copy_error(&id, &message)).await;
+                            crate::telemetry::copy_retry(&self.config.region);
                             backoff.wait().await;
                             continue;
                         }
@@ -328,6 +330,7 @@ impl Region {
             })?;
             progress.chunks_transferred.fetch_add(1, Ordering::Relaxed);
             progress.bytes_transferred.fetch_add(len, Ordering::Relaxed);
+            crate::telemetry::copy_chunk(&self.config.region, len);
             arrived.push(digest);
         }
         if expected.next().is_some() {
