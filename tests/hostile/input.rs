@@ -55,9 +55,11 @@ fn cluster_file(cluster: &Cluster) -> PathBuf {
     let file = ClusterFile {
         catalog: ServiceEndpoint {
             endpoint: cluster.catalog.url(),
+            metrics: String::new(),
         },
         sharing: ServiceEndpoint {
             endpoint: cluster.sharing.url(),
+            metrics: String::new(),
         },
         regions: cluster
             .regions
@@ -65,6 +67,7 @@ fn cluster_file(cluster: &Cluster) -> PathBuf {
             .map(|region| RegionEndpoint {
                 region: region.clone(),
                 endpoint: cluster.region_url(region),
+                metrics: String::new(),
             })
             .collect(),
         accounts: cluster.accounts.clone(),

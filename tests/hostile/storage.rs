@@ -499,13 +499,16 @@ async fn quota_answers_show_every_limit_and_usage() {
     imagefleet_rpc::cluster::ClusterFile {
         catalog: imagefleet_rpc::cluster::ServiceEndpoint {
             endpoint: cluster.catalog.url(),
+            metrics: String::new(),
         },
         sharing: imagefleet_rpc::cluster::ServiceEndpoint {
             endpoint: cluster.sharing.url(),
+            metrics: String::new(),
         },
         regions: vec![imagefleet_rpc::cluster::RegionEndpoint {
             region: GZ.into(),
             endpoint: cluster.region_url(GZ),
+            metrics: String::new(),
         }],
         accounts: cluster.accounts.clone(),
         redis_url: String::new(),

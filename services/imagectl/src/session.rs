@@ -158,18 +158,22 @@ mod tests {
         ClusterFile {
             catalog: ServiceEndpoint {
                 endpoint: "http://127.0.0.1:7100".into(),
+                metrics: String::new(),
             },
             sharing: ServiceEndpoint {
                 endpoint: "http://127.0.0.1:7150".into(),
+                metrics: String::new(),
             },
             regions: vec![
                 RegionEndpoint {
                     region: "ap-guangzhou".into(),
                     endpoint: "http://127.0.0.1:7201".into(),
+                    metrics: String::new(),
                 },
                 RegionEndpoint {
                     region: "ap-shanghai".into(),
                     endpoint: "http://127.0.0.1:7202".into(),
+                    metrics: String::new(),
                 },
             ],
             accounts: vec![account("100000000001"), account("100000000002")],

@@ -615,9 +615,11 @@ fn write_cluster(path: &Path, catalog: &str, regions: Vec<RegionEndpoint>) {
     ClusterFile {
         catalog: ServiceEndpoint {
             endpoint: catalog.to_string(),
+            metrics: String::new(),
         },
         sharing: ServiceEndpoint {
             endpoint: "http://127.0.0.1:1".into(),
+            metrics: String::new(),
         },
         regions,
         accounts: vec![AccountEntry {
@@ -711,6 +713,7 @@ async fn the_cluster_file_is_used_when_the_catalog_is_down() {
         vec![RegionEndpoint {
             region: "ap-guangzhou".into(),
             endpoint: h.fake.endpoint.clone(),
+            metrics: String::new(),
         }],
     );
     let quota = h

@@ -17,8 +17,9 @@ pub struct DevArgs {
     /// Where every service keeps its data, and where cluster.json is written.
     #[arg(long, env = "IMAGEFLEET_DATA_DIR", default_value = "./imagefleet-data")]
     data_dir: PathBuf,
-    /// First port: catalog on N, sharing on N+1, Redis on N+9, regions on N+10, N+11, ...
-    /// 0 picks free ports.
+    /// First port: catalog on N, sharing on N+1, Redis on N+9, regions on N+10, N+11, ...;
+    /// Prometheus metrics of the catalog on N+50, sharing N+51, regions from N+60. 0 picks
+    /// free ports.
     #[arg(long, default_value_t = 7100)]
     base_port: u16,
     /// Regions to run.
@@ -44,6 +45,23 @@ pub struct DevArgs {
     /// write the CA and a client certificate for `imagectl` and tests to cluster.json.
     #[arg(long, env = "IMAGEFLEET_DEV_TLS")]
     tls: bool,
+    /// Calls each service works on at once; past it a new call is refused at once with
+    /// RESOURCE_EXHAUSTED `RequestLimitExceeded.ServerBusy`.
+    #[arg(long, env = "IMAGEFLEET_MAX_CONCURRENT_CALLS", default_value_t = imagefleet_rpc::metrics::DEFAULT_MAX_CONCURRENT_CALLS)]
+    max_concurrent_calls: usize,
+}
+
+/// Serves the Prometheus metrics of `identity` on the port `port` (0: any free one); returns
+/// the URL of its `/metrics`.
+async fn metrics_endpoint(identity: &str, port: u16) -> anyhow::Result<String> {
+    let listener = bind(port).await?;
+    let url = format!("http://{}/metrics", listener.local_addr()?);
+    tokio::spawn(imagefleet_rpc::metrics::serve_http(
+        listener,
+        identity.to_string(),
+        std::future::pending(),
+    ));
+    Ok(url)
 }
 
 fn port(base: u16, offset: u16) -> u16 {
@@ -302,6 +320,25 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let catalog_url = url(&catalog_listener, tls.is_some())?;
     let sharing_url = url(&sharing_listener, tls.is_some())?;
+    if args.max_concurrent_calls == 0 {
+        anyhow::bail!("--max-concurrent-calls must be positive");
+    }
+    // Metrics: catalog on N+50, sharing on N+51, regions from N+60.
+    let mut identities = vec![
+        imagefleet_rpc::identity::CATALOG.to_string(),
+        imagefleet_rpc::identity::SHARING.to_string(),
+    ];
+    identities.extend(
+        args.regions
+            .iter()
+            .map(|r| format!("{}{r}", imagefleet_rpc::identity::REGION_PREFIX)),
+    );
+    let mut metrics_urls = Vec::new();
+    for (i, identity) in identities.iter().enumerate() {
+        imagefleet_rpc::metrics::set_call_limit(identity, args.max_concurrent_calls);
+        let offset = if i < 2 { 50 + i } else { 60 + i - 2 };
+        metrics_urls.push(metrics_endpoint(identity, port(args.base_port, offset as u16)).await?);
+    }
 
     let (redis_child, backend, redis_url) = match args.redis_url.clone() {
         Some(url) => (
@@ -387,15 +424,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         region_endpoints.push(RegionEndpoint {
             region: name.clone(),
             endpoint,
+            metrics: metrics_urls[2 + region_endpoints.len()].clone(),
         });
     }
 
     let cluster = ClusterFile {
         catalog: ServiceEndpoint {
             endpoint: catalog_url.clone(),
+            metrics: metrics_urls[0].clone(),
         },
         sharing: ServiceEndpoint {
             endpoint: sharing_url.clone(),
+            metrics: metrics_urls[1].clone(),
         },
         regions: region_endpoints.clone(),
         accounts: accounts

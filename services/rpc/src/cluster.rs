@@ -8,12 +8,18 @@ use std::path::Path;
 pub struct ServiceEndpoint {
     /// `http://host:port`
     pub endpoint: String,
+    /// The service's Prometheus metrics (`http://host:port/metrics`), when it serves them.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub metrics: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RegionEndpoint {
     pub region: String,
     pub endpoint: String,
+    /// The region's Prometheus metrics (`http://host:port/metrics`), when it serves them.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub metrics: String,
 }
 
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
