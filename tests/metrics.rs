@@ -1,0 +1,196 @@
+//! Metrics and load shedding of real services: every call is counted by method, code and
+//! reason with a latency histogram; a server past its concurrency limit refuses new calls at
+//! once with RESOURCE_EXHAUSTED; `imaged dev` names each service's metrics URL in cluster.json.
+
+mod common;
+
+use common::*;
+use imagefleet_proto::region::v1::*;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+/// `GET url` over plain HTTP/1.1: the body of a 200 response.
+fn http_get(url: &str) -> String {
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = std::net::TcpStream::connect(host).expect("connect to the metrics port");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+/// The value of the series `name{labels}` (labels in the order the service writes them).
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn metrics_env(port: u16) -> RegionOptions {
+    RegionOptions::env(&[
+        ("IMAGEFLEET_METRICS_LISTEN", &format!("127.0.0.1:{port}")),
+        ("IMAGEFLEET_MAX_CONCURRENT_CALLS", "2"),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_are_counted_by_method_code_and_reason_and_overload_is_shed() {
+    let port = free_port();
+    let cluster = Cluster::start_with(&["ap-guangzhou"], &[("ap-guangzhou", metrics_env(port))]).await;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    for _ in 0..3 {
+        gz.describe_images(DescribeImagesRequest::default())
+            .await
+            .unwrap();
+    }
+    let bad = gz
+        .describe_images(DescribeImagesRequest {
+            image_ids: vec!["not-an-id".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&bad), "InvalidImageId.Malformed");
+
+    let text = http_get(&url);
+    let method = "/imagefleet.region.v1.RegionService/DescribeImages";
+    let calls = |code: &str, reason: &str| {
+        value(
+            &text,
+            &format!(
+                "imagefleet_rpc_calls_total{{service=\"region-ap-guangzhou\",method=\"{method}\",code=\"{code}\",reason=\"{reason}\"}}"
+            ),
+        )
+    };
+    assert_eq!(calls("Ok", ""), Some(3.0), "{text}");
+    assert_eq!(calls("InvalidArgument", "InvalidImageId.Malformed"), Some(1.0));
+    let count = value(
+        &text,
+        &format!(
+            "imagefleet_rpc_call_duration_seconds_count{{service=\"region-ap-guangzhou\",method=\"{method}\"}}"
+        ),
+    );
+    assert_eq!(count, Some(4.0));
+    assert!(text.contains("# TYPE imagefleet_rpc_call_duration_seconds histogram"));
+    assert!(text.contains(&format!(
+        "imagefleet_rpc_call_duration_seconds_bucket{{service=\"region-ap-guangzhou\",method=\"{method}\",le=\"+Inf\"}} 4"
+    )));
+    assert!(
+        value(
+            &text,
+            "imagefleet_chunk_store_free_bytes{region=\"ap-guangzhou\"}"
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "{text}"
+    );
+
+    // Two uploads held open fill the limit of 2 calls in flight.
+    let mut held = Vec::new();
+    for n in 0..2 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(UploadImageRequest {
+            parameters: Some(ImportImageParameters {
+                image_name: format!("held-{n}"),
+                platform: "Other".into(),
+                os_version: "-".into(),
+                ..Default::default()
+            }),
+            size_bytes: 1 << 20,
+            data: Vec::new(),
+        })
+        .await
+        .unwrap();
+        let mut client = cluster.region("ap-guangzhou", 0);
+        let call = tokio::spawn(async move {
+            client
+                .upload_image(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        held.push((tx, call));
+    }
+    // A third call is refused at once, not queued.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let shed = loop {
+        let started = Instant::now();
+        match gz.describe_images(DescribeImagesRequest::default()).await {
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                break (status, started.elapsed());
+            }
+            _ if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("never shed: {other:?}"),
+        }
+    };
+    assert_eq!(reason(&shed.0), "RequestLimitExceeded.ServerBusy");
+    assert!(shed.1 < Duration::from_secs(1), "shedding took {:?}", shed.1);
+    // Health checks are never shed.
+    wait_serving(&cluster.region_url("ap-guangzhou")).await;
+    // Once the held calls end, calls are served again.
+    for (tx, call) in held {
+        drop(tx);
+        let _ = call.await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gz
+        .describe_images(DescribeImagesRequest::default())
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "calls are still refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = http_get(&url);
+    assert!(
+        value(
+            &text,
+            "imagefleet_rpc_calls_shed_total{service=\"region-ap-guangzhou\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{text}"
+    );
+    assert!(text.contains("code=\"ResourceExhausted\",reason=\"RequestLimitExceeded.ServerBusy\""));
+}
+
+#[test]
+fn imaged_dev_names_every_services_metrics_in_cluster_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dev::start_dev(dir.path(), "ap-guangzhou,ap-singapore", None);
+    let cluster: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("cluster.json")).unwrap(),
+    )
+    .unwrap();
+    let mut urls = vec![
+        ("catalog", cluster["catalog"]["metrics"].as_str().unwrap().to_string()),
+        ("sharing", cluster["sharing"]["metrics"].as_str().unwrap().to_string()),
+    ];
+    for region in cluster["regions"].as_array().unwrap() {
+        urls.push((
+            "region",
+            region["metrics"].as_str().unwrap().to_string(),
+        ));
+    }
+    assert_eq!(urls.len(), 4);
+    for (what, url) in urls {
+        let text = http_get(&url);
+        assert!(
+            text.contains("# TYPE imagefleet_rpc_calls_in_flight gauge"),
+            "{what} at {url}: {text}"
+        );
+    }
+    dev::stop(dev);
+}
