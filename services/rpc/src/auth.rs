@@ -735,6 +735,7 @@ where
         Box::pin(async move {
             let path = request.uri().path().to_string();
             let (mut parts, body) = request.into_parts();
+            crate::trace::inject(&mut parts.headers);
             let body = if client_streaming_paths().contains(&path) {
                 sign_parts(
                     &mut parts.headers,

@@ -10,6 +10,7 @@
 //! - `tls`: TLS settings of servers and clients, and the identity a client certificate proves.
 //! - `metrics`: Prometheus metrics of calls and services, load shedding, the /metrics endpoint.
 //! - `ports`: loopback ports for child processes to listen on, without races.
+//! - `trace`: W3C trace context, taken from clients and carried across service calls.
 //! - `telemetry`: logging through `tracing` (`RUST_LOG`).
 
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod ports;
 pub mod server;
 pub mod telemetry;
 pub mod time;
+pub mod trace;
 pub mod tls;
 
 pub use auth::{Caller, Credentials};

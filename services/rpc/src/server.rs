@@ -133,7 +133,6 @@ pub async fn serve(
     delivery: Delivery,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let scope = verifier.scope().to_string();
     // The builder's `tcp_nodelay` does not reach connections from an incoming stream: it is
     // set on each accepted socket.
     let nodelay = delivery == Delivery::Immediate;
@@ -160,9 +159,6 @@ pub async fn serve(
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(32 * 1024 * 1024))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .trace_fn(
-            move |req| tracing::debug_span!("rpc", service = %scope, method = %req.uri().path()),
-        )
         .layer(crate::metrics::CallLayer::new(
             &identity,
             crate::metrics::call_limit(&identity),

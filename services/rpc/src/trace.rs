@@ -1,0 +1,164 @@
+//! W3C trace context (`traceparent`) across every service-to-service call.
+//!
+//! A server takes the trace of each call from its `traceparent` header, or starts one when the
+//! client sent none; the call's handler runs with it as the task's current trace, inside a span
+//! (`rpc{service, method, trace_id}`) that every log line of the call carries. Calls the handler
+//! makes to other services carry the same trace id with a new parent id, so a copy is one
+//! trace across both regions and the catalog. Work a call hands to a task of its own keeps the
+//! trace with [`current`] and [`scope`].
+
+use std::future::Future;
+
+/// A trace and the span a call was made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: u128,
+    pub parent_id: u64,
+    pub sampled: bool,
+}
+
+tokio::task_local! {
+    static CURRENT: TraceContext;
+}
+
+impl TraceContext {
+    /// A new trace (random ids, sampled).
+    pub fn new_root() -> TraceContext {
+        TraceContext {
+            trace_id: rand::random::<u128>().max(1),
+            parent_id: rand::random::<u64>().max(1),
+            sampled: true,
+        }
+    }
+
+    /// Parses a `traceparent` header of version 00 (`00-<32 hex>-<16 hex>-<2 hex>`); `None`
+    /// for anything else, as the specification asks (the server then starts a new trace).
+    pub fn parse(header: &str) -> Option<TraceContext> {
+        let mut parts = header.trim().split('-');
+        let (version, trace, parent, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, len: usize| {
+            s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        };
+        if version != "00" || parts.next().is_some() {
+            return None;
+        }
+        if !hex(trace, 32) || !hex(parent, 16) || !hex(flags, 2) {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace, 16).ok()?;
+        let parent_id = u64::from_str_radix(parent, 16).ok()?;
+        if trace_id == 0 || parent_id == 0 {
+            return None;
+        }
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        Some(TraceContext {
+            trace_id,
+            parent_id,
+            sampled: flags & 1 == 1,
+        })
+    }
+
+    /// The trace id as 32 lowercase hex digits.
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The `traceparent` of a call made from this context: the same trace, a new parent id.
+    pub fn child_header(&self) -> String {
+        format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id,
+            rand::random::<u64>().max(1),
+            u8::from(self.sampled)
+        )
+    }
+}
+
+/// The trace of the call (or task) running now, if any.
+pub fn current() -> Option<TraceContext> {
+    CURRENT.try_with(|c| *c).ok()
+}
+
+/// Runs `future` with `context` as its current trace (`None`: as it is).
+pub async fn scope<F: Future>(context: Option<TraceContext>, future: F) -> F::Output {
+    match context {
+        Some(context) => CURRENT.scope(context, future).await,
+        None => future.await,
+    }
+}
+
+/// The name of the header.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Adds the current trace to an outgoing call's headers (a header the caller set is kept).
+pub fn inject(headers: &mut http::HeaderMap) {
+    if headers.contains_key(TRACEPARENT) {
+        return;
+    }
+    if let Some(context) = current() {
+        if let Ok(value) = http::HeaderValue::from_str(&context.child_header()) {
+            headers.insert(TRACEPARENT, value);
+        }
+    }
+}
+
+/// The trace of an incoming call: its `traceparent`, or a new trace.
+pub fn extract(headers: &http::HeaderMap) -> TraceContext {
+    headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+        .unwrap_or_else(TraceContext::new_root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_bad_headers_are_ignored() {
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let c = TraceContext::parse(header).unwrap();
+        assert_eq!(c.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(c.parent_id, 0x00f067aa0ba902b7);
+        assert!(c.sampled);
+        let child = TraceContext::parse(&c.child_header()).unwrap();
+        assert_eq!(child.trace_id, c.trace_id);
+        assert_ne!(child.parent_id, c.parent_id);
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xx",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_current_trace_follows_scopes_and_reaches_outgoing_headers() {
+        assert_eq!(current(), None);
+        let root = TraceContext::new_root();
+        scope(Some(root), async {
+            assert_eq!(current(), Some(root));
+            let mut headers = http::HeaderMap::new();
+            inject(&mut headers);
+            let sent = extract(&headers);
+            assert_eq!(sent.trace_id, root.trace_id);
+            // A task of its own keeps the trace when handed it.
+            let handed = current();
+            let seen = tokio::spawn(scope(handed, async { current() }))
+                .await
+                .unwrap();
+            assert_eq!(seen, Some(root));
+        })
+        .await;
+        let mut headers = http::HeaderMap::new();
+        inject(&mut headers);
+        assert!(headers.is_empty());
+    }
+}
