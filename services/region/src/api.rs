@@ -778,7 +778,7 @@ impl RegionApi {
         // recorded, e.g. once a full disk has room again).
         let region = self.region.clone();
         let booting = ids.clone();
-        tokio::spawn(async move {
+        imagefleet_rpc::trace::spawn(async move {
             region
                 .retry("boot instances", || {
                     let store = region.store.clone();

@@ -194,7 +194,7 @@ impl Region {
     /// Runs the finish step of `image_id` until it succeeds.
     pub(crate) fn finish_in_background(self: &Arc<Self>, image_id: String) {
         let region = self.clone();
-        tokio::spawn(async move {
+        imagefleet_rpc::trace::spawn(async move {
             region
                 .retry("finish image", || region.finish_image(&image_id))
                 .await
@@ -204,7 +204,7 @@ impl Region {
     /// Runs the deletion of `image_id` until it succeeds.
     fn delete_in_background(self: &Arc<Self>, image_id: String) {
         let region = self.clone();
-        tokio::spawn(async move {
+        imagefleet_rpc::trace::spawn(async move {
             region
                 .retry("finish image deletion", || region.finish_delete(&image_id))
                 .await

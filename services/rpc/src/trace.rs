@@ -88,6 +88,19 @@ pub async fn scope<F: Future>(context: Option<TraceContext>, future: F) -> F::Ou
     }
 }
 
+/// Spawns `future` on a task of its own that keeps the current trace and span: what a call
+/// starts in the background (a copy, an image being finished) logs with the call's trace id
+/// and passes the trace on in the calls it makes.
+pub fn spawn<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let context = current();
+    let span = tracing::Span::current();
+    tokio::spawn(scope(context, tracing::Instrument::instrument(future, span)))
+}
+
 /// The name of the header.
 pub const TRACEPARENT: &str = "traceparent";
 

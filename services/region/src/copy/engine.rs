@@ -58,7 +58,7 @@ impl Region {
         let region = self.clone();
         let flag = cancelled.clone();
         let id = image_id.clone();
-        let task = tokio::spawn(async move {
+        let task = imagefleet_rpc::trace::spawn(async move {
             region.run_copy(&id, &flag).await;
             region
                 .copies
