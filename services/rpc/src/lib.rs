@@ -9,6 +9,7 @@
 //! - `identity`: service identities and the table of who may call which internal method.
 //! - `tls`: TLS settings of servers and clients, and the identity a client certificate proves.
 //! - `metrics`: Prometheus metrics of calls and services, load shedding, the /metrics endpoint.
+//! - `otlp`: export of call spans over OTLP/HTTP when an endpoint is configured.
 //! - `ports`: loopback ports for child processes to listen on, without races.
 //! - `trace`: W3C trace context, taken from clients and carried across service calls.
 //! - `telemetry`: logging through `tracing` (`RUST_LOG`).
@@ -18,12 +19,13 @@ pub mod client;
 pub mod clock;
 pub mod identity;
 pub mod metrics;
+pub mod otlp;
 pub mod ports;
 pub mod server;
 pub mod telemetry;
 pub mod time;
-pub mod trace;
 pub mod tls;
+pub mod trace;
 
 pub use auth::{Caller, Credentials};
 pub mod cluster;

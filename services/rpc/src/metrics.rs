@@ -400,6 +400,8 @@ struct InFlight {
     started: Instant,
     /// Whether the call was recorded already (its status was in the response headers).
     recorded: bool,
+    /// The call's span (exported when finished, if an exporter is set up).
+    span: Option<crate::trace::CallSpan>,
 }
 
 impl InFlight {
@@ -408,6 +410,16 @@ impl InFlight {
             self.recorded = true;
             self.state
                 .record(&self.method, code, reason, self.started.elapsed());
+            if let Some(span) = self.span {
+                crate::otlp::record(crate::otlp::FinishedSpan {
+                    span,
+                    service: self.state.service.clone(),
+                    name: self.method.trim_start_matches('/').to_string(),
+                    started: self.started,
+                    code,
+                    reason: reason.to_string(),
+                });
+            }
         }
     }
 }
@@ -494,6 +506,7 @@ where
             method,
             started,
             recorded: false,
+            span: None,
         };
         if before >= state.limit && !health {
             state.shed.inc();
@@ -508,13 +521,28 @@ where
         }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
+        // The call's trace: every log line of the handler carries its id, and the calls the
+        // handler makes carry the trace on (`crate::trace`).
+        let context = crate::trace::extract(request.headers());
+        let call_span = context.child();
+        guard.span = Some(call_span);
+        let span = tracing::info_span!(
+            "rpc",
+            service = %state.service,
+            method = %guard.method,
+            trace_id = %context.trace_id_hex()
+        );
+        let call = async move {
             let response = inner.call(request).await?;
             if let Some((code, reason)) = status_of(response.headers()) {
                 guard.finish(code, &reason);
             }
             Ok(response.map(|body| Body::new(Observed { inner: body, guard })))
-        })
+        };
+        Box::pin(crate::trace::scope(
+            Some(call_span),
+            tracing::Instrument::instrument(call, span),
+        ))
     }
 }
 

@@ -9,7 +9,8 @@
 
 use std::future::Future;
 
-/// A trace and the span a call was made from.
+/// A trace and the span a call was made from (`parent_id`: the caller's span, as received;
+/// a call's own span gets an id of its own, [`TraceContext::child`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TraceContext {
     pub trace_id: u128,
@@ -17,16 +18,24 @@ pub struct TraceContext {
     pub sampled: bool,
 }
 
+/// The span of a call being served: its context, and the id calls made from it name as their
+/// parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallSpan {
+    pub context: TraceContext,
+    pub span_id: u64,
+}
+
 tokio::task_local! {
-    static CURRENT: TraceContext;
+    static CURRENT: CallSpan;
 }
 
 impl TraceContext {
-    /// A new trace (random ids, sampled).
+    /// A new trace (a random id, sampled), with no parent (`parent_id` 0).
     pub fn new_root() -> TraceContext {
         TraceContext {
             trace_id: rand::random::<u128>().max(1),
-            parent_id: rand::random::<u64>().max(1),
+            parent_id: 0,
             sampled: true,
         }
     }
@@ -64,24 +73,34 @@ impl TraceContext {
         format!("{:032x}", self.trace_id)
     }
 
-    /// The `traceparent` of a call made from this context: the same trace, a new parent id.
-    pub fn child_header(&self) -> String {
+    /// A span of this trace, made by a call with this context.
+    pub fn child(&self) -> CallSpan {
+        CallSpan {
+            context: *self,
+            span_id: rand::random::<u64>().max(1),
+        }
+    }
+}
+
+impl CallSpan {
+    /// The `traceparent` of a call made from this span.
+    pub fn header(&self) -> String {
         format!(
             "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id,
-            rand::random::<u64>().max(1),
-            u8::from(self.sampled)
+            self.context.trace_id,
+            self.span_id,
+            u8::from(self.context.sampled)
         )
     }
 }
 
-/// The trace of the call (or task) running now, if any.
-pub fn current() -> Option<TraceContext> {
+/// The span of the call (or task) running now, if any.
+pub fn current() -> Option<CallSpan> {
     CURRENT.try_with(|c| *c).ok()
 }
 
-/// Runs `future` with `context` as its current trace (`None`: as it is).
-pub async fn scope<F: Future>(context: Option<TraceContext>, future: F) -> F::Output {
+/// Runs `future` with `context` as its current span (`None`: as it is).
+pub async fn scope<F: Future>(context: Option<CallSpan>, future: F) -> F::Output {
     match context {
         Some(context) => CURRENT.scope(context, future).await,
         None => future.await,
@@ -98,7 +117,10 @@ where
 {
     let context = current();
     let span = tracing::Span::current();
-    tokio::spawn(scope(context, tracing::Instrument::instrument(future, span)))
+    tokio::spawn(scope(
+        context,
+        tracing::Instrument::instrument(future, span),
+    ))
 }
 
 /// The name of the header.
@@ -109,8 +131,8 @@ pub fn inject(headers: &mut http::HeaderMap) {
     if headers.contains_key(TRACEPARENT) {
         return;
     }
-    if let Some(context) = current() {
-        if let Ok(value) = http::HeaderValue::from_str(&context.child_header()) {
+    if let Some(span) = current() {
+        if let Ok(value) = http::HeaderValue::from_str(&span.header()) {
             headers.insert(TRACEPARENT, value);
         }
     }
@@ -136,9 +158,10 @@ mod tests {
         assert_eq!(c.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(c.parent_id, 0x00f067aa0ba902b7);
         assert!(c.sampled);
-        let child = TraceContext::parse(&c.child_header()).unwrap();
+        let span = c.child();
+        let child = TraceContext::parse(&span.header()).unwrap();
         assert_eq!(child.trace_id, c.trace_id);
-        assert_ne!(child.parent_id, c.parent_id);
+        assert_eq!(child.parent_id, span.span_id);
         for bad in [
             "",
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -155,13 +178,14 @@ mod tests {
     #[tokio::test]
     async fn the_current_trace_follows_scopes_and_reaches_outgoing_headers() {
         assert_eq!(current(), None);
-        let root = TraceContext::new_root();
+        let root = TraceContext::new_root().child();
         scope(Some(root), async {
             assert_eq!(current(), Some(root));
             let mut headers = http::HeaderMap::new();
             inject(&mut headers);
             let sent = extract(&headers);
-            assert_eq!(sent.trace_id, root.trace_id);
+            assert_eq!(sent.trace_id, root.context.trace_id);
+            assert_eq!(sent.parent_id, root.span_id);
             // A task of its own keeps the trace when handed it.
             let handed = current();
             let seen = tokio::spawn(scope(handed, async { current() }))
