@@ -28,6 +28,10 @@
 //!   to its answer (the image `NORMAL`: inspected, chunked, hashed, stored durably), against
 //!   `cp` of the same file to the same disk plus `sync`. The image is deleted between rounds
 //!   (its chunks reclaimed), so every round stores every chunk.
+//! - describe_rps: signed `DescribeImages` calls per second to a region (one image by id, and a
+//!   page of 20 images) at 64 concurrent callers on 4 connections, against a bare tonic unary
+//!   server built here (the `grpc.health.v1` check, no signing, no store) driven by the same
+//!   load generator with the same concurrency; the figure is the lower of the two ratios.
 //! - export_1g: wall time of an `ExportImage` of that image as QCOW2, written to a local file
 //!   as a client does, against `qemu-img convert -O qcow2` of the same raw bytes on the same
 //!   disk.
@@ -517,6 +521,162 @@ async fn share_rps() {
     );
 }
 
+/// A closed-loop load: `callers` tasks, each making `call(caller)` one after another for
+/// `secs` seconds after a second of warm-up; returns calls per second and their latencies.
+async fn closed_loop<F>(callers: usize, secs: f64, call: F) -> (f64, hdrhistogram::Histogram<u64>)
+where
+    F: Fn(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync
+        + 'static,
+{
+    let call = std::sync::Arc::new(call);
+    let mut total = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+    for (phase, length) in [(0, 1.0), (1, secs)] {
+        let deadline = Instant::now() + Duration::from_secs_f64(length);
+        let mut tasks = Vec::new();
+        for caller in 0..callers {
+            let call = call.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                while Instant::now() < deadline {
+                    let start = Instant::now();
+                    call(caller).await;
+                    let _ = hist.record(start.elapsed().as_micros() as u64);
+                }
+                hist
+            }));
+        }
+        for task in tasks {
+            let hist = task.await.expect("caller");
+            if phase == 1 {
+                total.add(hist).expect("merge");
+            }
+        }
+    }
+    (total.len() as f64 / secs, total)
+}
+
+async fn describe_rps() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    const CALLERS: usize = 64;
+    const CONNECTIONS: usize = 4;
+    const SECS: f64 = 5.0;
+    let cluster = Cluster::start(&["ap-guangzhou"]).await;
+    let mut region = cluster.region("ap-guangzhou", 0);
+    // Twenty images of the account's own (small raw uploads), so a page holds 20.
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let messages = vec![UploadImageRequest {
+            parameters: Some(ImportImageParameters {
+                image_name: format!("bench-describe-{n}"),
+                platform: "Other".into(),
+                os_version: "-".into(),
+                ..Default::default()
+            }),
+            size_bytes: 1 << 20,
+            data: random_bytes(1 << 20),
+        }];
+        let image = region
+            .upload_image(futures::stream::iter(messages))
+            .await
+            .expect("upload")
+            .into_inner()
+            .image_id;
+        ids.push(image);
+    }
+    for id in &ids {
+        wait_image_state(&mut region, id, ImageState::Normal).await;
+    }
+
+    // The baseline: a bare tonic server answering one unary method.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let echo_url = format!("http://{}", listener.local_addr().expect("address"));
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let echo: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            HealthClient::new(
+                imagefleet_rpc::client::endpoint(&echo_url)
+                    .expect("endpoint")
+                    .connect_lazy(),
+            )
+        })
+        .collect();
+    let (baseline, _) = closed_loop(CALLERS, SECS, move |caller| {
+        let mut client = echo[caller % CONNECTIONS].clone();
+        Box::pin(async move {
+            client
+                .check(HealthCheckRequest::default())
+                .await
+                .expect("echo");
+        })
+    })
+    .await;
+
+    let regions: Vec<_> = (0..CONNECTIONS)
+        .map(|_| cluster.region("ap-guangzhou", 0))
+        .collect();
+    let mut figures = Vec::new();
+    for (what, request) in [
+        (
+            "one image by id",
+            DescribeImagesRequest {
+                image_ids: vec![ids[0].clone()],
+                ..Default::default()
+            },
+        ),
+        (
+            "a page of 20",
+            DescribeImagesRequest {
+                limit: 20,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let regions = regions.clone();
+        let expected = if request.image_ids.is_empty() { 20 } else { 1 };
+        let (rps, hist) = closed_loop(CALLERS, SECS, move |caller| {
+            let mut client = regions[caller % CONNECTIONS].clone();
+            let request = request.clone();
+            Box::pin(async move {
+                let page = client
+                    .describe_images(request)
+                    .await
+                    .expect("describe")
+                    .into_inner();
+                assert_eq!(page.image_set.len(), expected);
+            })
+        })
+        .await;
+        println!(
+            "  describe_rps {what}: {rps:.0} req/s, p50 {}us p99 {}us ({CALLERS} callers on {CONNECTIONS} connections)",
+            hist.value_at_quantile(0.5),
+            hist.value_at_quantile(0.99)
+        );
+        figures.push((what, rps));
+    }
+    let (what, rps) = figures
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("figures");
+    report(
+        "describe_rps",
+        rps / baseline,
+        &format!("{rps:.0} req/s ({what})"),
+        &format!("bare tonic unary {baseline:.0} req/s"),
+        ">= 0.5",
+    );
+}
+
 /// noisy_neighbour: calls A makes per phase (alternating the two kinds), after warm-up calls.
 /// Each part is also bounded in time, so that a slow service still gives a figure (from fewer
 /// calls, which the output says).
@@ -979,6 +1139,9 @@ fn main() {
         }
         if wanted("share") {
             share_rps().await;
+        }
+        if wanted("describe") {
+            describe_rps().await;
         }
         if wanted("noisy_neighbour") {
             noisy_neighbour().await;
