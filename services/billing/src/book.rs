@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::money::{Money, MoneyError};
 
+/// The text of the shipped book, `deploy/price-book.toml`.
+pub const SHIPPED_BOOK: &str = include_str!("../../../deploy/price-book.toml");
+
 /// Bytes in the GB of "GB-hour" and of the free tier: a GiB, 2^30 bytes, the unit the
 /// project uses for every disk and image size.
 pub const BYTES_PER_GB: u64 = 1 << 30;
@@ -388,6 +391,13 @@ impl PriceBook {
             regions.insert(name, prices);
         }
         Ok(PriceBook { currency, regions })
+    }
+
+    /// The book shipped with imagefleet, `deploy/price-book.toml`, built into the binary: the
+    /// default when no book file is given. Its prices stay in that file.
+    pub fn shipped() -> PriceBook {
+        PriceBook::from_toml(SHIPPED_BOOK)
+            .expect("deploy/price-book.toml is valid (checked by the crate's tests)")
     }
 
     /// Reads a book from a file.

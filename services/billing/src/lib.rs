@@ -1,5 +1,6 @@
-//! Billing: the price book and the rating engine. Pure logic: the only I/O is reading the
-//! price-book file.
+//! Billing: the price book, the rating engine, the usage store and the billing services.
+//!
+//! The rules are pure logic (their only I/O is reading the price-book file):
 //!
 //! - [`PriceBook`] (`book`): every price, by region, read from TOML (`docs/billing.md`,
 //!   `deploy/price-book.toml`). The library holds rules, never prices.
@@ -8,6 +9,13 @@
 //!   snapshot bytes held; each with a fleet-unique id for idempotent storage.
 //! - [`bill`] (`rating`): an account's bill for a period from its usage events.
 //! - [`quote`] and [`snapshot_quote`] (`quote`): prices of a launch or of held snapshot data.
+//!
+//! Around them, what the catalog process serves (`docs/billing.md`, "The service"):
+//!
+//! - `convert`: the billing API's messages to and from these types, refusing malformed input.
+//! - `store` ([`EventStore`]): the reported usage events in SQLite, each once by
+//!   `(region, seq)`.
+//! - `service` ([`Billing`], [`BillingApi`]): `BillingService` and `BillingInternalService`.
 //!
 //! Rating is deterministic: the same book and the same set of events (in any order, with any
 //! repeats) give the same bill.
@@ -53,13 +61,18 @@
 //! ```
 
 pub mod book;
+pub mod convert;
 pub mod money;
 pub mod quote;
 pub mod rating;
+pub mod service;
+pub mod store;
 pub mod usage;
 
-pub use book::{BookError, LicenceClass, PriceBook, RegionPrices, BYTES_PER_GB};
+pub use book::{BookError, LicenceClass, PriceBook, RegionPrices, BYTES_PER_GB, SHIPPED_BOOK};
 pub use money::{Money, MoneyError};
 pub use quote::{quote, snapshot_quote, ImageFeeQuote, Quote, QuotePart, SnapshotQuote};
 pub use rating::{bill, hour_of, Anomaly, Bill, ImageFee, LineItem, LineKind, Quantity, RateError};
+pub use service::{Billing, BillingApi};
+pub use store::EventStore;
 pub use usage::{EventId, ImageCharge, LineageLink, RootKind, Usage, UsageEvent};

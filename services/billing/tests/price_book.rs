@@ -24,6 +24,12 @@ const CATALOGUE_TYPES: &[&str] = &[
 ];
 
 #[test]
+fn the_shipped_book_is_the_default_file() {
+    let file = PriceBook::load(default_book_path()).expect("deploy/price-book.toml loads");
+    assert_eq!(PriceBook::shipped(), file);
+}
+
+#[test]
 fn the_default_book_prices_the_fleet() {
     let book = PriceBook::load(default_book_path()).expect("deploy/price-book.toml loads");
     assert_eq!(book.currency(), "USD");

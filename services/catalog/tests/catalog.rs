@@ -27,6 +27,8 @@ impl Served {
         let catalog = Catalog::open(CatalogConfig {
             data_dir: dir.to_path_buf(),
             service_key: SERVICE_KEY.to_string(),
+            price_book: imagefleet_billing::PriceBook::shipped(),
+            clock: imagefleet_rpc::clock::Clock::system(),
         })
         .expect("catalog opens");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -375,6 +375,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let catalog = imagefleet_catalog::Catalog::open(imagefleet_catalog::CatalogConfig {
         data_dir: dir.join("catalog"),
         service_key: key.clone(),
+        price_book: imagefleet_billing::PriceBook::shipped(),
+        clock: imagefleet_rpc::clock::Clock::system(),
     })?;
     let mut accounts = catalog.accounts()?;
     if accounts.is_empty() {

@@ -5,6 +5,7 @@
 mod certs;
 mod dev;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -172,6 +173,20 @@ struct CatalogArgs {
     /// JSON file of accounts to load at start ([{account_id, name, secret_id, secret_key}]).
     #[arg(long, env = "IMAGEFLEET_ACCOUNTS_FILE")]
     accounts_file: Option<PathBuf>,
+    /// The price book bills and quotes are rated with (TOML, docs/billing.md); default: the
+    /// shipped book, deploy/price-book.toml.
+    #[arg(long, env = "IMAGEFLEET_PRICE_BOOK", value_name = "FILE")]
+    price_book: Option<PathBuf>,
+    /// The clock billing dates usage and bills by: system, scale:N[@T0] or file:PATH
+    /// (docs/billing.md).
+    #[arg(
+        long,
+        env = "IMAGEFLEET_CLOCK",
+        value_name = "SPEC",
+        default_value = "system",
+        value_parser = imagefleet_rpc::clock::Clock::parse
+    )]
+    clock: imagefleet_rpc::clock::Clock,
     #[command(flatten)]
     transport: TransportArgs,
     #[command(flatten)]
@@ -434,9 +449,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _lock = lock_data_dir(&args.data_dir)?;
             args.transport.install(imagefleet_rpc::identity::CATALOG)?;
             args.serve.start(imagefleet_rpc::identity::CATALOG).await?;
+            let price_book = match &args.price_book {
+                Some(path) => imagefleet_billing::PriceBook::load(path)
+                    .with_context(|| format!("--price-book {}", path.display()))?,
+                None => imagefleet_billing::PriceBook::shipped(),
+            };
             let catalog = imagefleet_catalog::Catalog::open(imagefleet_catalog::CatalogConfig {
                 data_dir: args.data_dir,
                 service_key: args.key.resolve()?,
+                price_book,
+                clock: args.clock,
             })?;
             if let Some(path) = &args.accounts_file {
                 let n = catalog.load_accounts_file(path)?;

@@ -107,6 +107,8 @@ impl Harness {
         let catalog = imagefleet_catalog::Catalog::open(imagefleet_catalog::CatalogConfig {
             data_dir: dir.path().join("catalog"),
             service_key: key.clone(),
+            price_book: imagefleet_billing::PriceBook::shipped(),
+            clock: imagefleet_rpc::clock::Clock::system(),
         })
         .expect("catalog opens");
         for name in ["alice", "bob"] {
