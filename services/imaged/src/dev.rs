@@ -408,6 +408,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             public_url: String::new(),
             catalog_url: catalog_url.clone(),
             sharing_url: sharing_url.clone(),
+            billing_url: String::new(),
+            clock: imagefleet_rpc::clock::Clock::system(),
             service_key: key.clone(),
             image_quota: 500,
             copy_deadline: imagefleet_region::RegionConfig::DEFAULT_COPY_DEADLINE,

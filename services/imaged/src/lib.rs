@@ -251,6 +251,14 @@ struct RegionArgs {
         default_value = "http://127.0.0.1:7101"
     )]
     sharing_url: String,
+    /// The billing service the region reports usage to and asks prices of; default: the
+    /// catalog's URL (the catalog process serves billing).
+    #[arg(long, env = "IMAGEFLEET_BILLING_URL", default_value = "")]
+    billing_url: String,
+    /// The clock that dates usage events: `system`, `scale:N[@T0]` or `file:PATH` (for
+    /// trying billing out; see docs/billing.md).
+    #[arg(long = "clock", env = "IMAGEFLEET_CLOCK", default_value = "system", value_parser = imagefleet_rpc::clock::Clock::parse)]
+    clock: imagefleet_rpc::clock::Clock,
     /// Custom images per account in this region.
     #[arg(long, env = "IMAGEFLEET_IMAGE_QUOTA", default_value_t = 500)]
     image_quota: u32,
@@ -511,6 +519,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 public_url: args.public_url.unwrap_or_default(),
                 catalog_url: args.catalog_url,
                 sharing_url: args.sharing_url,
+                billing_url: args.billing_url,
+                clock: args.clock,
                 service_key: args.key.resolve()?,
                 image_quota: args.image_quota,
                 copy_deadline: args.copy_deadline,

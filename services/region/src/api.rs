@@ -24,6 +24,47 @@ const DEFAULT_SYSTEM_DISK_GIB: u64 = 50;
 const MAX_SYSTEM_DISK_GIB: u64 = 2048;
 const MAX_INSTANCES_PER_CALL: u32 = 100;
 
+/// The most hours a price is asked for (a leap year).
+const MAX_QUOTE_HOURS: u64 = 8784;
+
+/// Checks what a launch (or the price of one) names: the image id, the instance type, and the
+/// instance count (0 means 1). Returns the type and the count.
+fn check_launch(
+    image_id: &str,
+    instance_type: &str,
+    instance_count: u32,
+) -> Result<(catalogue::InstanceType, u32)> {
+    validate::image_id("image_id", image_id)?;
+    let found = catalogue::instance_type(instance_type).ok_or_else(|| {
+        RegionError::invalid(
+            "instance_type",
+            "InvalidInstanceType.Malformed",
+            format!(
+                "unknown instance type {:?}; valid types: {}",
+                instance_type,
+                catalogue::instance_types_listed()
+                    .iter()
+                    .map(|t| t.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })?;
+    let count = if instance_count == 0 {
+        1
+    } else {
+        instance_count
+    };
+    if count > MAX_INSTANCES_PER_CALL {
+        return Err(RegionError::invalid(
+            "instance_count",
+            "InvalidParameterValue.LimitExceeded",
+            format!("at most {MAX_INSTANCES_PER_CALL} instances per call"),
+        ));
+    }
+    Ok((found, count))
+}
+
 pub struct RegionApi {
     region: Arc<Region>,
 }
@@ -689,34 +730,8 @@ impl RegionApi {
         caller: String,
         req: RunInstancesRequest,
     ) -> Result<RunInstancesResponse> {
-        validate::image_id("image_id", &req.image_id)?;
-        let instance_type = catalogue::instance_type(&req.instance_type).ok_or_else(|| {
-            RegionError::invalid(
-                "instance_type",
-                "InvalidInstanceType.Malformed",
-                format!(
-                    "unknown instance type {:?}; valid types: {}",
-                    req.instance_type,
-                    catalogue::instance_types_listed()
-                        .iter()
-                        .map(|t| t.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )
-        })?;
-        let count = if req.instance_count == 0 {
-            1
-        } else {
-            req.instance_count
-        };
-        if count > MAX_INSTANCES_PER_CALL {
-            return Err(RegionError::invalid(
-                "instance_count",
-                "InvalidParameterValue.LimitExceeded",
-                format!("at most {MAX_INSTANCES_PER_CALL} instances per call"),
-            ));
-        }
+        let (instance_type, count) =
+            check_launch(&req.image_id, &req.instance_type, req.instance_count)?;
         validate::instance_name("instance_name", &req.instance_name)?;
         if req.system_disk_size_gib > MAX_SYSTEM_DISK_GIB {
             return Err(RegionError::invalid(
@@ -763,6 +778,8 @@ impl RegionApi {
                 root_image_id: image.root_image_id.clone(),
                 root_paid: image.root_paid,
                 image_owner: image.owner.clone(),
+                chain: image.chain.clone(),
+                root_kind: image.root_kind,
             })
             .collect();
         let ids: Vec<String> = instances.iter().map(|i| i.instance_id.clone()).collect();
@@ -800,6 +817,47 @@ impl RegionApi {
         Ok(RunInstancesResponse {
             instance_id_set: ids,
         })
+    }
+
+    async fn inquiry_price_run_instances(
+        &self,
+        caller: String,
+        req: InquiryPriceRunInstancesRequest,
+    ) -> Result<InquiryPriceRunInstancesResponse> {
+        let (instance_type, count) =
+            check_launch(&req.image_id, &req.instance_type, req.instance_count)?;
+        let hours = match req.hours {
+            0 => 1,
+            h if h > MAX_QUOTE_HOURS => {
+                return Err(RegionError::invalid(
+                    "hours",
+                    "InvalidParameterValue.LimitExceeded",
+                    format!("at most {MAX_QUOTE_HOURS} hours"),
+                ))
+            }
+            h => h,
+        };
+        let (image, access) = self.region.resolve_image(&req.image_id, &caller).await?;
+        // The owner's snapshot storage is priced only for the owner.
+        let owner_snapshot_bytes = match access {
+            Access::Own => {
+                let store = self.region.store.clone();
+                Some(blocking(move || store.snapshot_bytes(&caller)).await?)
+            }
+            _ => None,
+        };
+        let price = self
+            .region
+            .quote_run(crate::billing::Quote {
+                image: &image,
+                instance_type: instance_type.name,
+                vcpu: instance_type.cpu,
+                instance_count: count,
+                hours,
+                owner_snapshot_bytes,
+            })
+            .await?;
+        Ok(InquiryPriceRunInstancesResponse { price: Some(price) })
     }
 
     async fn describe_instances(
@@ -1158,6 +1216,14 @@ impl RegionService for RegionApi {
     ) -> Result<Response<RunInstancesResponse>, Status> {
         let caller = self.caller(&request).await?;
         answer(RegionApi::run_instances(self, caller, request.into_inner()).await)
+    }
+
+    async fn inquiry_price_run_instances(
+        &self,
+        request: Request<InquiryPriceRunInstancesRequest>,
+    ) -> Result<Response<InquiryPriceRunInstancesResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        answer(RegionApi::inquiry_price_run_instances(self, caller, request.into_inner()).await)
     }
 
     async fn describe_instances(

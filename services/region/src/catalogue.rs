@@ -107,6 +107,18 @@ impl PublicImage {
         self.platform == "Windows"
     }
 
+    /// What kind of source it is for billing, the same in every region (the price book
+    /// decides where Windows is free).
+    pub fn root_kind(&self) -> crate::model::RootKind {
+        if self.licensed {
+            crate::model::RootKind::Licensed
+        } else if self.is_windows() {
+            crate::model::RootKind::Windows
+        } else {
+            crate::model::RootKind::Free
+        }
+    }
+
     /// Whether launching it is billed in a region: commercial licences everywhere, Windows
     /// outside mainland China.
     pub fn paid_in(&self, mainland: bool) -> bool {

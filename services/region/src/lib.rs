@@ -2,7 +2,8 @@
 //! backend seam, metadata in SQLite), its instances and their copy-on-write system disks, and
 //! answers the account-facing `RegionService` API and the region-to-region service. It
 //! registers itself and its images with the catalog and image ownership with the sharing
-//! service, both over gRPC with service credentials.
+//! service, both over gRPC with service credentials, and reports billable usage to the billing
+//! service from a durable outbox.
 //!
 //! Layers, each importing only those above it:
 //! - `model` (states as enums, rows) and `error` (one error type, a status only at the edge);
@@ -10,12 +11,13 @@
 //! - `region`: the running region's state and shared primitives; `disk`: disk ranges over
 //!   chunks; `seed` and `catalogue`: public images and instance types;
 //! - `lifecycle`: the finish step, deletion, restart recovery and upkeep; `shares`: who may use
-//!   an image;
+//!   an image; `billing`: delivery of the usage outbox, prices of launches;
 //! - `copy`: cross-region copies (source side of the call, the peer service, the engine);
 //! - `api`: the account-facing handlers, with their input checks in `validate` and each
 //!   account's calls paced by `pacing`.
 
 mod api;
+mod billing;
 pub mod catalogue;
 mod copy;
 mod disk;
@@ -135,6 +137,7 @@ pub async fn run(
         })
     };
     let upkeep = tokio::spawn(region.clone().keep_up(UPKEEP_EVERY));
+    let delivery = tokio::spawn(billing::deliver(region.clone()));
     tracing::info!(region = %region.config.region, addr = ?listener.local_addr().ok(), "region service listening");
     let result = imagefleet_rpc::server::serve(
         listener,
@@ -146,6 +149,7 @@ pub async fn run(
     .await;
     registering.abort();
     upkeep.abort();
+    delivery.abort();
     for (_, running) in region
         .copies
         .lock()

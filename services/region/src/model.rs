@@ -1,6 +1,7 @@
 //! The region's domain types: image, instance and copy states as enums (their text form lives
 //! only here, for the SQL columns and logs), and the rows the metadata store reads and writes.
 
+use imagefleet_proto::billing::v1 as billing;
 use imagefleet_proto::region::v1 as pb;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 
@@ -102,6 +103,124 @@ text_enum! {
     }
 }
 
+text_enum! {
+    /// What kind of source an image's lineage ends in, which decides its launch fee (the price
+    /// book decides where WINDOWS is free).
+    RootKind {
+        Free => "FREE",
+        Windows => "WINDOWS",
+        Licensed => "LICENSED",
+    }
+}
+
+impl RootKind {
+    /// The kind of a root known only as paid or not, by its platform (rows and peers from
+    /// before root kinds were kept).
+    pub fn from_paid(paid: bool, platform: &str) -> RootKind {
+        match (paid, platform == "Windows") {
+            (false, _) => RootKind::Free,
+            (true, true) => RootKind::Windows,
+            (true, false) => RootKind::Licensed,
+        }
+    }
+}
+
+/// One image of a lineage chain: where it lives (empty: this region, for rows migrated from
+/// before chains were kept) and whose it is (empty: public).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LineageLink {
+    pub image_id: String,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub owner: String,
+}
+
+/// A lineage chain: the image first, its ultimate source last. Stored as JSON text.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Chain(pub Vec<LineageLink>);
+
+impl Chain {
+    /// `first` followed by `rest`.
+    pub fn derived(first: LineageLink, rest: &Chain) -> Chain {
+        let mut links = Vec::with_capacity(rest.0.len() + 1);
+        links.push(first);
+        links.extend(rest.0.iter().cloned());
+        Chain(links)
+    }
+
+    /// The ultimate source (the last link).
+    pub fn root_image_id(&self) -> &str {
+        self.0
+            .last()
+            .map(|l| l.image_id.as_str())
+            .unwrap_or_default()
+    }
+
+    /// The chain as the billing service sees it, with `here` for links stored without a
+    /// region.
+    pub fn to_proto(&self, here: &str) -> Vec<billing::LineageLink> {
+        self.0
+            .iter()
+            .map(|l| billing::LineageLink {
+                image_id: l.image_id.clone(),
+                region: if l.region.is_empty() {
+                    here.to_string()
+                } else {
+                    l.region.clone()
+                },
+                owner_account_id: l.owner.clone(),
+            })
+            .collect()
+    }
+
+    pub fn from_proto(links: &[billing::LineageLink]) -> Chain {
+        Chain(
+            links
+                .iter()
+                .map(|l| LineageLink {
+                    image_id: l.image_id.clone(),
+                    region: l.region.clone(),
+                    owner: l.owner_account_id.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// What launching an image with this chain and root kind costs, as billing is told.
+    pub fn charge(&self, kind: RootKind, here: &str) -> billing::ImageCharge {
+        billing::ImageCharge {
+            image_id: self
+                .0
+                .first()
+                .map(|l| l.image_id.clone())
+                .unwrap_or_default(),
+            chain: self.to_proto(here),
+            root_image_id: self.root_image_id().to_string(),
+            root_kind: kind.as_str().to_string(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&self.0).unwrap_or_else(|_| "[]".to_string())
+    }
+}
+
+impl ToSql for Chain {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.to_json()))
+    }
+}
+
+impl FromSql for Chain {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let text = value.as_str()?;
+        serde_json::from_str(text)
+            .map(Chain)
+            .map_err(|e| FromSqlError::Other(format!("lineage chain {text:?}: {e}").into()))
+    }
+}
+
 impl ImageState {
     /// States whose content is still being filled: the image cannot be used or deleted the
     /// ordinary way yet.
@@ -189,6 +308,10 @@ pub struct ImageRow {
     pub parent_owner: String,
     pub root_image_id: String,
     pub root_paid: bool,
+    /// The image itself first, its ultimate source last (filled by admission for new custom
+    /// images: a copy's row carries its source's chain until then).
+    pub chain: Chain,
+    pub root_kind: RootKind,
     /// Computed from the stored manifest by the finish step; empty before.
     pub content_digest: String,
     pub deprecated: bool,
@@ -222,6 +345,8 @@ impl ImageRow {
             parent_owner: String::new(),
             root_image_id: String::new(),
             root_paid: false,
+            chain: Chain::default(),
+            root_kind: RootKind::Free,
             content_digest: String::new(),
             deprecated: false,
             stored_bytes: 0,
@@ -252,6 +377,9 @@ pub struct InstanceRow {
     /// The owner of the image it was launched from (or last reset to): empty for a public
     /// image, another account for a shared one.
     pub image_owner: String,
+    /// The lineage chain and root kind of that image: what the instance is charged for.
+    pub chain: Chain,
+    pub root_kind: RootKind,
 }
 
 /// A copy into this region (the destination side of `SyncImages`).

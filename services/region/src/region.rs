@@ -5,6 +5,7 @@
 use crate::error::{RegionError, Result};
 use crate::meta::{Limits, NewImage, Store};
 use imagefleet_chunkstore::{ChunkDigest, ChunkStore};
+use imagefleet_proto::billing::v1::billing_internal_service_client::BillingInternalServiceClient;
 use imagefleet_proto::catalog::v1::catalog_internal_service_client::CatalogInternalServiceClient;
 use imagefleet_proto::catalog::v1::DescribeRegionsRequest;
 use imagefleet_proto::region::v1::region_internal_service_client::RegionInternalServiceClient;
@@ -33,6 +34,11 @@ pub struct RegionConfig {
     pub public_url: String,
     pub catalog_url: String,
     pub sharing_url: String,
+    /// The billing service (usage reports, prices); empty: the catalog's URL (the catalog
+    /// process serves billing).
+    pub billing_url: String,
+    /// The clock that dates usage events (the system clock but for tests and trials).
+    pub clock: imagefleet_rpc::clock::Clock,
     /// The cluster's service key (service-to-service signing).
     pub service_key: String,
     /// Custom images per account in this region.
@@ -126,6 +132,15 @@ impl Default for StorageLimits {
 }
 
 impl RegionConfig {
+    /// Where the billing service is: `billing_url`, or the catalog's URL.
+    pub fn billing_url(&self) -> &str {
+        if self.billing_url.is_empty() {
+            &self.catalog_url
+        } else {
+            &self.billing_url
+        }
+    }
+
     pub const DEFAULT_COPY_DEADLINE: Duration = Duration::from_secs(24 * 3600);
     pub const DEFAULT_INSTANCE_RETENTION: Duration = Duration::from_secs(3600);
     pub const DEFAULT_ACCOUNT_RATE: u32 = 1000;
@@ -145,6 +160,7 @@ pub struct Region {
     pub(crate) chunks: ChunkStore,
     pub(crate) catalog: CatalogInternalServiceClient<SignedChannel>,
     pub(crate) sharing: SharingInternalServiceClient<SignedChannel>,
+    pub(crate) billing: BillingInternalServiceClient<SignedChannel>,
     /// Held shared by anything that stores chunks and then records references to them, and
     /// exclusively while reclaiming unreferenced chunks, so a chunk is never deleted between
     /// being written and being referenced.
@@ -193,6 +209,7 @@ impl Region {
     pub fn open(config: RegionConfig) -> anyhow::Result<Arc<Region>> {
         imagefleet_rpc::fsutil::private_dir(&config.data_dir)?;
         let store = Store::open(&config.data_dir.join(crate::meta::DB_FILE))?;
+        store.set_usage_source(&config.region, config.clock.clone());
         let chunks = match &config.chunks {
             Some(chunks) => chunks.clone(),
             None => ChunkStore::local(config.data_dir.join("chunks"))?,
@@ -205,9 +222,16 @@ impl Region {
         )?);
         let sharing = SharingInternalServiceClient::new(signed_channel(
             &config.sharing_url,
-            credentials,
+            credentials.clone(),
             SHARING_SCOPE,
         )?);
+        let billing = BillingInternalServiceClient::new(signed_channel(
+            config.billing_url(),
+            credentials,
+            CATALOG_SCOPE,
+        )?)
+        .max_decoding_message_size(imagefleet_rpc::client::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(imagefleet_rpc::client::MAX_MESSAGE_BYTES);
         let pacer = crate::pacing::Pacer::new(config.account_rate, config.account_rate);
         let import_tls = crate::fetch::tls_config(config.imports.ca_file.as_deref())?;
         let region = Arc::new(Region {
@@ -218,6 +242,7 @@ impl Region {
             chunks,
             catalog,
             sharing,
+            billing,
             chunk_refs: Arc::new(RwLock::new(())),
             locks: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
@@ -231,6 +256,9 @@ impl Region {
             &region.chunks,
             &region.chunk_refs,
         )?;
+        // Accounts' snapshot bytes as billing last heard them (after an upgrade: what they
+        // already hold).
+        region.store.reconcile_snapshot_bytes()?;
         Ok(region)
     }
 

@@ -7,7 +7,7 @@ use crate::catalogue::{self, PublicImage};
 use crate::disk;
 use crate::error::Result;
 use crate::meta::Store;
-use crate::model::{ImageKind, ImageRow, ImageSource, ImageState};
+use crate::model::{Chain, ImageKind, ImageRow, ImageSource, ImageState, LineageLink};
 use imagefleet_chunkstore::{ChunkStore, CHUNK_SIZE};
 use sha2::{Digest, Sha256};
 use std::sync::RwLock;
@@ -135,6 +135,12 @@ pub(crate) fn seed_public_images(
             parent_owner: String::new(),
             root_image_id: id.clone(),
             root_paid: def.paid_in(mainland),
+            chain: Chain(vec![LineageLink {
+                image_id: id.clone(),
+                region: region.to_string(),
+                owner: String::new(),
+            }]),
+            root_kind: def.root_kind(),
             content_digest: disk::manifest_digest(virtual_size, &manifest),
             deprecated: false,
             stored_bytes: 0,

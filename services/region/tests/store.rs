@@ -1,10 +1,12 @@
 //! The metadata store on its own: admission of batches (all or none, dry runs keep nothing,
 //! request keys make retries idempotent), listings paged in SQL, purging, and migration of a
-//! store written before the schema was versioned.
+//! store written before the schema was versioned (with the lineage chains and root kinds it
+//! gains, and the snapshot bytes first reported after it).
 
+use imagefleet_proto::billing::v1::usage_event::Usage;
 use imagefleet_region::meta::{Limits, NewContent, NewImage, Store};
 use imagefleet_region::model::{
-    CopyTask, ImageRow, ImageSource, ImageState, InstanceRow, InstanceState,
+    CopyTask, ImageRow, ImageSource, ImageState, InstanceRow, InstanceState, RootKind,
 };
 
 fn store() -> (tempfile::TempDir, Store) {
@@ -155,6 +157,8 @@ fn instance(owner: &str, n: usize, image_id: &str) -> InstanceRow {
         root_image_id: image_id.to_string(),
         root_paid: false,
         image_owner: String::new(),
+        chain: Default::default(),
+        root_kind: imagefleet_region::model::RootKind::Free,
     }
 }
 
@@ -284,7 +288,40 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
                 owner_of(&got.parent_image_id)
             };
             assert_eq!(got.parent_owner, parent_owner, "{id}");
+            // The lineage chain: the image first, its root last, its parents between.
+            let chain = &got.chain.0;
+            assert_eq!(chain[0].image_id, id, "{db}: {id} {chain:?}");
+            assert_eq!(chain[0].owner, got.owner, "{id}");
+            assert_eq!(got.chain.root_image_id(), got.root_image_id, "{id}");
+            if !got.parent_image_id.is_empty() {
+                assert_eq!(chain[1].image_id, got.parent_image_id, "{id}");
+                assert_eq!(chain[1].owner, got.parent_owner, "{id}");
+            }
+            if got.source.as_str() == "SYNC" {
+                assert_eq!(chain[1].region, got.parent_region, "{id}");
+            }
+            let public = imagefleet_region::catalogue::PUBLIC_IMAGES
+                .iter()
+                .find(|d| imagefleet_region::seed::image_id(d) == got.root_image_id);
+            match public {
+                // Whatever the region: Windows is WINDOWS on the mainland too.
+                Some(def) => assert_eq!(got.root_kind, def.root_kind(), "{id}"),
+                None => assert_eq!(
+                    got.root_kind,
+                    RootKind::from_paid(got.root_paid, &got.platform),
+                    "{id}"
+                ),
+            }
         }
+        let windows = imagefleet_region::catalogue::PUBLIC_IMAGES
+            .iter()
+            .find(|d| d.is_windows())
+            .expect("a Windows image");
+        let windows = store
+            .image(&imagefleet_region::seed::image_id(windows))
+            .expect("read")
+            .expect("seeded");
+        assert_eq!(windows.root_kind, RootKind::Windows, "{db}");
         for instance in want["instances"].as_array().expect("instances") {
             let id = text(instance, "instance_id");
             let got = store
@@ -295,6 +332,10 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
             assert_eq!(got.state.as_str(), text(instance, "state"), "{id}");
             assert_eq!(got.image_id, text(instance, "image_id"), "{id}");
             assert_eq!(got.image_owner, owner_of(&got.image_id), "{id}");
+            assert_eq!(got.chain.0[0].image_id, got.image_id, "{id}");
+            let image = store.image(&got.image_id).expect("read").expect("image");
+            assert_eq!(got.chain, image.chain, "{id}");
+            assert_eq!(got.root_kind, image.root_kind, "{id}");
             assert_eq!(
                 got.base_snapshot_id.unwrap_or_default(),
                 text(instance, "base_snapshot_id"),
@@ -376,6 +417,31 @@ fn a_store_from_before_versioning_migrates_with_everything_intact() {
                 entry[1]
             );
         }
+        // Nothing is reported by the migration itself; the first reconciliation reports what
+        // each account already holds, once.
+        assert!(store.usage_outbox().expect("outbox").is_empty());
+        store.reconcile_snapshot_bytes().expect("reconcile");
+        let reported = store.usage_outbox().expect("outbox");
+        let owners: std::collections::BTreeSet<String> = want["images"]
+            .as_array()
+            .expect("images")
+            .iter()
+            .map(|i| text(i, "owner"))
+            .filter(|o| !o.is_empty())
+            .collect();
+        assert_eq!(reported.len(), owners.len(), "{db}: {reported:?}");
+        for event in &reported {
+            let held = store.snapshot_bytes(&event.account_id).expect("bytes");
+            assert!(held > 0);
+            assert_eq!(
+                event.usage,
+                Some(Usage::SnapshotBytesHeld(
+                    imagefleet_proto::billing::v1::SnapshotBytesHeld { bytes: held }
+                ))
+            );
+        }
+        store.reconcile_snapshot_bytes().expect("reconcile");
+        assert_eq!(store.usage_outbox().expect("outbox").len(), reported.len());
         let referenced = store.referenced().expect("referenced");
         let named: usize = want["snapshot_chunks"]
             .as_array()

@@ -4,7 +4,7 @@
 use super::{MANIFEST_PAGE, MAX_FETCH_DIGESTS, MAX_SYNC_IMAGES, MAX_SYNC_REGIONS};
 use crate::error::{RegionError, Result};
 use crate::meta::{CopySource, NewContent, NewImage};
-use crate::model::{CopyTask, ImageRow, ImageSource, ImageState};
+use crate::model::{Chain, CopyTask, ImageRow, ImageSource, ImageState, LineageLink, RootKind};
 use crate::region::{blocking, Region};
 use crate::validate;
 use imagefleet_chunkstore::ChunkDigest;
@@ -129,6 +129,29 @@ impl RegionPeerApi {
         row.parent_owner = row.owner.clone();
         row.root_image_id = source.ultimate_source_image_id.clone();
         row.root_paid = source.ultimate_source_paid;
+        // The source's chain; admission puts the copy itself first.
+        row.chain = if source.lineage_chain.is_empty() {
+            // A source region that predates chains: its image, then its ultimate source.
+            let mut links = vec![LineageLink {
+                image_id: source.image_id.clone(),
+                region: source.region.clone(),
+                owner: source.owner_account_id.clone(),
+            }];
+            if !source.ultimate_source_image_id.is_empty()
+                && source.ultimate_source_image_id != source.image_id
+            {
+                links.push(LineageLink {
+                    image_id: source.ultimate_source_image_id.clone(),
+                    region: source.region.clone(),
+                    owner: String::new(),
+                });
+            }
+            Chain(links)
+        } else {
+            Chain::from_proto(&source.lineage_chain)
+        };
+        row.root_kind = RootKind::parse(&source.root_kind)
+            .unwrap_or_else(|| RootKind::from_paid(source.ultimate_source_paid, &source.platform));
         let mut task = CopyTask::new(
             &copy.request_key,
             &source.region,

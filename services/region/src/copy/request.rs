@@ -133,6 +133,8 @@ fn sync_source(image: &ImageRow, here: &str, caller: &str, name: &str) -> SyncSo
         ultimate_source_paid: image.root_paid,
         snapshot_id: image.snapshot_id.clone().unwrap_or_default(),
         stored_bytes: image.stored_bytes,
+        lineage_chain: image.chain.to_proto(here),
+        root_kind: image.root_kind.as_str().to_string(),
     }
 }
 

@@ -4,9 +4,10 @@
 //! before any of its bytes are moved. A batch is admitted whole or not at all; a dry run makes
 //! exactly the same checks and writes nothing.
 
+use super::outbox::Emitter;
 use super::{copies, images, instances, snapshots, Store};
 use crate::error::{RegionError, Result};
-use crate::model::{CopyTask, ImageRow, ImageState};
+use crate::model::{Chain, CopyTask, ImageRow, ImageState, LineageLink, RootKind};
 use rusqlite::{params, Connection, Transaction};
 use std::collections::HashSet;
 
@@ -136,6 +137,7 @@ pub(super) fn check_storage(
 
 fn admit_in(
     tx: &Transaction<'_>,
+    emitter: &Emitter<'_>,
     owner: &str,
     batch: &[NewImage],
     limits: Limits<'_>,
@@ -166,6 +168,12 @@ fn admit_in(
         }
         used += 1;
         let snapshot_id = row.snapshot_id.clone().unwrap_or_default();
+        // The image itself heads its lineage chain.
+        let this = LineageLink {
+            image_id: row.image_id.clone(),
+            region: limits.region.to_string(),
+            owner: owner.to_string(),
+        };
         let manifest = match &new.content {
             NewContent::Instance { instance_id } => {
                 let instance = instances::get_instance(tx, instance_id)?
@@ -184,6 +192,10 @@ fn admit_in(
                 row.parent_owner = instance.image_owner.clone();
                 row.root_image_id = instance.root_image_id.clone();
                 row.root_paid = instance.root_paid;
+                // Made from an instance: the chain of the image the instance runs (for a
+                // shared image, the sharer's chain).
+                row.chain = Chain::derived(this, &instance.chain);
+                row.root_kind = instance.root_kind;
                 if let Some(parent) = images::get_image(tx, &instance.image_id)? {
                     row.os_name = parent.os_name;
                     row.platform = parent.platform;
@@ -193,6 +205,8 @@ fn admit_in(
                 manifest
             }
             NewContent::Copy { task } => {
+                // A copy's row carries its source's chain.
+                row.chain = Chain::derived(this, &row.chain);
                 let mut task = (**task).clone();
                 task.image_id = row.image_id.clone();
                 // Earlier copies of the batch are in the transaction, so they count already.
@@ -207,6 +221,9 @@ fn admit_in(
                 // An account already at its storage quota imports nothing; the chunks are
                 // counted as they are stored.
                 check_storage(tx, owner, super::chunk_bytes(1), limits)?;
+                // An imported image is the root of its own lineage.
+                row.chain = Chain(vec![this]);
+                row.root_kind = RootKind::Free;
                 super::imports::insert_import(tx, &row.image_id, *size_bytes, image_url)?;
                 Vec::new()
             }
@@ -223,6 +240,7 @@ fn admit_in(
         row.stored_bytes = super::chunk_bytes(manifest.len());
         out.push(row);
     }
+    emitter.snapshot_bytes(tx, owner)?;
     Ok(out)
 }
 
@@ -243,9 +261,9 @@ impl Store {
         dry_run: bool,
     ) -> Result<Vec<ImageRow>> {
         if dry_run {
-            self.rehearse(|tx| admit_in(tx, owner, batch, limits))
+            self.rehearse(|tx| admit_in(tx, &self.emitter(), owner, batch, limits))
         } else {
-            self.write(|tx| admit_in(tx, owner, batch, limits))
+            self.write(|tx| admit_in(tx, &self.emitter(), owner, batch, limits))
         }
     }
 }

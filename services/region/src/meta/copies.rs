@@ -282,6 +282,7 @@ impl Store {
                  WHERE image_id = ?1",
                 params![image_id, CopyState::Done],
             )?;
+            self.emitter().snapshot_bytes(tx, &image.owner)?;
             Ok(())
         })
     }

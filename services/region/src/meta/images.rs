@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 const IMAGE_COLUMNS: &str = "i.image_id, i.owner, i.name, i.description, i.image_type, i.source, i.state, \
     i.state_reason, i.os_name, i.platform, i.architecture, i.virtual_size, i.created_at, i.snapshot_id, \
     i.license_type, i.sync_percent, i.parent_image_id, i.parent_region, i.root_image_id, i.root_paid, \
-    i.content_digest, i.deprecated, COALESCE(s.stored_bytes, 0), i.parent_owner";
+    i.content_digest, i.deprecated, COALESCE(s.stored_bytes, 0), i.parent_owner, i.lineage_chain, i.root_kind";
 
 const FROM_IMAGES: &str = "FROM images i LEFT JOIN snapshots s ON s.snapshot_id = i.snapshot_id";
 
@@ -39,6 +39,8 @@ fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
         deprecated: r.get(21)?,
         stored_bytes: r.get::<_, i64>(22)? as u64,
         parent_owner: r.get(23)?,
+        chain: r.get(24)?,
+        root_kind: r.get(25)?,
     })
 }
 
@@ -54,8 +56,9 @@ pub(super) fn insert_image(tx: &Transaction<'_>, i: &ImageRow) -> rusqlite::Resu
     tx.execute(
         "INSERT INTO images (image_id, owner, name, description, image_type, source, state, state_reason, \
          os_name, platform, architecture, virtual_size, created_at, snapshot_id, license_type, sync_percent, \
-         parent_image_id, parent_region, root_image_id, root_paid, content_digest, deprecated, parent_owner) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+         parent_image_id, parent_region, root_image_id, root_paid, content_digest, deprecated, parent_owner, \
+         lineage_chain, root_kind) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
         params![
             i.image_id,
             i.owner,
@@ -79,7 +82,9 @@ pub(super) fn insert_image(tx: &Transaction<'_>, i: &ImageRow) -> rusqlite::Resu
             i.root_paid,
             i.content_digest,
             i.deprecated,
-            i.parent_owner
+            i.parent_owner,
+            i.chain,
+            i.root_kind
         ],
     )?;
     Ok(())
@@ -292,6 +297,7 @@ impl Store {
                 [&snapshot_id],
             )?;
             dropped.extend(snapshots::drop_snapshot_if_unused(tx, &snapshot_id)?);
+            self.emitter().snapshot_bytes(tx, &image.owner)?;
             Ok(dropped)
         })
     }

@@ -148,6 +148,8 @@ impl Store {
                 "UPDATE imports SET format = ?2, format_variant = ?3, bytes_read = ?4 WHERE image_id = ?1",
                 params![image_id, format, variant, bytes_read as i64],
             )?;
+            // The chunks were counted as they came; billing hears of them once, now.
+            self.emitter().snapshot_bytes(tx, &image.owner)?;
             Ok(())
         })
     }
@@ -190,6 +192,7 @@ impl Store {
                 "UPDATE imports SET error_reason = ?2 WHERE image_id = ?1",
                 params![image_id, reason],
             )?;
+            self.emitter().snapshot_bytes(tx, &image.owner)?;
             Ok(dropped)
         })
     }

@@ -5,12 +5,15 @@ use super::{digest_of, snapshots, Limits, Store};
 use crate::error::{RegionError, Result};
 use crate::model::{ImageRow, ImageState, InstanceRow, InstanceState};
 use imagefleet_chunkstore::ChunkDigest;
+use imagefleet_proto::billing::v1 as billing;
+use imagefleet_proto::billing::v1::usage_event::Usage;
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transaction};
 
 const INSTANCE_COLUMNS: &str =
     "instance_id, owner, name, instance_type, cpu, memory_gib, image_id, \
-    base_snapshot_id, disk_size, state, created_at, root_image_id, root_paid, image_owner";
+    base_snapshot_id, disk_size, state, created_at, root_image_id, root_paid, image_owner, \
+    lineage_chain, root_kind";
 
 fn instance_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
     Ok(InstanceRow {
@@ -28,6 +31,8 @@ fn instance_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
         root_image_id: r.get(11)?,
         root_paid: r.get(12)?,
         image_owner: r.get(13)?,
+        chain: r.get(14)?,
+        root_kind: r.get(15)?,
     })
 }
 
@@ -144,7 +149,9 @@ pub struct InstancePage {
 
 impl Store {
     /// Creates `instances` from `image_id` if it is still launchable and each owner's
-    /// instance quota has room for them; all or none.
+    /// instance quota has room for them; all or none. Each is charged for the image's lineage
+    /// (its `chain` and `root_kind` are the image's, whatever the rows say), and its start is
+    /// reported in the same transaction.
     pub fn insert_instances(
         &self,
         image_id: &str,
@@ -166,9 +173,11 @@ impl Store {
             }
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO instances (instance_id, owner, name, instance_type, cpu, memory_gib, image_id, \
-                 base_snapshot_id, disk_size, state, created_at, root_image_id, root_paid, image_owner) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                 base_snapshot_id, disk_size, state, created_at, root_image_id, root_paid, image_owner, \
+                 lineage_chain, root_kind) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?;
+            let emitter = self.emitter();
             let mut added: std::collections::HashMap<&str, i64> = Default::default();
             for i in instances {
                 *added.entry(i.owner.as_str()).or_default() += 1;
@@ -186,8 +195,20 @@ impl Store {
                     i.created_at,
                     i.root_image_id,
                     i.root_paid,
-                    image.owner
+                    image.owner,
+                    image.chain,
+                    image.root_kind
                 ])?;
+                emitter.emit(
+                    tx,
+                    &i.owner,
+                    Usage::InstanceStarted(billing::InstanceStarted {
+                        instance_id: i.instance_id.clone(),
+                        instance_type: i.instance_type.clone(),
+                        vcpu: i.cpu,
+                        image: Some(emitter.charge(&image.chain, image.root_kind)),
+                    }),
+                )?;
             }
             for (owner, n) in added {
                 count_instances(tx, owner, n)?;
@@ -313,6 +334,13 @@ impl Store {
                 if let Some(base) = instance.base_snapshot_id {
                     dropped.extend(snapshots::drop_snapshot_if_unused(tx, &base)?);
                 }
+                self.emitter().emit(
+                    tx,
+                    owner,
+                    Usage::InstanceTerminated(billing::InstanceTerminated {
+                        instance_id: id.clone(),
+                    }),
+                )?;
             }
             Ok(dropped)
         })
@@ -366,15 +394,26 @@ impl Store {
             let mut dropped = drop_instance_chunks(tx, &instance)?;
             tx.execute(
                 "UPDATE instances SET image_id = ?2, base_snapshot_id = ?3, root_image_id = ?4, root_paid = ?5, \
-                 image_owner = ?6 WHERE instance_id = ?1",
+                 image_owner = ?6, lineage_chain = ?7, root_kind = ?8 WHERE instance_id = ?1",
                 params![
                     instance_id,
                     current.image_id,
                     current.snapshot_id,
                     current.root_image_id,
                     current.root_paid,
-                    current.owner
+                    current.owner,
+                    current.chain,
+                    current.root_kind
                 ],
+            )?;
+            let emitter = self.emitter();
+            emitter.emit(
+                tx,
+                owner,
+                Usage::InstanceImageChanged(billing::InstanceImageChanged {
+                    instance_id: instance_id.to_string(),
+                    image: Some(emitter.charge(&current.chain, current.root_kind)),
+                }),
             )?;
             if let Some(base) = instance
                 .base_snapshot_id

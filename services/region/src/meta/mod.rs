@@ -12,12 +12,17 @@
 //! chunk the guest overwrote with zeros. A chunk is referenced while any row of
 //! `snapshot_chunks`, `instance_chunks` or `sync_chunks` (a copy's manifest) names it; operations that drop rows
 //! return the digests they dropped, so the caller can reclaim those no longer referenced.
+//!
+//! Billable changes (instances started, reset, terminated; an account's snapshot bytes) write
+//! their usage events into `usage_outbox` in the same transaction (`outbox`), where they stay
+//! until the billing service acknowledges them.
 
 mod admission;
 mod copies;
 mod images;
 mod imports;
 mod instances;
+mod outbox;
 mod schema;
 pub use schema::CURRENT_VERSION as SCHEMA_VERSION;
 mod snapshots;
@@ -27,6 +32,7 @@ pub use copies::{CopyPin, CopySource};
 pub use images::ImageChanges;
 pub use imports::ImportRow;
 pub use instances::{InstancePage, InstanceQuery};
+pub use outbox::PendingEvent;
 
 use crate::error::Result;
 use imagefleet_chunkstore::ChunkDigest;
@@ -53,6 +59,8 @@ struct Inner {
     writer: Mutex<Connection>,
     /// Read connections not in use.
     readers: Mutex<Vec<Connection>>,
+    /// The usage events' source and the delivery's wake-up.
+    outbox: outbox::Outbox,
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -77,6 +85,7 @@ impl Store {
                 path: path.to_path_buf(),
                 writer: Mutex::new(writer),
                 readers: Mutex::new(Vec::new()),
+                outbox: outbox::Outbox::default(),
             }),
         })
     }
@@ -118,8 +127,27 @@ impl Store {
     pub(crate) fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         let mut conn = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
+        let out = match f(&tx) {
+            Ok(out) => out,
+            Err(e) => {
+                // Rolled back: so were any events it wrote.
+                self.inner
+                    .outbox
+                    .written
+                    .store(false, std::sync::atomic::Ordering::Release);
+                return Err(e);
+            }
+        };
         tx.commit()?;
+        drop(conn);
+        if self
+            .inner
+            .outbox
+            .written
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.inner.outbox.notify.notify_one();
+        }
         Ok(out)
     }
 
@@ -129,6 +157,11 @@ impl Store {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let out = f(&tx);
         tx.rollback()?;
+        // Events the dry run wrote went with it.
+        self.inner
+            .outbox
+            .written
+            .store(false, std::sync::atomic::Ordering::Release);
         out
     }
 }

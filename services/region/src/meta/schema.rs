@@ -3,8 +3,11 @@
 //! the store had before it was versioned (its statements are idempotent, so a store from then
 //! opens at version 0 and is brought forward without conversion).
 
+use crate::catalogue;
 use crate::error::Result;
-use rusqlite::Connection;
+use crate::model::{Chain, LineageLink, RootKind};
+use rusqlite::{params, Connection, Transaction};
+use std::collections::HashMap;
 
 const MIGRATIONS: &[&str] = &[
     // 1: images, snapshots and their chunks, instances and their disk overrides, copies.
@@ -174,7 +177,176 @@ CREATE TABLE imports (
     image_url TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 "#,
+    // 6: billing. Each image keeps its full lineage chain (itself first, its ultimate source
+    // last, as JSON text of {image_id, region, owner}) and what kind of source that is (FREE,
+    // WINDOWS, LICENSED); each instance keeps the chain and root kind of the image it runs.
+    // Usage events wait in `usage_outbox` until the billing service has them; each account's
+    // snapshot bytes as last reported are kept beside (the chains of existing rows are filled
+    // in by `fill_lineage`).
+    r#"
+ALTER TABLE images ADD COLUMN root_kind TEXT NOT NULL DEFAULT 'FREE';
+ALTER TABLE images ADD COLUMN lineage_chain TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE instances ADD COLUMN root_kind TEXT NOT NULL DEFAULT 'FREE';
+ALTER TABLE instances ADD COLUMN lineage_chain TEXT NOT NULL DEFAULT '[]';
+CREATE TABLE usage_outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    account_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    event BLOB NOT NULL
+);
+CREATE TABLE snapshot_bytes_held (
+    owner TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
+
+/// Steps in code that run after a migration's statements, in its transaction.
+type CodeStep = fn(&Transaction<'_>) -> rusqlite::Result<()>;
+const CODE_STEPS: &[(usize, CodeStep)] = &[(6, fill_lineage)];
+
+/// One image as it was before chains were kept.
+struct OldImage {
+    owner: String,
+    source: String,
+    parent_image_id: String,
+    parent_region: String,
+    parent_owner: String,
+    root_image_id: String,
+    root_paid: bool,
+    platform: String,
+}
+
+/// The kind of the source `root_image_id`: a public image's by the catalogue (whatever the
+/// region), otherwise by whether it was paid and the platform.
+fn old_root_kind(root_image_id: &str, root_paid: bool, platform: &str) -> RootKind {
+    catalogue::PUBLIC_IMAGES
+        .iter()
+        .find(|def| crate::seed::image_id(def) == root_image_id)
+        .map(|def| def.root_kind())
+        .unwrap_or_else(|| RootKind::from_paid(root_paid, platform))
+}
+
+/// The chain of an image from the parent and root columns: its parents while they are in
+/// this region (their regions left empty), then the last parent known and the root.
+fn old_chain(images: &HashMap<String, OldImage>, image_id: &str, depth: usize) -> Chain {
+    let Some(image) = images.get(image_id) else {
+        return Chain::default();
+    };
+    let mut links = vec![LineageLink {
+        image_id: image_id.to_string(),
+        region: String::new(),
+        owner: image.owner.clone(),
+    }];
+    let root_link = |links: &mut Vec<LineageLink>, after: &str| {
+        if !image.root_image_id.is_empty() && image.root_image_id != after {
+            links.push(LineageLink {
+                image_id: image.root_image_id.clone(),
+                region: String::new(),
+                owner: images
+                    .get(&image.root_image_id)
+                    .map(|r| r.owner.clone())
+                    .unwrap_or_default(),
+            });
+        }
+    };
+    if image.parent_image_id.is_empty() {
+        root_link(&mut links, image_id);
+    } else if image.source != "SYNC" && images.contains_key(&image.parent_image_id) && depth < 64 {
+        links.extend(old_chain(images, &image.parent_image_id, depth + 1).0);
+    } else {
+        links.push(LineageLink {
+            image_id: image.parent_image_id.clone(),
+            region: if image.source == "SYNC" {
+                image.parent_region.clone()
+            } else {
+                String::new()
+            },
+            owner: image.parent_owner.clone(),
+        });
+        root_link(&mut links, &image.parent_image_id);
+    }
+    Chain(links)
+}
+
+/// Migration 6: fills the chain and root kind of every image and instance from the parent
+/// and root columns (`root_paid` becomes WINDOWS for a Windows platform, LICENSED otherwise).
+fn fill_lineage(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let mut images = HashMap::new();
+    {
+        let mut stmt = tx.prepare(
+            "SELECT image_id, owner, source, parent_image_id, parent_region, parent_owner, \
+             root_image_id, root_paid, platform FROM images",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                OldImage {
+                    owner: r.get(1)?,
+                    source: r.get(2)?,
+                    parent_image_id: r.get(3)?,
+                    parent_region: r.get(4)?,
+                    parent_owner: r.get(5)?,
+                    root_image_id: r.get(6)?,
+                    root_paid: r.get(7)?,
+                    platform: r.get(8)?,
+                },
+            ))
+        })?;
+        for row in rows {
+            let (id, image) = row?;
+            images.insert(id, image);
+        }
+    }
+    let mut update =
+        tx.prepare("UPDATE images SET lineage_chain = ?2, root_kind = ?3 WHERE image_id = ?1")?;
+    for (id, image) in &images {
+        let kind = old_root_kind(&image.root_image_id, image.root_paid, &image.platform);
+        update.execute(params![id, old_chain(&images, id, 0), kind])?;
+    }
+    let instances = {
+        let mut stmt = tx.prepare(
+            "SELECT instance_id, image_id, image_owner, root_image_id, root_paid FROM instances",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, bool>(4)?,
+            ))
+        })?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    let mut update = tx.prepare(
+        "UPDATE instances SET lineage_chain = ?2, root_kind = ?3 WHERE instance_id = ?1",
+    )?;
+    for (instance_id, image_id, image_owner, root_image_id, root_paid) in instances {
+        let (chain, platform) = match images.get(&image_id) {
+            Some(image) => (old_chain(&images, &image_id, 0), image.platform.clone()),
+            None => {
+                let mut links = vec![LineageLink {
+                    image_id: image_id.clone(),
+                    region: String::new(),
+                    owner: image_owner,
+                }];
+                if !root_image_id.is_empty() && root_image_id != image_id {
+                    links.push(LineageLink {
+                        image_id: root_image_id.clone(),
+                        region: String::new(),
+                        owner: String::new(),
+                    });
+                }
+                (Chain(links), String::new())
+            }
+        };
+        let kind = old_root_kind(&root_image_id, root_paid, &platform);
+        update.execute(params![instance_id, chain, kind])?;
+    }
+    Ok(())
+}
 
 /// The schema version this build writes.
 pub const CURRENT_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -191,6 +363,9 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        for (_, step) in CODE_STEPS.iter().filter(|(v, _)| *v == i + 1) {
+            step(&tx)?;
+        }
         tx.pragma_update(None, "user_version", (i + 1) as u32)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "metadata schema migrated");

@@ -30,6 +30,8 @@ pub struct RegionSpec {
     pub chunks: ChunkStore,
     pub image_quota: u32,
     pub copy_deadline: Duration,
+    /// The billing service; empty: the catalog's URL (which serves none here).
+    pub billing_url: String,
 }
 
 impl RegionSpec {
@@ -39,6 +41,7 @@ impl RegionSpec {
             chunks: ChunkStore::memory(),
             image_quota: 500,
             copy_deadline: Duration::from_secs(3600),
+            billing_url: String::new(),
         }
     }
 }
@@ -52,6 +55,7 @@ struct Running {
     spec_chunks: ChunkStore,
     quota: u32,
     deadline: Duration,
+    billing_url: String,
 }
 
 pub struct Harness {
@@ -164,6 +168,7 @@ impl Harness {
                     spec.chunks,
                     spec.image_quota,
                     spec.copy_deadline,
+                    spec.billing_url,
                 )
                 .await;
         }
@@ -180,6 +185,7 @@ impl Harness {
         chunks: ChunkStore,
         quota: u32,
         deadline: Duration,
+        billing_url: String,
     ) {
         let region = Region::open(RegionConfig {
             region: name.to_string(),
@@ -188,6 +194,8 @@ impl Harness {
             public_url: String::new(),
             catalog_url: self.catalog_url.clone(),
             sharing_url: self.sharing_url.clone(),
+            billing_url: billing_url.clone(),
+            clock: imagefleet_rpc::clock::Clock::system(),
             service_key: self.key.clone(),
             image_quota: quota,
             copy_deadline: deadline,
@@ -225,6 +233,7 @@ impl Harness {
                 spec_chunks: chunks,
                 quota,
                 deadline,
+                billing_url,
             },
         );
     }
@@ -260,6 +269,7 @@ impl Harness {
             running.spec_chunks,
             running.quota,
             running.deadline,
+            running.billing_url,
         )
         .await;
     }
