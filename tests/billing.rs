@@ -425,13 +425,11 @@ async fn image_fees_follow_every_derivation() {
     let day = DAY0 + DAY;
     cluster.set_time(day + 10 * HOUR + 5 * 60);
     let mut runs = Vec::new();
-    for (region, client, image) in [
-        ("ap-guangzhou", &mut gz, &app),
-        ("ap-singapore", &mut sg, &app_sg),
-        ("ap-guangzhou", &mut gz, &free_app),
-        ("ap-singapore", &mut sg, &free_app_sg),
-    ] {
-        runs.push((region, launch(client, image, "S5.MEDIUM4").await));
+    for image in [&app, &free_app] {
+        runs.push(("ap-guangzhou", launch(&mut gz, image, "S5.MEDIUM4").await));
+    }
+    for image in [&app_sg, &free_app_sg] {
+        runs.push(("ap-singapore", launch(&mut sg, image, "S5.MEDIUM4").await));
     }
     let shared_run = launch(&mut gz_receiver, &app, "S5.MEDIUM4").await;
     let derived_run = launch(&mut gz_receiver, &receivers_app, "S5.MEDIUM4").await;
@@ -609,7 +607,7 @@ async fn metering_survives_billing_down_and_kill9_exactly_once() {
     cluster.kill9_region("ap-singapore");
     cluster.respawn_region("ap-singapore");
     // Billing comes back; the region delivers what it kept.
-    cluster.catalog.spawn();
+    cluster.catalog.restart();
     wait_serving(&cluster.catalog.url()).await;
     wait_serving(&cluster.region_url("ap-singapore")).await;
     let mut sg = cluster.region_as("ap-singapore", &who);

@@ -49,6 +49,19 @@ pub struct DevArgs {
     /// RESOURCE_EXHAUSTED `RequestLimitExceeded.ServerBusy`.
     #[arg(long, env = "IMAGEFLEET_MAX_CONCURRENT_CALLS", default_value_t = imagefleet_rpc::metrics::DEFAULT_MAX_CONCURRENT_CALLS)]
     max_concurrent_calls: usize,
+    /// The price book billing uses (format: docs/billing.md); default: the shipped book,
+    /// deploy/price-book.toml. It must price every region of the cluster.
+    #[arg(long, env = "IMAGEFLEET_PRICE_BOOK")]
+    price_book: Option<PathBuf>,
+    /// FOR TESTING ONLY: simulated time for billing runs N times faster than real time from
+    /// the cluster's start (`--time-scale 3600`: an hour a second), so trying billing out from
+    /// outside takes seconds; bills then charge hours that never happened.
+    #[arg(long, env = "IMAGEFLEET_TIME_SCALE", conflicts_with = "clock", value_parser = clap::value_parser!(u32).range(1..=imagefleet_rpc::clock::MAX_SCALE as i64))]
+    time_scale: Option<u32>,
+    /// The clock billing dates usage and bills by: `system`, `scale:N[@T0]` or `file:PATH`
+    /// (docs/billing.md; anything but `system` is for testing).
+    #[arg(long, env = "IMAGEFLEET_CLOCK", default_value = "system", value_parser = imagefleet_rpc::clock::Clock::parse)]
+    clock: imagefleet_rpc::clock::Clock,
 }
 
 /// Serves the Prometheus metrics of `identity` on the port `port` (0: any free one); returns
@@ -320,6 +333,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let catalog_url = url(&catalog_listener, tls.is_some())?;
     let sharing_url = url(&sharing_listener, tls.is_some())?;
+    let price_book = match &args.price_book {
+        Some(path) => imagefleet_billing::PriceBook::load(path)?,
+        None => imagefleet_billing::PriceBook::shipped(),
+    };
+    let regions: Vec<&str> = args.regions.iter().map(String::as_str).collect();
+    price_book.check_covers(&regions, &[]).map_err(|e| {
+        anyhow::anyhow!("{e}: give a price book that prices every region of the cluster (--price-book FILE, format: docs/billing.md)")
+    })?;
+    let clock = match args.time_scale {
+        Some(scale) => {
+            imagefleet_rpc::clock::Clock::scaled(scale, Some(imagefleet_rpc::time::unix_now()))
+        }
+        None => args.clock.clone(),
+    };
+    if !clock.is_system() {
+        tracing::warn!(clock = %clock.spec(), "billing runs on simulated time: for testing only");
+    }
     if args.max_concurrent_calls == 0 {
         anyhow::bail!("--max-concurrent-calls must be positive");
     }
@@ -375,8 +405,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let catalog = imagefleet_catalog::Catalog::open(imagefleet_catalog::CatalogConfig {
         data_dir: dir.join("catalog"),
         service_key: key.clone(),
-        price_book: imagefleet_billing::PriceBook::shipped(),
-        clock: imagefleet_rpc::clock::Clock::system(),
+        price_book,
+        clock: clock.clone(),
     })?;
     let mut accounts = catalog.accounts()?;
     if accounts.is_empty() {
@@ -409,7 +439,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             catalog_url: catalog_url.clone(),
             sharing_url: sharing_url.clone(),
             billing_url: String::new(),
-            clock: imagefleet_rpc::clock::Clock::system(),
+            clock: clock.clone(),
             service_key: key.clone(),
             image_quota: 500,
             copy_deadline: imagefleet_region::RegionConfig::DEFAULT_COPY_DEADLINE,
