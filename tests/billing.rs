@@ -354,7 +354,7 @@ async fn each_pricing_rule_on_real_services() {
         .await
         .unwrap();
     assert!(own.line_items.is_empty(), "{:?}", own.line_items);
-    assert_eq!(own.total, "0");
+    assert_eq!(own.total, Money::ZERO.to_string());
 }
 
 /// A paid root bills every account that launches from any image derived from it, through
@@ -362,14 +362,14 @@ async fn each_pricing_rule_on_real_services() {
 /// images; a free lineage never bills an image fee.
 #[tokio::test(flavor = "multi_thread")]
 async fn image_fees_follow_every_derivation() {
-    let cluster = Cluster::start(&["ap-guangzhou", "ap-singapore"]).await;
+    let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
     let book = book();
     let gz_prices = book.region("ap-guangzhou").unwrap();
-    let sg_prices = book.region("ap-singapore").unwrap();
+    let sh_prices = book.region("ap-shanghai").unwrap();
     let owner = cluster.create_account("owner").await;
     let receiver = cluster.create_account("receiver").await;
     let mut gz = cluster.region_as("ap-guangzhou", &owner);
-    let mut sg = cluster.region_as("ap-singapore", &owner);
+    let mut sh = cluster.region_as("ap-shanghai", &owner);
     let mut gz_receiver = cluster.region_as("ap-guangzhou", &receiver);
     let rhel = public_image(&mut gz, "RedHat").await.image_id;
     let debian = public_image(&mut gz, "Debian").await.image_id;
@@ -382,11 +382,11 @@ async fn image_fees_follow_every_derivation() {
     let free_base = launch(&mut gz, &debian, "S5.MEDIUM4").await;
     let free_app = create_image(&mut gz, &free_base, "free-app").await;
     terminate(&mut gz, &free_base).await;
-    // Copies to Singapore.
+    // Copies to Shanghai (copies stay on one side of the mainland line).
     let copies = gz
         .sync_images(SyncImagesRequest {
             image_ids: vec![app.clone(), free_app.clone()],
-            destination_regions: vec!["ap-singapore".into()],
+            destination_regions: vec!["ap-shanghai".into()],
             ..Default::default()
         })
         .await
@@ -401,9 +401,9 @@ async fn image_fees_follow_every_derivation() {
             .image_id
             .clone()
     };
-    let (app_sg, free_app_sg) = (copy_of(&app), copy_of(&free_app));
-    wait_copy_normal(&mut sg, &app_sg).await;
-    wait_copy_normal(&mut sg, &free_app_sg).await;
+    let (app_sh, free_app_sh) = (copy_of(&app), copy_of(&free_app));
+    wait_copy_normal(&mut sh, &app_sh).await;
+    wait_copy_normal(&mut sh, &free_app_sh).await;
     // Shared with the receiver, who makes an image of their own from an instance of it.
     for image in [&app, &free_app] {
         gz.modify_image_share_permission(ModifyImageSharePermissionRequest {
@@ -428,8 +428,8 @@ async fn image_fees_follow_every_derivation() {
     for image in [&app, &free_app] {
         runs.push(("ap-guangzhou", launch(&mut gz, image, "S5.MEDIUM4").await));
     }
-    for image in [&app_sg, &free_app_sg] {
-        runs.push(("ap-singapore", launch(&mut sg, image, "S5.MEDIUM4").await));
+    for image in [&app_sh, &free_app_sh] {
+        runs.push(("ap-shanghai", launch(&mut sh, image, "S5.MEDIUM4").await));
     }
     let shared_run = launch(&mut gz_receiver, &app, "S5.MEDIUM4").await;
     let derived_run = launch(&mut gz_receiver, &receivers_app, "S5.MEDIUM4").await;
@@ -440,7 +440,7 @@ async fn image_fees_follow_every_derivation() {
         let client = if *region == "ap-guangzhou" {
             &mut gz
         } else {
-            &mut sg
+            &mut sh
         };
         terminate(client, instance).await;
     }
@@ -455,9 +455,9 @@ async fn image_fees_follow_every_derivation() {
 
     let period = (day, day + DAY - 1);
     let gz_hour = gz_prices.instance_hour("S5.MEDIUM4").unwrap();
-    let sg_hour = sg_prices.instance_hour("S5.MEDIUM4").unwrap();
+    let sh_hour = sh_prices.instance_hour("S5.MEDIUM4").unwrap();
     let gz_licence = gz_prices.licence_hour(2).unwrap();
-    let sg_licence = sg_prices.licence_hour(2).unwrap();
+    let sh_licence = sh_prices.licence_hour(2).unwrap();
     // The owner: four instance-hours; licence fees only on the paid lineage (the image made
     // from a RHEL instance, and its copy), each naming the chain back to the RHEL root.
     assert_bill(
@@ -467,15 +467,15 @@ async fn image_fees_follow_every_derivation() {
         &[
             instance_line("ap-guangzhou", 1, gz_hour),
             instance_line("ap-guangzhou", 1, gz_hour),
-            instance_line("ap-singapore", 1, sg_hour),
-            instance_line("ap-singapore", 1, sg_hour),
+            instance_line("ap-shanghai", 1, sh_hour),
+            instance_line("ap-shanghai", 1, sh_hour),
             fee_line("ap-guangzhou", 1, gz_licence, "LICENSED", &[&app, &rhel]),
             fee_line(
-                "ap-singapore",
+                "ap-shanghai",
                 1,
-                sg_licence,
+                sh_licence,
                 "LICENSED",
-                &[&app_sg, &app, &rhel],
+                &[&app_sh, &app, &rhel],
             ),
         ],
     )
