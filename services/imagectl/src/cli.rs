@@ -36,19 +36,73 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "ID")]
     pub account: Option<String>,
     /// How to print results: tables for people, one JSON document for programs (shapes in
-    /// docs/cli.md), or only the ids the command names, one a line.
-    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
-    pub output: OutputFormat,
+    /// docs/cli.md), only the ids the command names, one a line, or (billing commands only)
+    /// CSV with a header row.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFlag::Table)]
+    pub output: OutputFlag,
 }
 
+/// What `--output` accepts. Each command takes the formats that make sense for it:
+/// `OutputFormat` (table, json, id) for the resource commands, `BillingFormat` (table, json,
+/// csv) for the billing commands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
+pub enum OutputFlag {
     /// Aligned columns, with a total line under lists.
     Table,
     /// One JSON document: proto3 JSON of the resources (docs/cli.md).
     Json,
     /// Only the ids of what the command lists, makes or changes, one a line.
     Id,
+    /// Comma-separated values with a header row (billing commands only).
+    Csv,
+}
+
+/// How a resource command (regions, images, instances, instance types) prints its results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    Table,
+    Json,
+    Id,
+}
+
+/// How a billing command prints its results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BillingFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+impl OutputFlag {
+    /// The format of a resource command; `csv` is refused (a usage error naming the commands
+    /// that print it).
+    pub fn for_resources(self) -> Result<OutputFormat, String> {
+        match self {
+            OutputFlag::Table => Ok(OutputFormat::Table),
+            OutputFlag::Json => Ok(OutputFormat::Json),
+            OutputFlag::Id => Ok(OutputFormat::Id),
+            OutputFlag::Csv => Err(
+                "--output csv is printed by the billing commands only (billing prices, \
+                 billing inquire, billing report); use --output table, json or id here"
+                    .to_string(),
+            ),
+        }
+    }
+
+    /// The format of a billing command; `id` is refused (a bill or a price names no resource
+    /// of its own).
+    pub fn for_billing(self) -> Result<BillingFormat, String> {
+        match self {
+            OutputFlag::Table => Ok(BillingFormat::Table),
+            OutputFlag::Json => Ok(BillingFormat::Json),
+            OutputFlag::Csv => Ok(BillingFormat::Csv),
+            OutputFlag::Id => Err(
+                "--output id is not printed by the billing commands; use --output table, json \
+                 or csv"
+                    .to_string(),
+            ),
+        }
+    }
 }
 
 /// The image types `images list --type` accepts.
@@ -80,6 +134,9 @@ pub enum Command {
     /// Instance types a region offers.
     #[command(subcommand, name = "instance-types")]
     InstanceTypes(InstanceTypesCommand),
+    /// Prices, the price of a launch, and the account's bill.
+    #[command(subcommand)]
+    Billing(BillingCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
     ///
     /// bash: `source <(imagectl completions bash)`; zsh: `imagectl completions zsh >
@@ -120,6 +177,163 @@ pub struct InstanceTypesList {
     /// Only this family (e.g. S5); repeat for several.
     #[arg(long, value_name = "FAMILY")]
     pub family: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BillingCommand {
+    /// Show the price book in force: instance-hours by type, the Windows and licence fees,
+    /// snapshot storage and its free tier (DescribePriceBook).
+    Prices(BillingPrices),
+    /// Price a launch before making it: instance-hours, the image fee with the lineage that
+    /// causes it, and (for an own image) its snapshot storage (InquiryPriceRunInstances).
+    Inquire(BillingInquire),
+    /// Show the account's bill for a period: one line per item billed, the totals of each
+    /// kind and the grand total (DescribeBill).
+    Report(BillingReport),
+}
+
+#[derive(Debug, Args)]
+pub struct BillingPrices {
+    /// Only this region, e.g. ap-singapore; default: every region the book prices.
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BillingInquire {
+    #[command(flatten)]
+    pub region: RegionArg,
+    /// The image to launch from.
+    #[arg(long, value_name = "ID")]
+    pub image: String,
+    /// The instance type, e.g. S5.MEDIUM4 (`imagectl instance-types list` shows them all).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub instance_type: String,
+    /// How many instances (1 to 100; default 1).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u32>,
+    /// For how many hours (1 to 8784; default 1).
+    #[arg(long, value_name = "H")]
+    pub hours: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct BillingReport {
+    /// Start of the period, RFC 3339 (2026-12-01T00:00:00Z or with an offset, +08:00);
+    /// default: the start of the current month.
+    #[arg(long, value_name = "TIME", value_parser = parse_rfc3339)]
+    pub from: Option<Rfc3339>,
+    /// End of the period, RFC 3339; default: now. Clock hours are billed whole: the period
+    /// covers every hour it touches.
+    #[arg(long, value_name = "TIME", value_parser = parse_rfc3339)]
+    pub to: Option<Rfc3339>,
+}
+
+/// A time given on the command line in RFC 3339: as typed, and as unix seconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rfc3339 {
+    pub text: String,
+    pub unix: i64,
+}
+
+/// Parses an RFC 3339 date-time (`2026-12-01T00:00:00Z`, `2026-12-01T08:00:00.5+08:00`; `t`
+/// and `z` in lower case too). Times before 1970 are refused.
+pub fn parse_rfc3339(text: &str) -> Result<Rfc3339, String> {
+    let unix = rfc3339_seconds(text).map_err(|why| {
+        format!("not an RFC 3339 time such as 2026-12-01T00:00:00Z or 2026-12-01T08:00:00+08:00 ({why})")
+    })?;
+    Ok(Rfc3339 {
+        text: text.to_string(),
+        unix,
+    })
+}
+
+fn rfc3339_seconds(text: &str) -> Result<i64, &'static str> {
+    fn digits(s: &str, what: &'static str) -> Result<i64, &'static str> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(what);
+        }
+        s.parse().map_err(|_| what)
+    }
+    let b = text.as_bytes();
+    if b.len() < 20 || !b.is_ascii() {
+        return Err("too short: a date, T, a time and Z or an offset");
+    }
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return Err("expected YYYY-MM-DDTHH:MM:SS");
+    }
+    let year = digits(&text[0..4], "bad year")?;
+    let month = digits(&text[5..7], "bad month")?;
+    let day = digits(&text[8..10], "bad day")?;
+    let hour = digits(&text[11..13], "bad hour")?;
+    let minute = digits(&text[14..16], "bad minute")?;
+    let second = digits(&text[17..19], "bad second")?;
+    let mut rest = &text[19..];
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let end = fraction
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(fraction.len());
+        if end == 0 {
+            return Err("a decimal point without digits");
+        }
+        rest = &fraction[end..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
+            let h = digits(&rest[1..3], "bad offset hours")?;
+            let m = digits(&rest[4..6], "bad offset minutes")?;
+            if h > 23 || m > 59 {
+                return Err("offset out of range");
+            }
+            let secs = h * 3600 + m * 60;
+            if rest.starts_with('-') {
+                -secs
+            } else {
+                secs
+            }
+        }
+        "" => return Err("no time zone: end with Z or an offset like +08:00"),
+        _ => return Err("bad time zone: end with Z or an offset like +08:00"),
+    };
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return Err("month out of range"),
+    };
+    if day < 1 || day > days_in_month {
+        return Err("day out of range");
+    }
+    // A leap second (:60) is read as the last second of its minute.
+    if hour > 23 || minute > 59 || second > 60 {
+        return Err("time of day out of range");
+    }
+    let unix =
+        days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second.min(59)
+            - offset;
+    if unix < 0 {
+        return Err("before 1970");
+    }
+    Ok(unix)
+}
+
+/// Days from 1970-01-01 to the given proleptic Gregorian date.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 #[derive(Debug, Subcommand)]
@@ -610,15 +824,99 @@ mod tests {
     }
 
     #[test]
-    fn output_takes_table_json_or_id() {
+    fn output_takes_table_json_id_or_csv() {
         for (value, expected) in [
-            ("table", OutputFormat::Table),
-            ("json", OutputFormat::Json),
-            ("id", OutputFormat::Id),
+            ("table", OutputFlag::Table),
+            ("json", OutputFlag::Json),
+            ("id", OutputFlag::Id),
+            ("csv", OutputFlag::Csv),
         ] {
             let cli = parse(&["regions", "list", "--output", value]).expect("parses");
             assert_eq!(cli.global.output, expected);
         }
+    }
+
+    #[test]
+    fn csv_is_for_billing_and_id_is_not() {
+        assert_eq!(OutputFlag::Id.for_resources(), Ok(OutputFormat::Id));
+        assert_eq!(OutputFlag::Table.for_resources(), Ok(OutputFormat::Table));
+        let err = OutputFlag::Csv.for_resources().expect_err("refused");
+        assert!(err.contains("billing commands only"), "{err}");
+        assert_eq!(OutputFlag::Csv.for_billing(), Ok(BillingFormat::Csv));
+        assert_eq!(OutputFlag::Json.for_billing(), Ok(BillingFormat::Json));
+        let err = OutputFlag::Id.for_billing().expect_err("refused");
+        assert!(err.contains("table, json or csv"), "{err}");
+    }
+
+    #[test]
+    fn rfc3339_times_parse_to_unix_seconds() {
+        for (text, unix) in [
+            ("1970-01-01T00:00:00Z", 0),
+            ("2026-12-01T00:00:00Z", 1_796_083_200),
+            ("2026-12-01t08:00:00+08:00", 1_796_083_200),
+            ("2026-11-30T19:30:00.999-04:30", 1_796_083_200),
+            ("2024-02-29T23:59:59z", 1_709_251_199),
+            ("2016-12-31T23:59:60Z", 1_483_228_799),
+        ] {
+            assert_eq!(parse_rfc3339(text).map(|t| t.unix), Ok(unix), "{text}");
+        }
+        for bad in [
+            "",
+            "yesterday",
+            "2026-12-01",
+            "2026-12-01T00:00:00",
+            "2026-12-01 00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-12-01T24:00:00Z",
+            "2026-12-01T00:00:00.Z",
+            "2026-12-01T00:00:00+0800",
+            "2026-12-01T00:00:00+08:60",
+            "1969-12-31T23:59:59Z",
+            "2026-12-01T00:00:00Zjunk",
+            "+2026-12-01T00:00:00Z",
+        ] {
+            let err = parse_rfc3339(bad).expect_err(bad);
+            assert!(err.contains("not an RFC 3339 time"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn billing_commands_take_their_flags() {
+        let cli = parse(&[
+            "billing",
+            "inquire",
+            "--region",
+            "ap-singapore",
+            "--image",
+            "img-aaaaaaaa",
+            "--type",
+            "S5.MEDIUM4",
+            "--count",
+            "2",
+            "--hours",
+            "10",
+        ])
+        .expect("parses");
+        let Command::Billing(BillingCommand::Inquire(inquire)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(inquire.region.region, "ap-singapore");
+        assert_eq!(inquire.instance_type, "S5.MEDIUM4");
+        assert_eq!((inquire.count, inquire.hours), (Some(2), Some(10)));
+        let cli = parse(&["billing", "report"]).expect("parses");
+        let Command::Billing(BillingCommand::Report(report)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!((report.from, report.to), (None, None));
+        let err = parse(&["billing", "report", "--from", "last week"]).expect_err("refused");
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--from"), "{err}");
+        let cli = parse(&["billing", "prices"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Billing(BillingCommand::Prices(BillingPrices { region: None }))
+        ));
     }
 
     #[test]
@@ -674,14 +972,14 @@ mod tests {
         for cli in [before, after] {
             assert_eq!(cli.global.cluster, PathBuf::from("/tmp/c.json"));
             assert_eq!(cli.global.account.as_deref(), Some("100000000002"));
-            assert_eq!(cli.global.output, OutputFormat::Json);
+            assert_eq!(cli.global.output, OutputFlag::Json);
         }
     }
 
     #[test]
     fn output_defaults_to_table() {
         let cli = parse(&["regions", "list"]).expect("parses");
-        assert_eq!(cli.global.output, OutputFormat::Table);
+        assert_eq!(cli.global.output, OutputFlag::Table);
         assert_eq!(cli.global.account, None);
     }
 

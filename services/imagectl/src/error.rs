@@ -1,9 +1,13 @@
 //! What can go wrong in a command, and how it is reported: one line on stderr, exit code 1.
 
 /// A failed command. Usage errors found by clap never get here: clap reports them itself
-/// (exit code 2).
+/// (exit code 2); those found after parsing are `Usage` (exit code 2 as well).
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// The command line parses but asks for something the command does not do (an output
+    /// format it does not print, a period that ends before it starts).
+    #[error("{0}")]
+    Usage(String),
     /// A service answered with an error status.
     #[error("{}", status_line(.0))]
     Status(#[from] tonic::Status),
@@ -31,6 +35,14 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// The process exit code: 2 for usage errors, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         CliError::Io {
             what: what.into(),

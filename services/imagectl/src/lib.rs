@@ -4,11 +4,13 @@
 //!
 //! - `cli`: the command line (global flags and one enum per command group).
 //! - `session`: the cluster file, the account, and signed catalog and region clients.
-//! - `regions`, `images`, `instances`, `instance_types`: the commands of each group.
-//! - `output`: tables and proto3 JSON; `paging`: `--all`; `error`: how failures are reported.
+//! - `regions`, `images`, `instances`, `instance_types`, `billing`: the commands of each
+//!   group.
+//! - `output`: tables, proto3 JSON and CSV; `paging`: `--all`; `error`: how failures are reported.
 //! - `progress`: progress of long operations on stderr (indicatif bars on a terminal, plain
 //!   lines otherwise), as tasks with a total in bytes.
 
+pub mod billing;
 pub mod cli;
 pub mod error;
 pub mod images;
@@ -30,7 +32,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 /// Parses the command line, runs the command and prints its result. Exit codes: 0 on
-/// success, 1 when the command failed, clap's own (2) for usage errors.
+/// success, 1 when the command failed, 2 for usage errors (clap's, and `CliError::Usage`).
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -61,7 +63,7 @@ pub fn main() -> ExitCode {
                 "error: {}",
                 output::escape(&e.to_string())
             );
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -112,13 +114,52 @@ pub async fn run_with_progress(cli: Cli, progress: &Progress) -> Result<String> 
         Command::Man(args) => return man(args.out.as_deref()),
         _ => {}
     }
+    // The output format is checked before the cluster file is read: a format the command
+    // does not print is a usage error whatever the cluster.
+    if let Command::Billing(command) = cli.command {
+        let format = cli.global.output.for_billing().map_err(CliError::Usage)?;
+        let session = Session::open(&cli.global.cluster, cli.global.account.as_deref())?;
+        return billing::run(&session, command, format).await;
+    }
+    let format = cli.global.output.for_resources().map_err(CliError::Usage)?;
     let session = Session::open(&cli.global.cluster, cli.global.account.as_deref())?;
-    let format = cli.global.output;
     match cli.command {
         Command::Regions(command) => regions::run(&session, command, format).await,
         Command::Images(command) => images::run(&session, command, format, progress).await,
         Command::Instances(command) => instances::run(&session, command, format).await,
         Command::InstanceTypes(command) => instance_types::run(&session, command, format).await,
-        Command::Completions(_) | Command::Man(_) => Ok(String::new()),
+        Command::Completions(_) | Command::Man(_) | Command::Billing(_) => Ok(String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_and_manual_pages_include_the_billing_commands() {
+        let bash = completions(clap_complete::Shell::Bash);
+        for word in [
+            "billing", "prices", "inquire", "report", "--from", "--hours", "csv",
+        ] {
+            assert!(
+                bash.contains(word),
+                "{word} missing from the bash completions"
+            );
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        man(Some(dir.path())).expect("pages written");
+        for page in [
+            "imagectl-billing.1",
+            "imagectl-billing-prices.1",
+            "imagectl-billing-inquire.1",
+            "imagectl-billing-report.1",
+        ] {
+            let text = std::fs::read_to_string(dir.path().join(page)).expect(page);
+            assert!(!text.is_empty(), "{page}");
+        }
+        let report = std::fs::read_to_string(dir.path().join("imagectl-billing-report.1"))
+            .expect("the report page");
+        assert!(report.contains("RFC 3339"), "{report}");
     }
 }

@@ -1,4 +1,4 @@
-//! How results are printed: aligned tables for people, proto3 JSON for programs. Text that
+//! How results are printed: aligned tables for people, proto3 JSON and CSV for programs. Text that
 //! came from a server (names, descriptions, reasons, error messages) never reaches the terminal
 //! with its control or bidirectional formatting characters: `escape` makes them visible.
 
@@ -49,10 +49,16 @@ macro_rules! proto_messages {
     };
 }
 
+use imagefleet_proto::billing::v1 as billing;
 use imagefleet_proto::catalog::v1 as catalog;
 use imagefleet_proto::region::v1 as region;
 
 proto_messages!("imagefleet.catalog.v1", catalog: DescribeRegionsResponse);
+proto_messages!(
+    "imagefleet.billing.v1",
+    billing: DescribePriceBookResponse,
+    DescribeBillResponse,
+);
 proto_messages!(
     "imagefleet.region.v1",
     region: Image,
@@ -70,6 +76,7 @@ proto_messages!(
     DescribeImageSharePermissionResponse,
     DescribeInstanceTypeConfigsResponse,
     DescribeImportImageOsResponse,
+    InquiryPriceRunInstancesResponse,
 );
 
 /// A message as proto3 JSON: enum values by name, every field present (defaults included).
@@ -170,6 +177,50 @@ impl Table {
             out.push('\n');
         }
         out
+    }
+}
+
+/// Comma-separated values (RFC 4180 quoting, `\n` line ends): a header row, then one line per
+/// row. A field is quoted (`"`, with inner quotes doubled) when it holds a comma, a quote or
+/// leading or trailing spaces; characters of `must_escape` are made visible first, as in
+/// tables, so a field never spans lines.
+#[derive(Debug)]
+pub struct Csv {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Csv {
+    pub fn new(header: &[&str]) -> Self {
+        Csv {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for row in std::iter::once(&self.header).chain(self.rows.iter()) {
+            let fields: Vec<String> = (0..self.header.len())
+                .map(|i| csv_field(row.get(i).map(String::as_str).unwrap_or("")))
+                .collect();
+            out.push_str(&fields.join(","));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn csv_field(text: &str) -> String {
+    let text = escape(text);
+    if text.contains([',', '"']) || text.starts_with(' ') || text.ends_with(' ') {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.into_owned()
     }
 }
 
@@ -298,6 +349,27 @@ mod tests {
     }
 
     #[test]
+    fn csv_quotes_only_what_needs_it() {
+        let mut csv = Csv::new(&["kind", "resource_ids", "amount"]);
+        csv.row(vec![
+            "INSTANCE".into(),
+            "ins-a;ins-b".into(),
+            "0.3288".into(),
+        ]);
+        csv.row(vec!["NOTE".into(), "a,b \"c\"".into(), " 1".into()]);
+        csv.row(vec!["SHORT".into()]);
+        csv.row(vec!["X".into(), "line\nbreak\u{1b}".into(), String::new()]);
+        assert_eq!(
+            csv.render(),
+            "kind,resource_ids,amount\n\
+             INSTANCE,ins-a;ins-b,0.3288\n\
+             NOTE,\"a,b \"\"c\"\"\",\" 1\"\n\
+             SHORT,,\n\
+             X,line\\nbreak\\u{1b},\n"
+        );
+    }
+
+    #[test]
     fn fields_align_their_values() {
         assert_eq!(
             fields(&[("ID", "img-1".into()), ("STATE", String::new())]),
@@ -365,6 +437,9 @@ mod tests {
         check::<region::ModifyImageSharePermissionResponse>();
         check::<region::DescribeImageSharePermissionResponse>();
         check::<region::DescribeInstanceTypeConfigsResponse>();
+        check::<region::InquiryPriceRunInstancesResponse>();
+        check::<billing::DescribePriceBookResponse>();
+        check::<billing::DescribeBillResponse>();
     }
 
     /// What an image's owner could write to take over a receiver's terminal: set its title

@@ -1,7 +1,9 @@
 //! Who `imagectl` talks to and as whom: the cluster file, the account chosen from it, and
-//! signed clients of the catalog and of a region (whose endpoint the catalog tells).
+//! signed clients of the catalog, of billing (served by the catalog process) and of a region
+//! (whose endpoint the catalog tells).
 
 use crate::error::{CliError, Result};
+use imagefleet_proto::billing::v1::billing_service_client::BillingServiceClient;
 use imagefleet_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use imagefleet_proto::catalog::v1::{DescribeRegionsRequest, DescribeRegionsResponse};
 use imagefleet_proto::region::v1::region_service_client::RegionServiceClient;
@@ -68,6 +70,20 @@ impl Session {
                 source,
             })?;
         Ok(CatalogServiceClient::new(channel))
+    }
+
+    /// A client of the billing service, which the catalog process serves: at the catalog's
+    /// endpoint, signed for the catalog's scope.
+    pub fn billing(&self) -> Result<BillingServiceClient<SignedChannel>> {
+        let url = &self.cluster.catalog.endpoint;
+        let channel = client::signed_channel(url, self.credentials(), client::CATALOG_SCOPE)
+            .map_err(|source| CliError::Endpoint {
+                url: url.clone(),
+                source,
+            })?;
+        Ok(BillingServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
     /// The regions the catalog knows.

@@ -1,11 +1,13 @@
 //! `imagectl` commands against an in-process fake catalog and region service: region lookup
 //! through the catalog, paging with `--all`, `create --wait`, sparse export, chunked disk
 //! writes and reads, `sync` (with `--wait` polling each destination region, and its progress
-//! on stderr), `share`/`unshare`/`shares`, and how server errors are reported.
+//! on stderr), `share`/`unshare`/`shares`, how server errors are reported, and the billing
+//! commands (against a fake billing service and region that verify the signatures).
 
 use clap::Parser;
 use imagefleet_imagectl::cli::Cli;
 use imagefleet_imagectl::progress::{Progress, SystemClock};
+use imagefleet_proto::billing::v1 as billing;
 use imagefleet_proto::catalog::v1 as catalog;
 use imagefleet_proto::region::v1 as region;
 use imagefleet_rpc::cluster::{AccountEntry, ClusterFile, RegionEndpoint, ServiceEndpoint};
@@ -37,6 +39,12 @@ struct State {
     shares: HashMap<String, Vec<region::ImageShare>>,
     /// `ModifyImageSharePermission` calls, as received.
     share_requests: Vec<region::ModifyImageSharePermissionRequest>,
+    /// `InquiryPriceRunInstances` calls: region asked, caller's secret id, request.
+    inquiries: Vec<(String, String, region::InquiryPriceRunInstancesRequest)>,
+    /// `DescribePriceBook` calls: the verified account, request.
+    price_book_requests: Vec<(String, billing::DescribePriceBookRequest)>,
+    /// `DescribeBill` calls: the verified account, request.
+    bill_requests: Vec<(String, billing::DescribeBillRequest)>,
 }
 
 /// One region's fake service (and, in ap-guangzhou, the catalog). Every region shares the
@@ -176,6 +184,189 @@ impl catalog::catalog_service_server::CatalogService for Fake {
         _: Request<catalog::DescribePublicImagesRequest>,
     ) -> Result<Response<catalog::DescribePublicImagesResponse>, Status> {
         Err(Status::unimplemented("not in the fake"))
+    }
+}
+
+/// The paid root of the lineage every price inquiry and bill of the fakes shows.
+const WINDOWS_ROOT: &str = "img-winroot1";
+
+/// Micro-units as a decimal amount (`36400` is `0.0364`).
+fn micros(m: u64) -> String {
+    let text = format!("{}.{:06}", m / 1_000_000, m % 1_000_000);
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn link(id: &str) -> billing::LineageLink {
+    billing::LineageLink {
+        image_id: id.to_string(),
+        region: "ap-singapore".into(),
+        owner_account_id: "100000000001".into(),
+    }
+}
+
+fn price_book() -> Vec<billing::RegionPrices> {
+    let price = |t: &str, p: &str| billing::InstancePrice {
+        instance_type: t.into(),
+        hourly: p.into(),
+    };
+    vec![
+        billing::RegionPrices {
+            region: "ap-guangzhou".into(),
+            mainland: true,
+            instance_hour: vec![price("S5.MEDIUM4", "0.03")],
+            windows_hour: vec![],
+            licence_hour: vec![billing::LicenceClass {
+                min_vcpu: 1,
+                max_vcpu: 2,
+                hourly: "0.02".into(),
+            }],
+            snapshot_gb_hour: "0.00005".into(),
+            free_tier_gb: 80,
+        },
+        billing::RegionPrices {
+            region: "ap-singapore".into(),
+            mainland: false,
+            instance_hour: vec![price("S5.MEDIUM4", "0.0364"), price("S5.LARGE8", "0.0728")],
+            windows_hour: vec![price("S5.MEDIUM4", "0.0184"), price("S5.LARGE8", "0.0368")],
+            licence_hour: vec![
+                billing::LicenceClass {
+                    min_vcpu: 1,
+                    max_vcpu: 4,
+                    hourly: "0.07".into(),
+                },
+                billing::LicenceClass {
+                    min_vcpu: 5,
+                    max_vcpu: 128,
+                    hourly: "0.3".into(),
+                },
+            ],
+            snapshot_gb_hour: "0.000075".into(),
+            free_tier_gb: 0,
+        },
+    ]
+}
+
+/// The bill the fake billing service answers, for the period asked.
+fn fake_bill(account_id: String, from: String, to: String) -> billing::DescribeBillResponse {
+    let line =
+        |kind: &str, ids: &[&str], unit: &str, quantity: &str, unit_price: &str, amount: &str| {
+            billing::LineItem {
+                kind: kind.into(),
+                region: "ap-singapore".into(),
+                resource_ids: ids.iter().map(|id| id.to_string()).collect(),
+                unit: unit.into(),
+                quantity: quantity.into(),
+                unit_price: unit_price.into(),
+                amount: amount.into(),
+                ..Default::default()
+            }
+        };
+    let mut instance = line(
+        "INSTANCE",
+        &["ins-aaaaaaaa"],
+        "HOUR",
+        "3",
+        "0.0364",
+        "0.1092",
+    );
+    instance.instance_type = "S5.MEDIUM4".into();
+    let mut fee = line(
+        "IMAGE_FEE",
+        &["ins-aaaaaaaa", "img-list0001"],
+        "HOUR",
+        "3",
+        "0.0184",
+        "0.0552",
+    );
+    fee.instance_type = "S5.MEDIUM4".into();
+    fee.image_fee = Some(billing::ImageFee {
+        cause: "WINDOWS".into(),
+        image_id: "img-list0001".into(),
+        root_image_id: WINDOWS_ROOT.into(),
+        chain: ["img-list0001", "img-derived1", WINDOWS_ROOT]
+            .into_iter()
+            .map(link)
+            .collect(),
+    });
+    let snapshot = line(
+        "SNAPSHOT_STORAGE",
+        &["100000000001"],
+        "GB_HOUR",
+        "60",
+        "0.000075",
+        "0.0045",
+    );
+    let total = |kind: &str, amount: &str| billing::KindTotal {
+        kind: kind.into(),
+        amount: amount.into(),
+    };
+    billing::DescribeBillResponse {
+        account_id,
+        from: if from.is_empty() {
+            "2026-12-01T00:00:00Z".into()
+        } else {
+            from
+        },
+        to: if to.is_empty() {
+            "2026-12-02T11:00:00Z".into()
+        } else {
+            to
+        },
+        currency: "USD".into(),
+        line_items: vec![instance, fee, snapshot],
+        totals: vec![
+            total("INSTANCE", "0.1092"),
+            total("IMAGE_FEE", "0.0552"),
+            total("SNAPSHOT_STORAGE", "0.0045"),
+        ],
+        total: "0.1689".into(),
+        anomalies: vec![],
+    }
+}
+
+#[tonic::async_trait]
+impl billing::billing_service_server::BillingService for Fake {
+    async fn describe_price_book(
+        &self,
+        request: Request<billing::DescribePriceBookRequest>,
+    ) -> Result<Response<billing::DescribePriceBookResponse>, Status> {
+        // Set only by the verifier in front of this service.
+        let account = imagefleet_rpc::auth::account_id(&request)?;
+        let request = request.into_inner();
+        self.state
+            .lock()
+            .unwrap()
+            .price_book_requests
+            .push((account, request.clone()));
+        let region_set: Vec<billing::RegionPrices> = price_book()
+            .into_iter()
+            .filter(|r| request.region.is_empty() || r.region == request.region)
+            .collect();
+        if region_set.is_empty() {
+            return Err(imagefleet_proto::error::status(
+                tonic::Code::InvalidArgument,
+                "InvalidParameterValue",
+                format!("the price book does not price region {}", request.region),
+            ));
+        }
+        Ok(Response::new(billing::DescribePriceBookResponse {
+            currency: "USD".into(),
+            region_set,
+        }))
+    }
+
+    async fn describe_bill(
+        &self,
+        request: Request<billing::DescribeBillRequest>,
+    ) -> Result<Response<billing::DescribeBillResponse>, Status> {
+        let account = imagefleet_rpc::auth::account_id(&request)?;
+        let request = request.into_inner();
+        self.state
+            .lock()
+            .unwrap()
+            .bill_requests
+            .push((account.clone(), request.clone()));
+        Ok(Response::new(fake_bill(account, request.from, request.to)))
     }
 }
 
@@ -354,6 +545,64 @@ impl region::region_service_server::RegionService for Fake {
             chunk(2 * MIB as u64, vec![0xcd; MIB + 10]),
         ];
         Ok(Response::new(tokio_stream::iter(chunks)))
+    }
+
+    async fn inquiry_price_run_instances(
+        &self,
+        request: Request<region::InquiryPriceRunInstancesRequest>,
+    ) -> Result<Response<region::InquiryPriceRunInstancesResponse>, Status> {
+        let secret_id = request
+            .metadata()
+            .get("x-imagefleet-secret-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let request = request.into_inner();
+        own_image(&request.image_id)?;
+        self.state.lock().unwrap().inquiries.push((
+            self.region.clone(),
+            secret_id,
+            request.clone(),
+        ));
+        let hours = request.hours.max(1);
+        let instance_hours = u64::from(request.instance_count.max(1)) * hours;
+        let part = |unit_micros: u64, quantity: u64, unit: &str| billing::PricePart {
+            unit_price: micros(unit_micros),
+            unit: unit.into(),
+            quantity: quantity.to_string(),
+            amount: micros(unit_micros * quantity),
+        };
+        let instance = part(36_400, instance_hours, "HOUR");
+        let fee = part(18_400, instance_hours, "HOUR");
+        // 100 GB held, 80 free: 20 billable GB for every hour.
+        let snapshot = part(75, 20 * hours, "GB_HOUR");
+        let total = micros(36_400 * instance_hours + 18_400 * instance_hours + 75 * 20 * hours);
+        Ok(Response::new(region::InquiryPriceRunInstancesResponse {
+            price: Some(billing::RunPrice {
+                currency: "USD".into(),
+                region: self.region.clone(),
+                instance_type: request.instance_type,
+                instance_count: request.instance_count.max(1),
+                hours,
+                instance: Some(instance),
+                image_fee: Some(billing::ImageFeePrice {
+                    cause: "WINDOWS".into(),
+                    root_image_id: WINDOWS_ROOT.into(),
+                    chain: [request.image_id.as_str(), "img-derived1", WINDOWS_ROOT]
+                        .into_iter()
+                        .map(link)
+                        .collect(),
+                    price: Some(fee),
+                }),
+                snapshot: Some(billing::SnapshotPrice {
+                    bytes_held: 100 << 30,
+                    free_tier_bytes: 80 << 30,
+                    billable_bytes: 20 << 30,
+                    price: Some(snapshot),
+                }),
+                total,
+            }),
+        }))
     }
 
     async fn run_instances(
@@ -1434,4 +1683,552 @@ async fn shared_images_list_with_their_type() {
         ])
         .await;
     assert_eq!(value["imageSet"][0]["imageType"], "SHARED_IMAGE");
+}
+
+/// The one account the verifiers of the billing harness know.
+struct DevKeys;
+
+impl imagefleet_rpc::auth::AccountKeys for DevKeys {
+    fn lookup<'a>(
+        &'a self,
+        secret_id: &'a str,
+    ) -> imagefleet_rpc::auth::BoxFuture<'a, Result<Option<imagefleet_rpc::auth::AccountKey>, Status>>
+    {
+        Box::pin(async move {
+            Ok(
+                (secret_id == "AKIDdev").then(|| imagefleet_rpc::auth::AccountKey {
+                    account_id: "100000000001".into(),
+                    secret_key: "secret".into(),
+                }),
+            )
+        })
+    }
+}
+
+fn auth_layer(scope: &str) -> imagefleet_rpc::auth::AuthLayer {
+    imagefleet_rpc::auth::AuthLayer::new(Arc::new(imagefleet_rpc::auth::Verifier::new(
+        scope,
+        "service-key",
+        Arc::new(DevKeys),
+    )))
+}
+
+/// Starts, behind verifiers of the real signature scheme, a catalog process (the catalog
+/// and billing services, scope `catalog`) and the ap-guangzhou region (scope
+/// `region:ap-guangzhou`), and writes a cluster file naming the catalog. Returns the harness
+/// and the region's endpoint.
+async fn start_billing() -> (Harness, String) {
+    let catalog_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let region_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let catalog_endpoint = format!("http://{}", catalog_listener.local_addr().unwrap());
+    let region_endpoint = format!("http://{}", region_listener.local_addr().unwrap());
+    let fake = Fake {
+        region: "ap-guangzhou".into(),
+        endpoint: region_endpoint.clone(),
+        regions: Arc::new(vec![("ap-guangzhou".into(), region_endpoint.clone())]),
+        state: Arc::new(Mutex::new(State::default())),
+    };
+    let catalog_server = tonic::transport::Server::builder()
+        .layer(auth_layer(imagefleet_rpc::client::CATALOG_SCOPE))
+        .add_service(catalog::catalog_service_server::CatalogServiceServer::new(
+            fake.clone(),
+        ))
+        .add_service(billing::billing_service_server::BillingServiceServer::new(
+            fake.clone(),
+        ))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+            catalog_listener,
+        ));
+    tokio::spawn(catalog_server);
+    let region_server = tonic::transport::Server::builder()
+        .layer(auth_layer(&imagefleet_rpc::client::region_scope(
+            "ap-guangzhou",
+        )))
+        .add_service(region::region_service_server::RegionServiceServer::new(
+            fake.clone(),
+        ))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+            region_listener,
+        ));
+    tokio::spawn(region_server);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("cluster.json");
+    write_cluster(&cluster, &catalog_endpoint, vec![]);
+    (Harness { fake, dir, cluster }, region_endpoint)
+}
+
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+#[tokio::test]
+async fn billing_prices_print_tables_json_and_csv() {
+    let (h, _) = start_billing().await;
+    let text = h
+        .run(&["billing", "prices", "--region", "ap-singapore"])
+        .await
+        .unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        words(lines[0]),
+        ["REGION", "INSTANCE_TYPE", "HOURLY", "WINDOWS_FEE"],
+        "{text}"
+    );
+    assert_eq!(
+        words(lines[1]),
+        ["ap-singapore", "S5.MEDIUM4", "0.0364", "0.0184"]
+    );
+    assert_eq!(
+        words(lines[2]),
+        ["ap-singapore", "S5.LARGE8", "0.0728", "0.0368"]
+    );
+    assert_eq!(
+        words(lines[4]),
+        ["REGION", "LICENCE_VCPU", "LICENCE_FEE"],
+        "{text}"
+    );
+    assert_eq!(words(lines[5]), ["ap-singapore", "1-4", "0.07"]);
+    assert_eq!(words(lines[6]), ["ap-singapore", "5-128", "0.3"]);
+    assert_eq!(
+        words(lines[8]),
+        ["REGION", "SNAPSHOT_GB_HOUR", "FREE_TIER_GB"],
+        "{text}"
+    );
+    assert_eq!(words(lines[9]), ["ap-singapore", "0.000075", "0"]);
+    assert!(lines[11].starts_with("prices in USD"), "{text}");
+    assert_eq!(
+        h.fake.state.lock().unwrap().price_book_requests,
+        [(
+            "100000000001".to_string(),
+            billing::DescribePriceBookRequest {
+                region: "ap-singapore".into()
+            }
+        )]
+    );
+
+    // Every region: the mainland one's Windows fee is free.
+    let text = h.run(&["billing", "prices"]).await.unwrap();
+    assert_eq!(
+        words(text.lines().nth(1).unwrap()),
+        ["ap-guangzhou", "S5.MEDIUM4", "0.03", "free"],
+        "{text}"
+    );
+
+    let value = h
+        .json(&["billing", "prices", "--region", "ap-singapore"])
+        .await;
+    assert_eq!(value["currency"], "USD");
+    let region = &value["regionSet"][0];
+    assert_eq!(region["region"], "ap-singapore");
+    assert_eq!(region["mainland"], false);
+    assert_eq!(region["instanceHour"][0]["instanceType"], "S5.MEDIUM4");
+    assert_eq!(region["instanceHour"][0]["hourly"], "0.0364");
+    assert_eq!(region["windowsHour"][1]["hourly"], "0.0368");
+    assert_eq!(region["licenceHour"][1]["minVcpu"], 5);
+    assert_eq!(region["licenceHour"][1]["hourly"], "0.3");
+    assert_eq!(region["snapshotGbHour"], "0.000075");
+    assert_eq!(region["freeTierGb"], "0");
+
+    let csv = h
+        .run(&[
+            "billing",
+            "prices",
+            "--region",
+            "ap-guangzhou",
+            "--output",
+            "csv",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        csv,
+        "region,kind,instance_type,min_vcpu,max_vcpu,unit,price,currency,free_tier_gb\n\
+         ap-guangzhou,INSTANCE,S5.MEDIUM4,,,HOUR,0.03,USD,\n\
+         ap-guangzhou,WINDOWS_FEE,S5.MEDIUM4,,,HOUR,0,USD,\n\
+         ap-guangzhou,LICENCE_FEE,,1,2,HOUR,0.02,USD,\n\
+         ap-guangzhou,SNAPSHOT_STORAGE,,,,GB_HOUR,0.00005,USD,80\n"
+    );
+
+    let err = h
+        .run(&["billing", "prices", "--region", "eu-frankfurt"])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "InvalidArgument InvalidParameterValue: the price book does not price region eu-frankfurt"
+    );
+}
+
+const INQUIRE: [&str; 8] = [
+    "billing",
+    "inquire",
+    "--region",
+    "ap-guangzhou",
+    "--image",
+    "img-list0001",
+    "--type",
+    "S5.MEDIUM4",
+];
+
+fn inquire_args(extra: &[&'static str]) -> Vec<&'static str> {
+    INQUIRE.iter().chain(extra).copied().collect()
+}
+
+#[tokio::test]
+async fn billing_inquire_prints_the_parts_the_lineage_and_the_total() {
+    let (h, _) = start_billing().await;
+    let text = h
+        .run(&inquire_args(&["--count", "2", "--hours", "10"]))
+        .await
+        .unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(
+        words(lines[0]),
+        ["ITEM", "UNIT_PRICE", "QUANTITY", "UNIT", "AMOUNT", "DETAIL"]
+    );
+    assert_eq!(
+        words(lines[1]),
+        [
+            "INSTANCE",
+            "0.0364",
+            "20",
+            "HOUR",
+            "0.728",
+            "2",
+            "x",
+            "S5.MEDIUM4",
+            "for",
+            "10",
+            "hours",
+            "in",
+            "ap-guangzhou"
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        words(lines[2])[..5],
+        ["IMAGE_FEE", "0.0184", "20", "HOUR", "0.368"],
+        "{text}"
+    );
+    assert!(
+        lines[2].ends_with(
+            "WINDOWS, paid root img-winroot1: img-list0001 <- img-derived1 <- img-winroot1"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        words(lines[3]),
+        [
+            "SNAPSHOT_STORAGE",
+            "0.000075",
+            "200",
+            "GB_HOUR",
+            "0.015",
+            "100.00",
+            "GB",
+            "held,",
+            "80.00",
+            "GB",
+            "free,",
+            "20.00",
+            "GB",
+            "billable"
+        ],
+        "{text}"
+    );
+    assert_eq!(words(lines[4]), ["TOTAL", "-", "-", "-", "1.111", "USD"]);
+    {
+        let state = h.fake.state.lock().unwrap();
+        let (region, secret_id, request) = &state.inquiries[0];
+        assert_eq!(
+            (region.as_str(), secret_id.as_str()),
+            ("ap-guangzhou", "AKIDdev")
+        );
+        assert_eq!(
+            request,
+            &region::InquiryPriceRunInstancesRequest {
+                image_id: "img-list0001".into(),
+                instance_type: "S5.MEDIUM4".into(),
+                instance_count: 2,
+                hours: 10,
+            }
+        );
+    }
+
+    // Without --count and --hours the region's defaults (0: one of each) apply.
+    let value = h.json(&inquire_args(&[])).await;
+    let sent = h.fake.state.lock().unwrap().inquiries[1].2.clone();
+    assert_eq!((sent.instance_count, sent.hours), (0, 0));
+    let price = &value["price"];
+    assert_eq!(price["currency"], "USD");
+    assert_eq!(price["instanceCount"], 1);
+    assert_eq!(price["hours"], "1");
+    assert_eq!(price["instance"]["amount"], "0.0364");
+    assert_eq!(price["imageFee"]["cause"], "WINDOWS");
+    assert_eq!(price["imageFee"]["rootImageId"], WINDOWS_ROOT);
+    let chain: Vec<&str> = price["imageFee"]["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["imageId"].as_str().unwrap())
+        .collect();
+    assert_eq!(chain, ["img-list0001", "img-derived1", WINDOWS_ROOT]);
+    assert_eq!(price["imageFee"]["price"]["unitPrice"], "0.0184");
+    assert_eq!(price["snapshot"]["bytesHeld"], "107374182400");
+    assert_eq!(price["snapshot"]["price"]["unit"], "GB_HOUR");
+    assert_eq!(price["total"], "0.0563");
+
+    let csv = h
+        .run(&inquire_args(&["--hours", "10", "--output", "csv"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        csv,
+        "item,unit_price,quantity,unit,amount,currency,cause,root_image_id,chain\n\
+         INSTANCE,0.0364,10,HOUR,0.364,USD,,,\n\
+         IMAGE_FEE,0.0184,10,HOUR,0.184,USD,WINDOWS,img-winroot1,img-list0001;img-derived1;img-winroot1\n\
+         SNAPSHOT_STORAGE,0.000075,200,GB_HOUR,0.015,USD,,,\n\
+         TOTAL,,,,0.563,USD,,,\n"
+    );
+
+    let err = h
+        .run(&[
+            "billing",
+            "inquire",
+            "--region",
+            "ap-guangzhou",
+            "--image",
+            "img-nothere1",
+            "--type",
+            "S5.MEDIUM4",
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "NotFound InvalidImageId.NotFound: image img-nothere1 does not exist"
+    );
+}
+
+#[tokio::test]
+async fn billing_report_prints_lines_totals_json_and_csv() {
+    let (h, _) = start_billing().await;
+    let text = h.run(&["billing", "report"]).await.unwrap();
+    // No period given: empty strings, the service's defaults.
+    assert_eq!(
+        h.fake.state.lock().unwrap().bill_requests,
+        [(
+            "100000000001".to_string(),
+            billing::DescribeBillRequest::default()
+        )]
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        words(lines[0]),
+        [
+            "KIND",
+            "REGION",
+            "RESOURCES",
+            "QUANTITY",
+            "UNIT",
+            "UNIT_PRICE",
+            "AMOUNT",
+            "DETAIL"
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        words(lines[1]),
+        [
+            "INSTANCE",
+            "ap-singapore",
+            "ins-aaaaaaaa",
+            "3",
+            "HOUR",
+            "0.0364",
+            "0.1092",
+            "S5.MEDIUM4"
+        ]
+    );
+    assert_eq!(
+        words(lines[2])[..7],
+        [
+            "IMAGE_FEE",
+            "ap-singapore",
+            "ins-aaaaaaaa,img-list0001",
+            "3",
+            "HOUR",
+            "0.0184",
+            "0.0552"
+        ]
+    );
+    assert!(
+        lines[2].ends_with(
+            "WINDOWS (S5.MEDIUM4), paid root img-winroot1: img-list0001 <- img-derived1 <- img-winroot1"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        words(lines[3]),
+        [
+            "SNAPSHOT_STORAGE",
+            "ap-singapore",
+            "100000000001",
+            "60",
+            "GB_HOUR",
+            "0.000075",
+            "0.0045",
+            "-"
+        ]
+    );
+    assert_eq!(lines[4], "");
+    assert_eq!(words(lines[5]), ["TOTAL_OF", "AMOUNT", "CURRENCY"]);
+    assert_eq!(words(lines[6]), ["INSTANCE", "0.1092", "USD"]);
+    assert_eq!(words(lines[7]), ["IMAGE_FEE", "0.0552", "USD"]);
+    assert_eq!(words(lines[8]), ["SNAPSHOT_STORAGE", "0.0045", "USD"]);
+    assert_eq!(words(lines[9]), ["TOTAL", "0.1689", "USD"]);
+    assert_eq!(
+        lines[11],
+        "account 100000000001, from 2026-12-01T00:00:00Z to 2026-12-02T11:00:00Z"
+    );
+
+    // A period with an offset is sent in UTC.
+    let value = h
+        .json(&[
+            "billing",
+            "report",
+            "--from",
+            "2026-12-01T08:00:00+08:00",
+            "--to",
+            "2026-12-01T23:59:59Z",
+        ])
+        .await;
+    assert_eq!(
+        h.fake.state.lock().unwrap().bill_requests[1].1,
+        billing::DescribeBillRequest {
+            from: "2026-12-01T00:00:00Z".into(),
+            to: "2026-12-01T23:59:59Z".into(),
+        }
+    );
+    assert_eq!(value["accountId"], "100000000001");
+    assert_eq!(value["from"], "2026-12-01T00:00:00Z");
+    assert_eq!(value["to"], "2026-12-01T23:59:59Z");
+    assert_eq!(value["currency"], "USD");
+    assert_eq!(value["total"], "0.1689");
+    assert_eq!(value["totals"][1]["kind"], "IMAGE_FEE");
+    assert_eq!(value["totals"][1]["amount"], "0.0552");
+    let items = value["lineItems"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[0]["kind"], "INSTANCE");
+    assert_eq!(items[0]["resourceIds"], serde_json::json!(["ins-aaaaaaaa"]));
+    assert_eq!(items[0]["quantity"], "3");
+    assert_eq!(items[0]["unitPrice"], "0.0364");
+    assert!(items[0].get("imageFee").is_none(), "{}", items[0]);
+    let fee = &items[1]["imageFee"];
+    assert_eq!(fee["cause"], "WINDOWS");
+    assert_eq!(fee["imageId"], "img-list0001");
+    assert_eq!(fee["rootImageId"], WINDOWS_ROOT);
+    assert_eq!(fee["chain"][2]["imageId"], WINDOWS_ROOT);
+    assert_eq!(items[2]["unit"], "GB_HOUR");
+
+    let csv = h
+        .run(&["billing", "report", "--output", "csv"])
+        .await
+        .unwrap();
+    assert_eq!(
+        csv,
+        "kind,region,resource_ids,instance_type,vcpu,quantity,unit,unit_price,amount,currency,cause,image_id,root_image_id,chain\n\
+         INSTANCE,ap-singapore,ins-aaaaaaaa,S5.MEDIUM4,,3,HOUR,0.0364,0.1092,USD,,,,\n\
+         IMAGE_FEE,ap-singapore,ins-aaaaaaaa;img-list0001,S5.MEDIUM4,,3,HOUR,0.0184,0.0552,USD,WINDOWS,img-list0001,img-winroot1,img-list0001;img-derived1;img-winroot1\n\
+         SNAPSHOT_STORAGE,ap-singapore,100000000001,,,60,GB_HOUR,0.000075,0.0045,USD,,,,\n"
+    );
+}
+
+#[tokio::test]
+async fn billing_report_refuses_a_bad_period_before_calling() {
+    let (h, _) = start_billing().await;
+    for flag in ["--from", "--to"] {
+        let args = ["imagectl", "billing", "report", flag, "2026-12-01 00:00"];
+        let err = Cli::try_parse_from(args).expect_err("refused");
+        assert_eq!(err.exit_code(), 2);
+        let message = err.to_string();
+        assert!(
+            message.contains(flag) && message.contains("not an RFC 3339 time"),
+            "{message}"
+        );
+        assert!(message.contains("2026-12-01T00:00:00Z"), "{message}");
+    }
+    let cluster = h.cluster.display().to_string();
+    let cli = Cli::try_parse_from([
+        "imagectl",
+        "billing",
+        "report",
+        "--from",
+        "2026-12-02T00:00:00Z",
+        "--to",
+        "2026-12-02T07:59:59+08:00",
+        "--cluster",
+        &cluster,
+    ])
+    .expect("parses");
+    let err = imagefleet_imagectl::run(cli).await.expect_err("refused");
+    assert_eq!(err.exit_code(), 2);
+    assert_eq!(
+        err.to_string(),
+        "--to 2026-12-02T07:59:59+08:00 is before --from 2026-12-02T00:00:00Z: the period must not end before it starts"
+    );
+    assert!(h.fake.state.lock().unwrap().bill_requests.is_empty());
+}
+
+#[tokio::test]
+async fn csv_is_refused_outside_billing_and_id_inside() {
+    let (h, _) = start_billing().await;
+    let cluster = h.cluster.display().to_string();
+    for (args, expected) in [
+        (
+            &["regions", "list", "--output", "csv"][..],
+            "--output csv is printed by the billing commands only",
+        ),
+        (
+            &[
+                "images",
+                "list",
+                "--region",
+                "ap-guangzhou",
+                "--output",
+                "csv",
+            ][..],
+            "--output csv is printed by the billing commands only",
+        ),
+        (
+            &["billing", "report", "--output", "id"][..],
+            "--output id is not printed by the billing commands",
+        ),
+    ] {
+        let argv = ["imagectl"]
+            .iter()
+            .chain(args)
+            .copied()
+            .chain(["--cluster", cluster.as_str()]);
+        let cli = Cli::try_parse_from(argv).expect("parses");
+        let err = imagefleet_imagectl::run(cli).await.expect_err("refused");
+        assert_eq!(err.exit_code(), 2, "{args:?}");
+        assert!(err.to_string().starts_with(expected), "{args:?}: {err}");
+    }
+    assert!(h.fake.state.lock().unwrap().bill_requests.is_empty());
+}
+
+#[tokio::test]
+async fn billing_calls_are_signed_for_the_catalog() {
+    let (h, region_endpoint) = start_billing().await;
+    // A cluster file whose catalog is the region: the region's verifier (scope
+    // region:ap-guangzhou) refuses a call signed for the catalog.
+    write_cluster(&h.cluster, &region_endpoint, vec![]);
+    let err = h.run(&["billing", "prices"]).await.unwrap_err();
+    assert!(
+        err.starts_with("Unauthenticated AuthFailure.SignatureFailure"),
+        "{err}"
+    );
+    assert!(h.fake.state.lock().unwrap().price_book_requests.is_empty());
 }
