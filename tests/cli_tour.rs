@@ -148,6 +148,29 @@ fn the_readme_tour_runs_as_written() {
         last.ends_with(" NORMAL") && !last.contains("ETA"),
         "{context}"
     );
+    // Billing: the RHEL launch has a licence fee naming its paid root; the tour's own image has
+    // none, and its owner sees the snapshot storage it holds; the bill so far has an
+    // instance line for each of the tour's instances of the first account.
+    let starts = |prefix: &str, text: &str| {
+        stdout
+            .lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(text))
+            .count()
+    };
+    assert_eq!(starts("IMAGE_FEE ", "LICENSED, paid root img-"), 1, "{context}");
+    assert_eq!(
+        starts("IMAGE_FEE ", "none: the image's ultimate source is free"),
+        1,
+        "{context}"
+    );
+    assert_eq!(starts("SNAPSHOT_STORAGE ", ""), 1, "{context}");
+    assert!(starts("INSTANCE ", "ap-guangzhou  ins-") >= 3, "{context}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("TOTAL ") && l.ends_with(" USD")),
+        "{context}"
+    );
     // The list tables end with a total line; the clean-up left no image.
     assert!(stdout.lines().any(|l| l.ends_with(" shown")), "{context}");
     assert_eq!(stdout.lines().last(), Some("no images found"), "{context}");
