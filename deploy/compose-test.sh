@@ -570,6 +570,28 @@ owner_map | grep -q "^$IMG_C	" && fail "$IMG_C still has an owner entry after de
 info "ok: created and deleted $IMG_C after the restart; owner map follows"
 
 # ---------------------------------------------------------------------------------------------
+step "billing: the mounted price book is in force, and the run's usage is billed"
+# ---------------------------------------------------------------------------------------------
+want=$(python3 -c 'import sys, tomllib; b = tomllib.load(open(sys.argv[1], "rb")); print(b["regions"]["ap-singapore"]["instance_hour"]["S5.LARGE8"])' deploy/price-book.toml)
+got=$(ictl_json billing prices --region ap-singapore | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print(next(p["hourly"] for p in d["regionSet"][0]["instanceHour"] if p["instanceType"] == "S5.LARGE8"))')
+[ "$(python3 -c 'import sys; print(float(sys.argv[1]) == float(sys.argv[2]))' "$want" "$got")" = True ] \
+    || fail "S5.LARGE8 in ap-singapore: the service says $got, the mounted book $want"
+BILLED=""
+for _ in $(seq 1 60); do
+    BILLED=$(ictl_json billing report | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print(" ".join(sorted({r for l in d.get("lineItems", []) if l["kind"] == "INSTANCE" for r in l["resourceIds"]})))')
+    case " $BILLED " in *" $INS_A "*) break ;; esac
+    sleep 1
+done
+case " $BILLED " in *" $INS_A "*) ;; *) fail "the bill has no instance line for $INS_A (billed: $BILLED)" ;; esac
+info "ok: prices from the mounted book; $INS_A billed (instances billed: $BILLED)"
+
+# ---------------------------------------------------------------------------------------------
 step "down -v"
 # ---------------------------------------------------------------------------------------------
 compose down -v --remove-orphans --timeout 10
