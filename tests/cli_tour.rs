@@ -157,7 +157,11 @@ fn the_readme_tour_runs_as_written() {
             .filter(|l| l.starts_with(prefix) && l.contains(text))
             .count()
     };
-    assert_eq!(starts("IMAGE_FEE ", "LICENSED, paid root img-"), 1, "{context}");
+    assert_eq!(
+        starts("IMAGE_FEE ", "LICENSED, paid root img-"),
+        1,
+        "{context}"
+    );
     assert_eq!(
         starts("IMAGE_FEE ", "none: the image's ultimate source is free"),
         1,

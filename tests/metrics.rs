@@ -47,7 +47,8 @@ fn metrics_env(port: u16) -> RegionOptions {
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_are_counted_by_method_code_and_reason_and_overload_is_shed() {
     let port = free_port();
-    let cluster = Cluster::start_with(&["ap-guangzhou"], &[("ap-guangzhou", metrics_env(port))]).await;
+    let cluster =
+        Cluster::start_with(&["ap-guangzhou"], &[("ap-guangzhou", metrics_env(port))]).await;
     let url = format!("http://127.0.0.1:{port}/metrics");
     let mut gz = cluster.region("ap-guangzhou", 0);
     for _ in 0..3 {
@@ -75,7 +76,10 @@ async fn calls_are_counted_by_method_code_and_reason_and_overload_is_shed() {
         )
     };
     assert_eq!(calls("Ok", ""), Some(3.0), "{text}");
-    assert_eq!(calls("InvalidArgument", "InvalidImageId.Malformed"), Some(1.0));
+    assert_eq!(
+        calls("InvalidArgument", "InvalidImageId.Malformed"),
+        Some(1.0)
+    );
     let count = value(
         &text,
         &format!(
@@ -136,7 +140,11 @@ async fn calls_are_counted_by_method_code_and_reason_and_overload_is_shed() {
         }
     };
     assert_eq!(reason(&shed.0), "RequestLimitExceeded.ServerBusy");
-    assert!(shed.1 < Duration::from_secs(1), "shedding took {:?}", shed.1);
+    assert!(
+        shed.1 < Duration::from_secs(1),
+        "shedding took {:?}",
+        shed.1
+    );
     // Health checks are never shed.
     wait_serving(&cluster.region_url("ap-guangzhou")).await;
     // Once the held calls end, calls are served again.
@@ -170,19 +178,21 @@ async fn calls_are_counted_by_method_code_and_reason_and_overload_is_shed() {
 fn imaged_dev_names_every_services_metrics_in_cluster_json() {
     let dir = tempfile::tempdir().unwrap();
     let dev = dev::start_dev(dir.path(), "ap-guangzhou,ap-singapore", None);
-    let cluster: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("cluster.json")).unwrap(),
-    )
-    .unwrap();
+    let cluster: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cluster.json")).unwrap())
+            .unwrap();
     let mut urls = vec![
-        ("catalog", cluster["catalog"]["metrics"].as_str().unwrap().to_string()),
-        ("sharing", cluster["sharing"]["metrics"].as_str().unwrap().to_string()),
+        (
+            "catalog",
+            cluster["catalog"]["metrics"].as_str().unwrap().to_string(),
+        ),
+        (
+            "sharing",
+            cluster["sharing"]["metrics"].as_str().unwrap().to_string(),
+        ),
     ];
     for region in cluster["regions"].as_array().unwrap() {
-        urls.push((
-            "region",
-            region["metrics"].as_str().unwrap().to_string(),
-        ));
+        urls.push(("region", region["metrics"].as_str().unwrap().to_string()));
     }
     assert_eq!(urls.len(), 4);
     for (what, url) in urls {

@@ -100,7 +100,9 @@ async fn a_copy_is_one_trace_across_both_regions() {
     });
     request.metadata_mut().insert(
         "traceparent",
-        format!("00-{trace_id}-1a2b3c4d5e6f7a8b-01").parse().unwrap(),
+        format!("00-{trace_id}-1a2b3c4d5e6f7a8b-01")
+            .parse()
+            .unwrap(),
     );
     let copy = gz
         .sync_images(request)
@@ -118,7 +120,9 @@ async fn a_copy_is_one_trace_across_both_regions() {
     loop {
         let source = cluster.regions["ap-guangzhou"].log_text();
         let destination = cluster.regions["ap-shanghai"].log_text();
-        let source_hit = source.lines().any(|l| l.contains(trace_id) && l.contains("copies started"));
+        let source_hit = source
+            .lines()
+            .any(|l| l.contains(trace_id) && l.contains("copies started"));
         let destination_hit = destination
             .lines()
             .any(|l| l.contains(trace_id) && l.contains("copy starting"));
@@ -129,8 +133,14 @@ async fn a_copy_is_one_trace_across_both_regions() {
                 .any(|(s, n)| s == service && n.ends_with(name))
         };
         let spans_ok = has("imagefleet-region-ap-guangzhou", "RegionService/SyncImages")
-            && has("imagefleet-region-ap-shanghai", "RegionInternalService/StartSync")
-            && has("imagefleet-region-ap-guangzhou", "RegionInternalService/FetchChunks");
+            && has(
+                "imagefleet-region-ap-shanghai",
+                "RegionInternalService/StartSync",
+            )
+            && has(
+                "imagefleet-region-ap-guangzhou",
+                "RegionInternalService/FetchChunks",
+            );
         if source_hit && destination_hit && spans_ok {
             break;
         }

@@ -226,8 +226,10 @@ impl OwnershipBackend for RedisMaps {
     }
 
     async fn owner(&self, image_id: &str) -> Result<Option<String>, MapsError> {
-        self.with_connection("owner", |mut c| async move { c.hget(IMAGE_OWNER_KEY, image_id).await })
-            .await
+        self.with_connection("owner", |mut c| async move {
+            c.hget(IMAGE_OWNER_KEY, image_id).await
+        })
+        .await
     }
 
     async fn modify_shares(
@@ -280,15 +282,17 @@ impl OwnershipBackend for RedisMaps {
     }
 
     async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, MapsError> {
-        self.with_connection("is_shared", 
-            |mut c| async move { c.hexists(image_shares_key(image_id), account).await },
-        )
+        self.with_connection("is_shared", |mut c| async move {
+            c.hexists(image_shares_key(image_id), account).await
+        })
         .await
     }
 
     async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError> {
-        self.with_connection("shared_with", |mut c| async move { c.hkeys(account_shares_key(account)).await })
-            .await
+        self.with_connection("shared_with", |mut c| async move {
+            c.hkeys(account_shares_key(account)).await
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), MapsError> {
