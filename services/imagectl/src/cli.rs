@@ -80,6 +80,9 @@ pub enum Command {
     /// Instance types a region offers.
     #[command(subcommand, name = "instance-types")]
     InstanceTypes(InstanceTypesCommand),
+    /// Emulated network links between regions (operators; docs/links.md).
+    #[command(subcommand)]
+    Links(LinksCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
     ///
     /// bash: `source <(imagectl completions bash)`; zsh: `imagectl completions zsh >
@@ -120,6 +123,18 @@ pub struct InstanceTypesList {
     /// Only this family (e.g. S5); repeat for several.
     #[arg(long, value_name = "FAMILY")]
     pub family: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinksCommand {
+    /// Change links: `A,B=SPEC` each (both directions; SPEC as in docs/links.md, e.g.
+    /// `rtt:100ms,rate:100mbit`, `down`, `up`, `none`), sent to both regions of each pair.
+    Set {
+        #[arg(required = true, value_name = "A,B=SPEC")]
+        links: Vec<String>,
+    },
+    /// List every region's outgoing links: one row per ordered pair.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

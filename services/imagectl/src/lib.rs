@@ -15,6 +15,7 @@ pub mod images;
 pub mod import;
 pub mod instance_types;
 pub mod instances;
+pub mod links;
 pub mod output;
 pub mod paging;
 pub mod progress;
@@ -112,13 +113,20 @@ pub async fn run_with_progress(cli: Cli, progress: &Progress) -> Result<String> 
         Command::Man(args) => return man(args.out.as_deref()),
         _ => {}
     }
+    let command = match cli.command {
+        // Operator commands: service credentials from the cluster file, no account.
+        Command::Links(command) => {
+            return links::run(&cli.global.cluster, command, cli.global.output).await
+        }
+        other => other,
+    };
     let session = Session::open(&cli.global.cluster, cli.global.account.as_deref())?;
     let format = cli.global.output;
-    match cli.command {
+    match command {
         Command::Regions(command) => regions::run(&session, command, format).await,
         Command::Images(command) => images::run(&session, command, format, progress).await,
         Command::Instances(command) => instances::run(&session, command, format).await,
         Command::InstanceTypes(command) => instance_types::run(&session, command, format).await,
-        Command::Completions(_) | Command::Man(_) => Ok(String::new()),
+        Command::Completions(_) | Command::Man(_) | Command::Links(_) => Ok(String::new()),
     }
 }

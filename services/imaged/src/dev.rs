@@ -44,6 +44,8 @@ pub struct DevArgs {
     /// write the CA and a client certificate for `imagectl` and tests to cluster.json.
     #[arg(long, env = "IMAGEFLEET_DEV_TLS")]
     tls: bool,
+    #[command(flatten)]
+    links: crate::links::LinkArgs,
 }
 
 fn port(base: u16, offset: u16) -> u16 {
@@ -288,6 +290,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let lock = DirLock::acquire(&dir, super::LOCK_PATIENCE)?;
     let (key, key_file) = service_key(&dir)?;
     imagefleet_rpc::identity::set_cluster_regions(args.regions.iter().cloned());
+    args.links.install()?;
     let tls = if args.tls {
         Some(dev_tls(&dir, &args.regions)?)
     } else {

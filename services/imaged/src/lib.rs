@@ -4,6 +4,7 @@
 
 mod certs;
 mod dev;
+mod links;
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -256,6 +257,8 @@ struct RegionArgs {
     transport: TransportArgs,
     #[command(flatten)]
     key: ServiceKeyArgs,
+    #[command(flatten)]
+    links: links::LinkArgs,
 }
 
 /// Per-account limits of a region on streams, exports and copies, and the stall timeout of
@@ -430,6 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 imagefleet_rpc::identity::REGION_PREFIX,
                 args.region
             ))?;
+            args.links.install()?;
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             let advertise_url = args.advertise_url.unwrap_or_else(|| {
                 format!(
