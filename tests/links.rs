@@ -98,9 +98,15 @@ async fn a_round_trip_delays_every_call_of_a_copy() {
         .into_inner()
         .links;
     assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!((listed[0].from_region.as_str(), listed[0].to_region.as_str()), (GZ, SH));
+    assert_eq!(
+        (listed[0].from_region.as_str(), listed[0].to_region.as_str()),
+        (GZ, SH)
+    );
     let settings = listed[0].settings.clone().unwrap();
-    assert_eq!((settings.spec.as_str(), settings.rtt_ms), ("rtt:200ms", 200.0));
+    assert_eq!(
+        (settings.spec.as_str(), settings.rtt_ms),
+        ("rtt:200ms", 200.0)
+    );
 
     let linked = timed_copy(&mut gz, &mut sh, &second).await;
     // StartSync, GetImageManifest and FetchChunks follow one another, each a round trip at
@@ -109,7 +115,10 @@ async fn a_round_trip_delays_every_call_of_a_copy() {
         linked >= Duration::from_millis(600),
         "a copy over a 200 ms link took {linked:?}"
     );
-    assert!(linked > plain, "linked {linked:?}, without a link {plain:?}");
+    assert!(
+        linked > plain,
+        "linked {linked:?}, without a link {plain:?}"
+    );
 }
 
 #[tokio::test]
@@ -117,8 +126,14 @@ async fn a_rate_bounds_a_copy() {
     let cluster = Cluster::start_with(
         &[GZ, SH],
         &[
-            (GZ, RegionOptions::env(&[("IMAGEFLEET_LINKS", "ap-guangzhou,ap-shanghai=rate:16mbit")])),
-            (SH, RegionOptions::env(&[("IMAGEFLEET_LINKS", "ap-guangzhou,ap-shanghai=rate:16mbit")])),
+            (
+                GZ,
+                RegionOptions::env(&[("IMAGEFLEET_LINKS", "ap-guangzhou,ap-shanghai=rate:16mbit")]),
+            ),
+            (
+                SH,
+                RegionOptions::env(&[("IMAGEFLEET_LINKS", "ap-guangzhou,ap-shanghai=rate:16mbit")]),
+            ),
         ],
     )
     .await;
@@ -126,7 +141,10 @@ async fn a_rate_bounds_a_copy() {
     let source = make_image(&mut gz, 8 * MIB, "paced").await;
     let took = timed_copy(&mut gz, &mut sh, &source).await;
     // 8 MiB at 16 Mbit/s: 4.2 s.
-    assert!(took >= Duration::from_millis(3800), "8 MiB at 16 mbit took {took:?}");
+    assert!(
+        took >= Duration::from_millis(3800),
+        "8 MiB at 16 mbit took {took:?}"
+    );
 }
 
 #[tokio::test]
@@ -167,7 +185,10 @@ async fn a_partition_mid_copy_waits_and_the_copy_completes_after() {
     let (size, pieces) = export(&mut sh, &copy).await;
     let (source_size, source_pieces) = export(&mut gz, &source.image_id).await;
     assert_eq!(size, source_size);
-    assert!(pieces == source_pieces, "the copy's bytes differ from the source's");
+    assert!(
+        pieces == source_pieces,
+        "the copy's bytes differ from the source's"
+    );
 }
 
 async fn image_of(region: &mut Region, image_id: &str) -> Image {

@@ -22,7 +22,10 @@ struct Admin {
 impl Admin {
     fn open(cluster_file: &Path) -> Result<Admin> {
         let what = |e: std::io::Error| {
-            CliError::Config(format!("cannot read cluster file {}: {e}", cluster_file.display()))
+            CliError::Config(format!(
+                "cannot read cluster file {}: {e}",
+                cluster_file.display()
+            ))
         };
         let cluster = ClusterFile::load(cluster_file).map_err(what)?;
         let base = cluster_file.parent().unwrap_or_else(|| Path::new("."));
@@ -50,14 +53,21 @@ impl Admin {
             .region_endpoint(region)
             .ok_or_else(|| CliError::Config(format!("the cluster file has no region {region}")))?
             .to_string();
-        let channel =
-            client::signed_channel(&url, self.credentials.clone(), &client::region_scope(region))
-                .map_err(|source| CliError::Endpoint { url, source })?;
+        let channel = client::signed_channel(
+            &url,
+            self.credentials.clone(),
+            &client::region_scope(region),
+        )
+        .map_err(|source| CliError::Endpoint { url, source })?;
         Ok(RegionInternalServiceClient::new(channel))
     }
 }
 
-pub async fn run(cluster_file: &Path, command: LinksCommand, format: OutputFormat) -> Result<String> {
+pub async fn run(
+    cluster_file: &Path,
+    command: LinksCommand,
+    format: OutputFormat,
+) -> Result<String> {
     let admin = Admin::open(cluster_file)?;
     match command {
         LinksCommand::Set { links } => {
@@ -121,7 +131,9 @@ fn render(links: &[Link], format: OutputFormat) -> Result<String> {
                     })
                 })
                 .collect();
-            Ok(crate::output::json_document(&serde_json::Value::Array(rows)))
+            Ok(crate::output::json_document(&serde_json::Value::Array(
+                rows,
+            )))
         }
         OutputFormat::Id => Ok(crate::output::ids(
             links.iter().map(|l| l.to_region.as_str()),

@@ -9,7 +9,12 @@ pub struct LinkArgs {
     /// Emulate the network between two regions, both directions: `A,B=SPEC`, SPEC being
     /// comma-separated `rtt:100ms`, `jitter:5ms`, `rate:100mbit` (kbit, mbit, gbit),
     /// `loss:0.1%`, `down`. Repeatable; in IMAGEFLEET_LINKS, separate entries with `;`.
-    #[arg(long = "link", value_name = "A,B=SPEC", env = "IMAGEFLEET_LINKS", value_delimiter = ';')]
+    #[arg(
+        long = "link",
+        value_name = "A,B=SPEC",
+        env = "IMAGEFLEET_LINKS",
+        value_delimiter = ';'
+    )]
     links: Vec<String>,
     /// A file of links, one `A,B=SPEC` a line (`#` comments).
     #[arg(long, env = "IMAGEFLEET_LINKS_FILE")]

@@ -437,7 +437,12 @@ impl Links {
                 }),
             };
             // A link brought up with nothing else to it is no link (realistic defaults aside).
-            let realistic = self.inner.table.read().unwrap_or_else(|e| e.into_inner()).realistic;
+            let realistic = self
+                .inner
+                .table
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .realistic;
             let next = next.filter(|spec| realistic || !spec.is_none());
             self.set(from, to, next);
         }
@@ -652,7 +657,10 @@ impl Specs {
 }
 
 fn reset() -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionReset, "link down: connection reset")
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "link down: connection reset",
+    )
 }
 
 type ChangeFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -758,11 +766,7 @@ impl LinkStream {
             back.clone(),
             out.clone(),
             read,
-            Specs::new(
-                self.specs.links.clone(),
-                &self.specs.from,
-                &self.specs.to,
-            ),
+            Specs::new(self.specs.links.clone(), &self.specs.from, &self.specs.to),
         ));
         self.mode = Mode::Shaped {
             out,
@@ -954,7 +958,8 @@ impl AsyncRead for LinkStream {
                     Some(at) => {
                         state.waiter = Some(cx.waker().clone());
                         drop(state);
-                        let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                        let sleep =
+                            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
                         if sleep.deadline() != at {
                             sleep.as_mut().reset(at);
                         }

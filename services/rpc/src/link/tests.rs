@@ -3,21 +3,32 @@ use tokio::net::TcpListener;
 
 #[test]
 fn specs_parse_and_print() {
-    let spec: LinkSpec = "rtt:100ms, jitter:5ms,rate:100mbit,loss:0.1%".parse().unwrap();
+    let spec: LinkSpec = "rtt:100ms, jitter:5ms,rate:100mbit,loss:0.1%"
+        .parse()
+        .unwrap();
     assert_eq!(spec.rtt, Duration::from_millis(100));
     assert_eq!(spec.jitter, Duration::from_millis(5));
     assert_eq!(spec.rate_bps, 100_000_000);
     assert_eq!(spec.loss_percent, 0.1);
     assert!(!spec.down);
-    assert_eq!(spec.to_string(), "rtt:100ms,jitter:5ms,rate:100mbit,loss:0.1%");
+    assert_eq!(
+        spec.to_string(),
+        "rtt:100ms,jitter:5ms,rate:100mbit,loss:0.1%"
+    );
     assert_eq!(spec.to_string().parse::<LinkSpec>().unwrap(), spec);
 
     let spec: LinkSpec = "rate:1.5gbit,down".parse().unwrap();
     assert_eq!(spec.rate_bps, 1_500_000_000);
     assert!(spec.down);
     assert_eq!(spec.to_string(), "rate:1500mbit,down");
-    assert_eq!("rate:500kbit".parse::<LinkSpec>().unwrap().rate_bps, 500_000);
-    assert_eq!("rtt:1.5s".parse::<LinkSpec>().unwrap().rtt, Duration::from_millis(1500));
+    assert_eq!(
+        "rate:500kbit".parse::<LinkSpec>().unwrap().rate_bps,
+        500_000
+    );
+    assert_eq!(
+        "rtt:1.5s".parse::<LinkSpec>().unwrap().rtt,
+        Duration::from_millis(1500)
+    );
     assert!("down,up".parse::<LinkSpec>().unwrap().is_none());
     assert_eq!(LinkSpec::default().to_string(), "none");
     assert!("none".parse::<LinkSpec>().unwrap().is_none());
@@ -42,7 +53,10 @@ fn bad_specs_name_the_bad_part() {
 #[test]
 fn entries_and_files() {
     let e: LinkEntry = "ap-guangzhou,ap-singapore=rtt:180ms".parse().unwrap();
-    assert_eq!((e.a.as_str(), e.b.as_str()), ("ap-guangzhou", "ap-singapore"));
+    assert_eq!(
+        (e.a.as_str(), e.b.as_str()),
+        ("ap-guangzhou", "ap-singapore")
+    );
     assert_eq!(
         e.change,
         LinkChange::Set(LinkSpec {
@@ -51,10 +65,25 @@ fn entries_and_files() {
         })
     );
     assert_eq!(e.to_string(), "ap-guangzhou,ap-singapore=rtt:180ms");
-    assert_eq!("a1,b1=down".parse::<LinkEntry>().unwrap().change, LinkChange::Down);
-    assert_eq!("a1,b1=up".parse::<LinkEntry>().unwrap().change, LinkChange::Up);
-    assert_eq!("a1,b1=none".parse::<LinkEntry>().unwrap().change, LinkChange::Clear);
-    for bad in ["a1=rtt:1ms", "a1,a1=rtt:1ms", "A,b1=up", "a1,b1", "a1,b1=rtt"] {
+    assert_eq!(
+        "a1,b1=down".parse::<LinkEntry>().unwrap().change,
+        LinkChange::Down
+    );
+    assert_eq!(
+        "a1,b1=up".parse::<LinkEntry>().unwrap().change,
+        LinkChange::Up
+    );
+    assert_eq!(
+        "a1,b1=none".parse::<LinkEntry>().unwrap().change,
+        LinkChange::Clear
+    );
+    for bad in [
+        "a1=rtt:1ms",
+        "a1,a1=rtt:1ms",
+        "A,b1=up",
+        "a1,b1",
+        "a1,b1=rtt",
+    ] {
         assert!(bad.parse::<LinkEntry>().is_err(), "{bad}");
     }
     let entries = parse_links_file(
@@ -70,7 +99,11 @@ fn entries_and_files() {
 fn the_table_applies_both_directions_and_realistic_defaults() {
     let links = Links::new();
     assert_eq!(links.get("ap-guangzhou", "ap-shanghai"), None);
-    links.apply(&"ap-guangzhou,ap-shanghai=rtt:50ms,rate:10mbit".parse().unwrap());
+    links.apply(
+        &"ap-guangzhou,ap-shanghai=rtt:50ms,rate:10mbit"
+            .parse()
+            .unwrap(),
+    );
     let spec = links.get("ap-shanghai", "ap-guangzhou").unwrap();
     assert_eq!(spec.rtt, Duration::from_millis(50));
     links.apply(&"ap-guangzhou,ap-shanghai=down".parse().unwrap());
@@ -92,9 +125,16 @@ fn the_table_applies_both_directions_and_realistic_defaults() {
     assert_eq!(rtt("ap-beijing", "ap-guangzhou"), 5);
     let out = links.outgoing(
         "ap-guangzhou",
-        &["ap-beijing".into(), "ap-singapore".into(), "ap-guangzhou".into()],
+        &[
+            "ap-beijing".into(),
+            "ap-singapore".into(),
+            "ap-guangzhou".into(),
+        ],
     );
-    let out: Vec<(String, u128)> = out.into_iter().map(|(to, s)| (to, s.rtt.as_millis())).collect();
+    let out: Vec<(String, u128)> = out
+        .into_iter()
+        .map(|(to, s)| (to, s.rtt.as_millis()))
+        .collect();
     assert_eq!(
         out,
         vec![("ap-beijing".into(), 5), ("ap-singapore".into(), 180)]
@@ -130,7 +170,10 @@ async fn round_trips_take_the_rtt() {
     links.apply(&"a1,b1=rtt:200ms".parse().unwrap());
     let started = Instant::now();
     let mut linked = LinkStream::connect(&links, "a1", "b1", addr).await.unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(200), "the handshake takes a round trip");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "the handshake takes a round trip"
+    );
     for stream in [&mut linked, &mut plain] {
         for _ in 0..3 {
             let started = Instant::now();
@@ -199,7 +242,9 @@ async fn down_refuses_connections_and_resets_open_ones() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     links.apply(&"a1,b1=down".parse().unwrap());
     let started = Instant::now();
-    let e = LinkStream::connect(&links, "b1", "a1", addr).await.unwrap_err();
+    let e = LinkStream::connect(&links, "b1", "a1", addr)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
     assert!(started.elapsed() < Duration::from_millis(50));
     for read in reads {
