@@ -601,8 +601,10 @@ impl Pipe {
 }
 
 impl PipeState {
+    /// Whether more data may be queued. An empty queue always takes more: the writer waiting
+    /// for room is woken as segments leave, so room must come with the last one.
     fn has_room(&self, spec: &LinkSpec, now: Instant) -> bool {
-        self.queued < MAX_QUEUED && self.shaper.has_room(spec, now)
+        self.queue.is_empty() || (self.queued < MAX_QUEUED && self.shaper.has_room(spec, now))
     }
 
     /// Queues `data` in segments, each stamped with its release time.
