@@ -403,7 +403,7 @@ impl Region {
             Self::credentials(&self.config),
             &region_scope(region),
             imagefleet_rpc::link::Links::global(),
-            (&self.config.region, region),
+            (self.config.region.as_str(), region),
         )
         .map_err(|e| {
             imagefleet_proto::error::status(
