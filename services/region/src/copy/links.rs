@@ -12,8 +12,8 @@ const MAX_ENTRIES: usize = 100;
 fn settings(spec: &LinkSpec) -> LinkSettings {
     LinkSettings {
         spec: spec.to_string(),
-        rtt_ms: spec.rtt.as_secs_f64() * 1e3,
-        jitter_ms: spec.jitter.as_secs_f64() * 1e3,
+        rtt_ms: spec.rtt.as_micros() as f64 / 1e3,
+        jitter_ms: spec.jitter.as_micros() as f64 / 1e3,
         rate_bps: spec.rate_bps,
         loss_percent: spec.loss_percent,
         down: spec.down,
