@@ -504,6 +504,15 @@ fn internal_row(
             REGIONS,
             Allowed,
         ),
+        // Emulated links: an empty change changes nothing; a listing neither.
+        "imagefleet.region.v1.RegionInternalService/SetLinks" => (
+            SetLinksRequest { links: Vec::new() }.encode_to_vec(),
+            &["admin"],
+            Allowed,
+        ),
+        "imagefleet.region.v1.RegionInternalService/ListLinks" => {
+            (ListLinksRequest {}.encode_to_vec(), &["admin"], Allowed)
+        }
         _ => return None,
     })
 }

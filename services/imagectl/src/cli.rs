@@ -137,6 +137,9 @@ pub enum Command {
     /// Prices, the price of a launch, and the account's bill.
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// Emulated network links between regions (operators; docs/links.md).
+    #[command(subcommand)]
+    Links(LinksCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
     ///
     /// bash: `source <(imagectl completions bash)`; zsh: `imagectl completions zsh >
@@ -334,6 +337,18 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinksCommand {
+    /// Change links: `A,B=SPEC` each (both directions; SPEC as in docs/links.md, e.g.
+    /// `rtt:100ms,rate:100mbit`, `down`, `up`, `none`), sent to both regions of each pair.
+    Set {
+        #[arg(required = true, value_name = "A,B=SPEC")]
+        links: Vec<String>,
+    },
+    /// List every region's outgoing links: one row per ordered pair.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

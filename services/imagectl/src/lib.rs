@@ -17,6 +17,7 @@ pub mod images;
 pub mod import;
 pub mod instance_types;
 pub mod instances;
+pub mod links;
 pub mod output;
 pub mod paging;
 pub mod progress;
@@ -114,21 +115,29 @@ pub async fn run_with_progress(cli: Cli, progress: &Progress) -> Result<String> 
         Command::Man(args) => return man(args.out.as_deref()),
         _ => {}
     }
+    let command = match cli.command {
+        // Operator commands: service credentials from the cluster file, no account.
+        Command::Links(command) => {
+            let format = cli.global.output.for_resources().map_err(CliError::Usage)?;
+            return links::run(&cli.global.cluster, command, format).await;
+        }
+        other => other,
+    };
     // The output format is checked before the cluster file is read: a format the command
     // does not print is a usage error whatever the cluster.
-    if let Command::Billing(command) = cli.command {
+    if let Command::Billing(command) = command {
         let format = cli.global.output.for_billing().map_err(CliError::Usage)?;
         let session = Session::open(&cli.global.cluster, cli.global.account.as_deref())?;
         return billing::run(&session, command, format).await;
     }
     let format = cli.global.output.for_resources().map_err(CliError::Usage)?;
     let session = Session::open(&cli.global.cluster, cli.global.account.as_deref())?;
-    match cli.command {
+    match command {
         Command::Regions(command) => regions::run(&session, command, format).await,
         Command::Images(command) => images::run(&session, command, format, progress).await,
         Command::Instances(command) => instances::run(&session, command, format).await,
         Command::InstanceTypes(command) => instance_types::run(&session, command, format).await,
-        Command::Completions(_) | Command::Man(_) | Command::Billing(_) => Ok(String::new()),
+        Command::Completions(_) | Command::Man(_) | Command::Billing(_) | Command::Links(_) => Ok(String::new()),
     }
 }
 

@@ -62,6 +62,8 @@ pub struct DevArgs {
     /// (docs/billing.md; anything but `system` is for testing).
     #[arg(long, env = "IMAGEFLEET_CLOCK", default_value = "system", value_parser = imagefleet_rpc::clock::Clock::parse)]
     clock: imagefleet_rpc::clock::Clock,
+    #[command(flatten)]
+    links: crate::links::LinkArgs,
 }
 
 /// Serves the Prometheus metrics of `identity` on the port `port` (0: any free one); returns
@@ -319,6 +321,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let lock = DirLock::acquire(&dir, super::LOCK_PATIENCE)?;
     let (key, key_file) = service_key(&dir)?;
     imagefleet_rpc::identity::set_cluster_regions(args.regions.iter().cloned());
+    args.links.install()?;
     let tls = if args.tls {
         Some(dev_tls(&dir, &args.regions)?)
     } else {

@@ -4,6 +4,7 @@
 
 mod certs;
 mod dev;
+mod links;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -285,6 +286,8 @@ struct RegionArgs {
     key: ServiceKeyArgs,
     #[command(flatten)]
     serve: ServeArgs,
+    #[command(flatten)]
+    links: links::LinkArgs,
 }
 
 /// Metrics and load shedding of one service (`imaged catalog|sharing|region`).
@@ -501,6 +504,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let identity = format!("{}{}", imagefleet_rpc::identity::REGION_PREFIX, args.region);
             let tls = args.transport.install(&identity)?;
             args.serve.start(&identity).await?;
+            args.links.install()?;
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             let advertise_url = args.advertise_url.unwrap_or_else(|| {
                 format!(

@@ -425,10 +425,13 @@ impl Region {
                     format!("{region} is not registered"),
                 )
             })?;
-        let channel = signed_channel(
+        // Through the emulated link of (this region -> peer), if one is set (docs/links.md).
+        let channel = imagefleet_rpc::client::signed_link_channel(
             &endpoint,
             Self::credentials(&self.config),
             &region_scope(region),
+            imagefleet_rpc::link::Links::global(),
+            (self.config.region.as_str(), region),
         )
         .map_err(|e| {
             imagefleet_proto::error::status(

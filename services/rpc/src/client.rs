@@ -60,6 +60,26 @@ pub fn signed_channel(
     Ok(SigningService::new(channel, credentials, scope))
 }
 
+/// Like `signed_channel`, for region `from` calling region `to`: connections go through the
+/// emulated link of that pair in `links` (`crate::link`; no-op while no link is set).
+pub fn signed_link_channel(
+    url: &str,
+    credentials: Credentials,
+    scope: &str,
+    links: &crate::link::Links,
+    (from, to): (&str, &str),
+) -> Result<SignedChannel, tonic::transport::Error> {
+    let identity = credentials
+        .secret_id
+        .strip_prefix(crate::auth::SERVICE_SECRET_ID_PREFIX)
+        .map(str::to_string);
+    let server = crate::identity::identity_of_scope(scope);
+    let connector = crate::link::LinkConnector::new(links.clone(), from, to);
+    let channel = endpoint_as(url, identity.as_deref(), Some(&server))?
+        .connect_with_connector_lazy(connector);
+    Ok(SigningService::new(channel, credentials, scope))
+}
+
 /// The scope string of a region service.
 pub fn region_scope(region: &str) -> String {
     format!("region:{region}")

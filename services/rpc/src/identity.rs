@@ -127,6 +127,15 @@ pub const RULES: &[(&str, &[Role])] = &[
         "/imagefleet.region.v1.RegionInternalService/ReleaseCopySource",
         &[Region],
     ),
+    // Emulated links between regions (load tests): operators only.
+    (
+        "/imagefleet.region.v1.RegionInternalService/SetLinks",
+        &[Admin],
+    ),
+    (
+        "/imagefleet.region.v1.RegionInternalService/ListLinks",
+        &[Admin],
+    ),
 ];
 
 /// The roles allowed to call `path` (empty for an unknown path).

@@ -7,6 +7,7 @@
 //! - `server`: serving a set of gRPC services with health, reflection, request spans, signing
 //!   checks and graceful shutdown.
 //! - `identity`: service identities and the table of who may call which internal method.
+//! - `link`: emulated network links between regions (delay, rate, loss, partitions).
 //! - `tls`: TLS settings of servers and clients, and the identity a client certificate proves.
 //! - `metrics`: Prometheus metrics of calls and services, load shedding, the /metrics endpoint.
 //! - `otlp`: export of call spans over OTLP/HTTP when an endpoint is configured.
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod identity;
+pub mod link;
 pub mod metrics;
 pub mod otlp;
 pub mod ports;

@@ -7,8 +7,11 @@
 //! - `engine`: the destination's runner: pulls the chunks it lacks, verifies and stores them
 //!   durably, retries transient failures with backoff until the copy's deadline, and hands the
 //!   complete image to the finish step.
+//! - `links`: the emulated links of this region's connections to other regions (operators'
+//!   `SetLinks`, `ListLinks`).
 
 mod engine;
+mod links;
 pub(crate) mod peer;
 pub(crate) mod request;
 

@@ -267,6 +267,22 @@ impl RegionInternalService for RegionPeerApi {
         Ok(Response::new(ReleaseCopySourceResponse {}))
     }
 
+    async fn set_links(
+        &self,
+        request: Request<SetLinksRequest>,
+    ) -> Result<Response<SetLinksResponse>, Status> {
+        let links = self.region.set_links(&request.into_inner().links).await?;
+        Ok(Response::new(SetLinksResponse { links }))
+    }
+
+    async fn list_links(
+        &self,
+        _request: Request<ListLinksRequest>,
+    ) -> Result<Response<ListLinksResponse>, Status> {
+        let links = self.region.list_links().await?;
+        Ok(Response::new(ListLinksResponse { links }))
+    }
+
     type GetImageManifestStream = ManifestStream;
 
     async fn get_image_manifest(
