@@ -137,7 +137,9 @@ pub async fn run_with_progress(cli: Cli, progress: &Progress) -> Result<String> 
         Command::Images(command) => images::run(&session, command, format, progress).await,
         Command::Instances(command) => instances::run(&session, command, format).await,
         Command::InstanceTypes(command) => instance_types::run(&session, command, format).await,
-        Command::Completions(_) | Command::Man(_) | Command::Billing(_) | Command::Links(_) => Ok(String::new()),
+        Command::Completions(_) | Command::Man(_) | Command::Billing(_) | Command::Links(_) => {
+            Ok(String::new())
+        }
     }
 }
 
