@@ -776,3 +776,83 @@ async fn price_book_inquiry_and_bad_input() {
         "InvalidParameterValue.LimitExceeded",
     );
 }
+
+/// `imaged dev --time-scale 3600`: an hour of billing time passes every real second, so an
+/// instance run for a few seconds from outside bills several hours.
+#[test]
+fn imaged_dev_time_scale_bills_simulated_hours() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dev::start_dev_with(dir.path(), "ap-guangzhou", &["--time-scale", "3600"], &[]);
+    let cluster_file = dir.path().join("cluster.json");
+    let ctl = |args: &[&str]| {
+        let out = dev::imagectl(&cluster_file, args);
+        assert!(
+            out.status.success(),
+            "imagectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let debian = ctl(&[
+        "images",
+        "list",
+        "--region",
+        "ap-guangzhou",
+        "--type",
+        "PUBLIC_IMAGE",
+        "--platform",
+        "Debian",
+        "--limit",
+        "1",
+        "--output",
+        "id",
+    ]);
+    let instance = ctl(&[
+        "instances",
+        "run",
+        "--region",
+        "ap-guangzhou",
+        "--image",
+        &debian,
+        "--type",
+        "S5.MEDIUM4",
+        "--wait",
+        "--output",
+        "id",
+    ]);
+    std::thread::sleep(Duration::from_secs(4));
+    ctl(&[
+        "instances",
+        "terminate",
+        "--region",
+        "ap-guangzhou",
+        "--instance",
+        &instance,
+    ]);
+    // Four real seconds are four simulated hours: at least four clock hours are billed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let hours = loop {
+        let bill = dev::json(&dev::imagectl(
+            &cluster_file,
+            &["billing", "report", "--output", "json"],
+        ));
+        let hours: u64 = bill["lineItems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["kind"] == "INSTANCE")
+            .filter(|l| {
+                l["resourceIds"]
+                    .as_array()
+                    .is_some_and(|ids| ids.iter().any(|id| id == instance.as_str()))
+            })
+            .filter_map(|l| l["quantity"].as_str()?.parse::<u64>().ok())
+            .sum();
+        if hours >= 4 || std::time::Instant::now() > deadline {
+            break hours;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!((4..=12).contains(&hours), "{hours} hours billed");
+    dev::stop(dev);
+}
