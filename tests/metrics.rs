@@ -125,6 +125,26 @@ async fn calls_are_counted_by_method_code_and_reason_and_overload_is_shed() {
         });
         held.push((tx, call));
     }
+    // Both are in flight (the gauge counts them) before the third call is made.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let in_flight = value(
+            &http_get(&url),
+            "imagefleet_rpc_calls_in_flight{service=\"region-ap-guangzhou\"}",
+        )
+        .unwrap_or(0.0);
+        if in_flight >= 2.0 {
+            break;
+        }
+        for (_, call) in &held {
+            assert!(!call.is_finished(), "a held upload ended early");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held uploads never got in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A third call is refused at once, not queued.
     let deadline = Instant::now() + Duration::from_secs(10);
     let shed = loop {

@@ -775,6 +775,8 @@ async fn reflection_lists_only_what_a_server_serves() {
     assert_eq!(
         reflected_services(&cluster.catalog.url()).await,
         [
+            "imagefleet.billing.v1.BillingInternalService",
+            "imagefleet.billing.v1.BillingService",
             "imagefleet.catalog.v1.CatalogInternalService",
             "imagefleet.catalog.v1.CatalogService"
         ]

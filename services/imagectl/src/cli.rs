@@ -344,6 +344,8 @@ pub enum LinksCommand {
     /// Change links: `A,B=SPEC` each (both directions; SPEC as in docs/links.md, e.g.
     /// `rtt:100ms,rate:100mbit`, `down`, `up`, `none`), sent to both regions of each pair.
     Set {
+        /// One or more links, `A,B=SPEC` each: two regions and the settings of the link
+        /// between them (e.g. `ap-guangzhou,ap-singapore=rtt:180ms,rate:200mbit`).
         #[arg(required = true, value_name = "A,B=SPEC")]
         links: Vec<String>,
     },
