@@ -343,7 +343,6 @@ async fn each_change_writes_its_usage_event_with_the_lineage_chain() {
     let before = last_seq(&h, gz);
     b.delete_images(DeleteImagesRequest {
         image_ids: vec![img_c.clone()],
-        ..Default::default()
     })
     .await
     .expect("delete");

@@ -138,7 +138,7 @@ impl std::str::FromStr for LinkSpec {
 }
 
 fn write_duration(f: &mut fmt::Formatter<'_>, d: Duration) -> fmt::Result {
-    if d.subsec_nanos() % 1_000_000 == 0 {
+    if d.subsec_nanos().is_multiple_of(1_000_000) {
         write!(f, "{}ms", d.as_millis())
     } else {
         write!(f, "{}us", d.as_micros())
@@ -170,11 +170,11 @@ impl fmt::Display for LinkSpec {
         if self.rate_bps > 0 {
             sep(f)?;
             let r = self.rate_bps;
-            if r % 1_000_000_000 == 0 {
+            if r.is_multiple_of(1_000_000_000) {
                 write!(f, "rate:{}gbit", r / 1_000_000_000)?;
-            } else if r % 1_000_000 == 0 {
+            } else if r.is_multiple_of(1_000_000) {
                 write!(f, "rate:{}mbit", r / 1_000_000)?;
-            } else if r % 1_000 == 0 {
+            } else if r.is_multiple_of(1_000) {
                 write!(f, "rate:{}kbit", r / 1_000)?;
             } else {
                 write!(f, "rate:{}kbit", r as f64 / 1e3)?;
