@@ -51,6 +51,27 @@ pub struct Loaded {
     pub unreadable: Vec<(EventId, String)>,
 }
 
+/// Opens (creating) the SQLite database `dir/file` of the service `what` as every global store
+/// of the project keeps one: an owner-only directory and file, WAL, `synchronous=FULL` (a
+/// committed transaction survives a crash), a 5 s busy timeout.
+pub fn open_durable(dir: &Path, file: &str, what: &str) -> anyhow::Result<Connection> {
+    imagefleet_rpc::fsutil::private_dir(dir)
+        .with_context(|| format!("creating the {what} directory {}", dir.display()))?;
+    let path = dir.join(file);
+    let conn = Connection::open(&path)
+        .with_context(|| format!("opening the {what} database {}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(%mode, "sqlite did not switch to WAL");
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    imagefleet_rpc::fsutil::private_database(&path)
+        .with_context(|| format!("making {} owner-only", path.display()))?;
+    Ok(conn)
+}
+
 /// The usage store: one SQLite connection behind a mutex.
 pub struct EventStore {
     /// A std mutex: it is only taken on blocking threads (`spawn_blocking`) for one statement
@@ -61,20 +82,7 @@ pub struct EventStore {
 impl EventStore {
     /// Opens (creating) `dir/billing.db` and brings its schema up to date.
     pub fn open(dir: &Path) -> anyhow::Result<EventStore> {
-        imagefleet_rpc::fsutil::private_dir(dir)
-            .with_context(|| format!("creating the billing directory {}", dir.display()))?;
-        let path = dir.join(DB_FILE);
-        let mut conn = Connection::open(&path)
-            .with_context(|| format!("opening the billing database {}", path.display()))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(%mode, "sqlite did not switch to WAL");
-        }
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        imagefleet_rpc::fsutil::private_database(&path)
-            .with_context(|| format!("making {} owner-only", path.display()))?;
+        let mut conn = open_durable(dir, DB_FILE, "billing")?;
         migrate(&mut conn)?;
         Ok(EventStore {
             conn: Mutex::new(conn),

@@ -3,11 +3,9 @@
 //! of the crate touches it: a read on the connection, or a write in one immediate transaction.
 
 use crate::error::CatalogError;
-use anyhow::Context;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "catalog.db";
@@ -57,21 +55,8 @@ pub struct Store {
 impl Store {
     /// Opens (creating) `dir/catalog.db` and brings its schema up to date.
     pub fn open(dir: &Path) -> anyhow::Result<Store> {
-        imagefleet_rpc::fsutil::private_dir(dir)
-            .with_context(|| format!("creating the catalog directory {}", dir.display()))?;
-        let path = dir.join(DB_FILE);
-        let mut conn = Connection::open(&path)
-            .with_context(|| format!("opening the catalog database {}", path.display()))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(%mode, "sqlite did not switch to WAL");
-        }
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        // The database holds account secret keys.
-        imagefleet_rpc::fsutil::private_database(&path)
-            .with_context(|| format!("making {} owner-only", path.display()))?;
+        // The database holds account secret keys: owner-only, as every store opened so.
+        let mut conn = imagefleet_billing::store::open_durable(dir, DB_FILE, "catalog")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
         Ok(Store {
