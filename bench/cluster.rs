@@ -14,6 +14,8 @@
 //! - copy_delta_bytes / copy_delta_time: bytes of chunk data sent, and wall time, copying an
 //!   image that differs in 1% of its chunks from one the destination holds, against the image's
 //!   size and copy_full's time.
+//! - copy_wan: throughput of that copy (1 GiB of random bytes) over an emulated link of
+//!   100 ms RTT and 500 Mbit/s between the two regions (`SetLinks`), against the link's rate.
 //! - copy_rss: peak RSS (VmHWM, reset before the copy) of either region service during
 //!   copy_full, against 100 MiB.
 //! - share_rps: signed `CheckShare` calls per second to the sharing service (the check every
@@ -45,6 +47,8 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const ROUNDS: usize = 5;
+/// Rounds of copy_wan (each moves 1 GiB over the emulated link, about 20 s).
+const WAN_ROUNDS: usize = 2;
 
 fn write_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/io"))
@@ -230,6 +234,75 @@ async fn timed_copy(cluster: &Cluster, image: &str) -> (f64, SyncProgress, Strin
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// copy_wan: a 1 GiB copy of random bytes between two regions over an emulated link of
+/// 100 ms RTT and 500 Mbit/s (set on both regions through the operators' `SetLinks`), as
+/// throughput against the link's rate. The time runs from the call to the destination image
+/// being `NORMAL`.
+async fn copy_wan() {
+    use imagefleet_proto::region::v1::region_internal_service_client::RegionInternalServiceClient;
+    const RATE_MBIT: f64 = 500.0;
+    let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let content = cluster.dir.path().join("content.bin");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&content).expect("content file");
+        for _ in 0..1024 {
+            file.write_all(&random_bytes(MIB as usize))
+                .expect("write content");
+        }
+    }
+    let (image, _) = one_gib_image(&mut gz, &content, "bench-copy-wan").await;
+    for region in ["ap-guangzhou", "ap-shanghai"] {
+        let channel = imagefleet_rpc::client::signed_channel(
+            &cluster.region_url(region),
+            cluster.service_credentials(),
+            &imagefleet_rpc::client::region_scope(region),
+        )
+        .expect("channel");
+        RegionInternalServiceClient::new(channel)
+            .set_links(SetLinksRequest {
+                links: vec![format!(
+                    "ap-guangzhou,ap-shanghai=rtt:100ms,rate:{RATE_MBIT}mbit"
+                )],
+            })
+            .await
+            .expect("set links");
+    }
+    let mut sh = cluster.region("ap-shanghai", 0);
+    let mut rates = Vec::new();
+    for round in 0..WAN_ROUNDS {
+        let (secs, progress, copy_id) = timed_copy(&cluster, &image).await;
+        let mbit = progress.bytes_transferred as f64 * 8.0 / 1e6 / secs;
+        println!(
+            "  round {}: copy {secs:.3}s ({} chunks, {mbit:.0} Mbit/s)",
+            round + 1,
+            progress.chunks_transferred
+        );
+        assert_eq!(
+            progress.bytes_transferred,
+            1024 * MIB,
+            "every round copies everything"
+        );
+        rates.push(mbit);
+        if round + 1 < WAN_ROUNDS {
+            sh.delete_images(DeleteImagesRequest {
+                image_ids: vec![copy_id],
+            })
+            .await
+            .expect("delete the copy");
+        }
+    }
+    let mbit = median(&mut rates);
+    report(
+        "copy_wan",
+        mbit / RATE_MBIT,
+        &format!("{mbit:.0} Mbit/s"),
+        &format!("link {RATE_MBIT:.0} Mbit/s, 100 ms RTT"),
+        ">= 0.8",
+    );
 }
 
 async fn copy() {
@@ -1143,8 +1216,12 @@ fn main() {
             let (image_id, _) = one_gib_image(&mut region, &content, "bench-launch-1g").await;
             launch(&cluster, &mut region, &image_id).await;
         }
-        if wanted("copy") {
+        // copy_full, copy_delta_* and copy_rss come from one run (`-- copy_full` for them alone).
+        if wanted("copy_full") {
             copy().await;
+        }
+        if wanted("copy_wan") {
+            copy_wan().await;
         }
         if wanted("share") {
             share_rps().await;

@@ -399,23 +399,48 @@ impl ImportArgs {
     }
 }
 
-/// Large buffers (chunks of 1 MiB, the messages that carry them) get pages of their own,
-/// given back to the system when freed. Left to adjust itself, glibc's threshold rises past
-/// the chunk size after the first such buffer is freed; from then on chunks come from the
-/// per-thread heaps and stay resident after a burst of streams ends.
-fn keep_large_buffers_apart() {
+/// Chunk-sized buffers (1 MiB chunks, the messages that carry them) come from the allocator's
+/// heaps, so that a stream reuses the pages of the buffers it freed instead of mapping, faulting
+/// in and zeroing fresh ones for every chunk (measured on copy_full: the source's system time
+/// fell from 1.4 s to 0.5 s per GiB). Buffers larger than a few chunks still get pages of their
+/// own. What a burst of streams leaves free in the heaps is given back by `give_back_idle_memory`.
+fn keep_chunk_buffers_in_the_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; it is called before any other thread
+    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
     // exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 * 1024 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 * 1024 * 1024);
+    }
+}
+
+/// Every few seconds, returns the heaps' free pages to the system (`malloc_trim`), so that
+/// memory a burst of streams used does not stay resident once they end. Pages in use are not
+/// touched; a stream that keeps going refills what it needs from its own frees in between.
+fn give_back_idle_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let spawned = std::thread::Builder::new()
+            .name("trim".into())
+            .spawn(|| loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                // SAFETY: malloc_trim takes the allocator's locks itself; it frees no memory
+                // in use.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread to give idle memory back");
+        }
     }
 }
 
 pub fn main() -> ExitCode {
-    keep_large_buffers_apart();
+    keep_chunk_buffers_in_the_heap();
     let cli = Cli::parse();
     imagefleet_rpc::telemetry::init();
+    give_back_idle_memory();
     // Everything a server writes may hold a secret (account keys, the service key): files are
     // created owner-only, by this process and by the children it starts.
     imagefleet_rpc::fsutil::owner_only_umask();

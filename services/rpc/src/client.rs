@@ -11,8 +11,14 @@ pub type SignedChannel = SigningService<Channel>;
 /// The largest message a client or server accepts (disk writes carry up to 4 MiB of data).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
-/// An endpoint with the project's transport settings: large HTTP/2 windows for chunk
-/// streams, keep-alive, and a connect timeout. The connection is made on first use. An
+/// The largest HTTP/2 frame a client or server accepts: a chunk's message (1 MiB and a few
+/// bytes) travels in one or two frames instead of 64 of the protocol's default 16 KiB, which
+/// saves a frame's handling and a wake-up of the reading task for each.
+pub const MAX_FRAME_BYTES: u32 = 2 * 1024 * 1024;
+
+/// An endpoint with the project's transport settings: HTTP/2 windows for chunk streams (the 4
+/// streams of a copy keep up to 16 MiB in flight, more than a gigabit link of 100 ms RTT
+/// holds), large frames, keep-alive, and a connect timeout. The connection is made on first use. An
 /// `https://` URL uses the process's default TLS settings (`crate::tls::install`).
 pub fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
     endpoint_as(url, None, None)
@@ -41,8 +47,9 @@ fn plain_endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
-        .initial_stream_window_size(Some(8 * 1024 * 1024))
-        .initial_connection_window_size(Some(32 * 1024 * 1024)))
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .max_frame_size(Some(MAX_FRAME_BYTES)))
 }
 
 /// A lazily connected channel to `url` that signs for `scope` with `credentials`.

@@ -158,6 +158,7 @@ pub async fn serve(
     builder
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(32 * 1024 * 1024))
+        .max_frame_size(Some(crate::client::MAX_FRAME_BYTES))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .layer(crate::metrics::CallLayer::new(
             &identity,
