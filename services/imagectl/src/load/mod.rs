@@ -639,11 +639,12 @@ pub fn table(summary: &Summary) -> String {
         ]);
     };
     for (op, s) in &summary.operations {
-        row(&mut t, op, "(all)", &s.figures);
+        // Per region; with more than one region, the operation over all of them first.
         if s.regions.len() > 1 {
-            for (region, f) in &s.regions {
-                row(&mut t, op, region, f);
-            }
+            row(&mut t, op, "(all)", &s.figures);
+        }
+        for (region, f) in &s.regions {
+            row(&mut t, op, region, f);
         }
     }
     row(&mut t, "TOTAL", "(all)", &summary.total);

@@ -24,8 +24,10 @@ type Client = RegionServiceClient<SignedChannel>;
 /// Custom images an account keeps per region for `share` operations: each is shared with one
 /// receiver at a time, so operations take one and give it back.
 pub const SHARE_POOL: usize = 8;
-/// How often a copy's state is asked while the operation waits for it.
-const COPY_POLL: Duration = Duration::from_millis(200);
+/// How often a copy's state is asked while the operation waits for it: first after
+/// `COPY_POLL_FIRST`, then twice as long each time up to `COPY_POLL_MAX`.
+const COPY_POLL_FIRST: Duration = Duration::from_millis(25);
+const COPY_POLL_MAX: Duration = Duration::from_millis(500);
 /// How long an operation waits for its copy before deleting it anyway.
 const COPY_WAIT: Duration = Duration::from_secs(120);
 /// How long set-up waits for an instance to run or an image to be NORMAL.
@@ -565,8 +567,10 @@ impl Fleet {
             .extend(copies.iter().cloned());
         let mut dest_client = self.client(account, dest);
         let deadline = Instant::now() + COPY_WAIT;
+        let mut poll = COPY_POLL_FIRST;
         loop {
-            tokio::time::sleep(COPY_POLL).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(COPY_POLL_MAX);
             let Ok(listed) = self
                 .call(
                     "DescribeImages",
