@@ -33,6 +33,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long operations in flight at the end of the window (or at Ctrl-C) may take to finish
+/// before they are abandoned (what they made is still removed by clean-up).
+pub const FINISH_GRACE: Duration = Duration::from_secs(30);
+
+/// Waits for the tasks of `set` to end, at most `grace`; then abandons the rest.
+async fn finish(set: &mut tokio::task::JoinSet<()>, grace: Duration) {
+    let drained = async { while set.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        set.abort_all();
+        while set.join_next().await.is_some() {}
+    }
+}
+
 /// Workers of a closed-loop run unless `--concurrency` says.
 pub const DEFAULT_CONCURRENCY: u32 = 4;
 /// Operations in flight at most in an open-loop run unless `--concurrency` says.
@@ -113,7 +126,7 @@ where
         // Reap what has finished: the set holds only what is in flight.
         while running.try_join_next().is_some() {}
     }
-    while running.join_next().await.is_some() {}
+    finish(&mut running, FINISH_GRACE).await;
     started
 }
 
@@ -447,13 +460,16 @@ pub async fn run(
                 }
             });
         }
+        // Workers stop at the end of the window (or at Ctrl-C) once their operation in flight
+        // ends; one that does not end within the grace is abandoned.
         let mut stop_wait = stop_rx.clone();
-        tokio::select! {
-            _ = async { while workers.join_next().await.is_some() {} } => {}
-            _ = stop_wait.changed() => {
-                // Interrupted: operations in flight finish (their calls end), then stop.
-                while workers.join_next().await.is_some() {}
-            }
+        let ended = tokio::select! {
+            _ = tokio::time::sleep_until(end.into()) => true,
+            _ = stop_wait.changed() => true,
+            _ = async { while workers.join_next().await.is_some() {} } => false,
+        };
+        if ended {
+            finish(&mut workers, FINISH_GRACE).await;
         }
     }
     let stopped = Instant::now();

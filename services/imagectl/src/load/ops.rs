@@ -57,8 +57,11 @@ struct Leftovers {
 
 /// The images of one (account, region) that `share` operations take turns with.
 struct Pool {
+    /// Images free to take.
     images: Mutex<Vec<String>>,
     free: tokio::sync::Semaphore,
+    /// Every image of the pool (clean-up cancels their shares).
+    all: Vec<String>,
 }
 
 /// Clients, set-up state and the recorder of one run.
@@ -379,6 +382,7 @@ impl Fleet {
     pub fn set_share_pool(&mut self, account: &str, region: &str, images: Vec<String>) {
         let pool = Pool {
             free: tokio::sync::Semaphore::new(images.len()),
+            all: images.clone(),
             images: Mutex::new(images),
         };
         self.pools
@@ -506,6 +510,14 @@ impl Fleet {
             return false;
         };
         let ids = launched.instance_id_set;
+        let key = (account.to_string(), region.to_string());
+        // Known to clean-up until it is terminated (an operation abandoned at the end of the
+        // run leaves nothing behind).
+        self.leftovers()
+            .instances
+            .entry(key.clone())
+            .or_default()
+            .extend(ids.iter().cloned());
         let terminated = self
             .call(
                 "TerminateInstances",
@@ -517,12 +529,12 @@ impl Fleet {
             )
             .await;
         if terminated.is_err() {
-            self.leftovers()
-                .instances
-                .entry((account.to_string(), region.to_string()))
-                .or_default()
-                .extend(ids);
             return false;
+        }
+        if let Some(set) = self.leftovers().instances.get_mut(&key) {
+            for id in &ids {
+                set.remove(id);
+            }
         }
         true
     }
@@ -710,12 +722,7 @@ impl Fleet {
         for ((account, region), pool) in &self.pools {
             let receiver = self.receivers[account].clone();
             let mut client = self.client(account, region);
-            let images = pool
-                .images
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            for image in images {
+            for image in pool.all.clone() {
                 // Refused when not shared: the usual case.
                 let _ = self
                     .call(
