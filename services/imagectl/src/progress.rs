@@ -164,6 +164,7 @@ impl Progress {
     }
 }
 
+#[derive(Clone)]
 enum StatusKind {
     Bar(ProgressBar),
     Plain(Arc<Mutex<PlainOut>>),
@@ -171,6 +172,8 @@ enum StatusKind {
 }
 
 /// One line of text about a long run, replaced by each update (see [`Progress::status`]).
+/// Clones show on the same line.
+#[derive(Clone)]
 pub struct Status {
     label: String,
     kind: StatusKind,
@@ -700,6 +703,23 @@ mod tests {
         for bar in &bars {
             assert!(bar.contains("/200.00 MiB"), "{bar}");
         }
+    }
+
+    #[test]
+    fn status_lines_are_plain_lines_off_a_terminal() {
+        let out = Shared::default();
+        let progress = Progress::plain(Box::new(out.clone()), Arc::new(FakeClock::default()));
+        assert!(!progress.is_live());
+        let status = progress.status("load");
+        status.set("measuring 10s/60s  calls 5");
+        // A clone writes to the same place.
+        status.clone().set("cleaning up\u{1b}[2J");
+        status.finish("done: 5 calls");
+        assert_eq!(
+            out.text(),
+            "load measuring 10s/60s  calls 5\nload cleaning up\\u{1b}[2J\nload done: 5 calls\n"
+        );
+        Progress::hidden().status("x").set("nothing");
     }
 
     #[test]

@@ -392,7 +392,7 @@ pub async fn run(
             Duration::from_secs(10)
         };
         let mut stop_rx = stop_rx.clone();
-        let status = progress.status("load");
+        let status = status.clone();
         let line = move |now: Instant, live: &stats::Live, last: Instant| {
             let phase = if now < from {
                 format!("warm-up {}/{}", secs(now - start), secs(args.warmup))
