@@ -472,7 +472,16 @@ pub async fn run(
             finish(&mut workers, FINISH_GRACE).await;
         }
     }
+    // An open loop whose last operations ended early still measured until the end.
+    if !interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut stop_wait = stop_rx.clone();
+        tokio::select! {
+            _ = tokio::time::sleep_until(end.into()) => {}
+            _ = stop_wait.changed() => {}
+        }
+    }
     let stopped = Instant::now();
+    recorder.close(stopped);
     let _ = stop_tx.send(true);
     let _ = ticker.await;
     let measured = stopped.min(end).saturating_duration_since(from);

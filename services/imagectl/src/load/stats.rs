@@ -297,6 +297,14 @@ impl Recorder {
         self.lock().window = Some(Window { from, until });
     }
 
+    /// Calls started from `at` on are not measured (clean-up): the window ends there if it
+    /// has not already.
+    pub fn close(&self, at: Instant) {
+        if let Some(window) = &mut self.lock().window {
+            window.until = window.until.min(at);
+        }
+    }
+
     /// Records one call of `operation` to `region`, started at `start` (for the first call of
     /// an open-loop operation: its scheduled start), ended at `end`, failed with `error`.
     pub fn record(
@@ -563,10 +571,12 @@ mod tests {
             "slow down",
         );
         rec.record("DescribeImages", "r", at(200), at(201), Some(&refused));
-        rec.record("DescribeImages", "r", at(1100), at(1101), None); // clean-up
+        rec.record("DescribeImages", "r", at(1100), at(1101), None); // after the window
+        rec.close(at(900));
+        rec.record("DescribeImages", "r", at(950), at(951), None); // clean-up
         let snap = rec.snapshot();
         let k = key("DescribeImages", "r");
-        assert_eq!(snap.sent[&k], 5);
+        assert_eq!(snap.sent[&k], 6);
         let f = figures(&snap, 1.0);
         let op = &f.operations["DescribeImages"];
         assert_eq!(
