@@ -390,6 +390,71 @@ fn mixed_blends_every_kind() {
 }
 
 #[test]
+fn a_scenario_file_runs_its_weighted_operations_in_two_regions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, cluster_file, cluster) = dev(dir.path());
+    let scenario = dir.path().join("two.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+name = "two regions"
+regions = ["ap-guangzhou", "ap-shanghai"]
+
+[[operation]]
+kind = "describe"
+weight = 3
+
+[[operation]]
+kind = "launch"
+accounts = ["100000000002"]
+instance_type = "S5.MEDIUM4"
+"#,
+    )
+    .unwrap();
+    let before = calls_counted(&cluster);
+    let summary = load_json(
+        &cluster_file,
+        &[
+            scenario.to_str().unwrap(),
+            "--rps",
+            "30",
+            "--duration",
+            "2s",
+            "--warmup",
+            "0s",
+        ],
+    );
+    assert_eq!(summary["scenario"], "two regions");
+    for region in ["ap-guangzhou", "ap-shanghai"] {
+        check_summary(&summary, &["DescribeImages", "RunInstances"], region);
+    }
+    check_against_metrics(&before, &cluster, &summary);
+    // The launches were the second account's: it has terminated instances, the first none.
+    let second = json(&imagectl(
+        &cluster_file,
+        &[
+            "instances",
+            "list",
+            "--region",
+            "ap-guangzhou",
+            "--account",
+            "100000000002",
+            "--state",
+            "TERMINATED",
+            "--output",
+            "json",
+        ],
+    ));
+    assert!(
+        second["instanceSet"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty()),
+        "{second}"
+    );
+    stop(child);
+}
+
+#[test]
 fn bad_scenarios_and_flags_are_refused_before_any_call() {
     let dir = tempfile::tempdir().unwrap();
     let cluster_file = dir.path().join("cluster.json");
