@@ -182,8 +182,8 @@ pub struct LoadArgs {
     /// (`warmup_count`) and left out of the figures.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub warmup: std::time::Duration,
-    /// The regions to run in, separated by commas; default: the scenario's, else the first
-    /// region of the cluster file.
+    /// The regions every operation runs in, separated by commas (instead of the scenario's);
+    /// default: the scenario's, else the first region of the cluster file.
     #[arg(long, value_name = "REGION[,REGION...]", value_delimiter = ',')]
     pub region: Vec<String>,
     /// Also write an HTML report (charts of throughput and latency over time per operation
