@@ -9,7 +9,8 @@
 #   bench/soak.sh                 # 10 minutes
 #   SOAK=1m bench/soak.sh         # a quick check
 # Environment: SOAK (load --duration), WARMUP (load --warmup, default 30s), CONCURRENCY
-# (default 8), SAMPLE (seconds between samples, default 10), KEEP=1 keeps the data directory.
+# (default 8), SAMPLE (seconds between samples, default 10), KEEP=1 keeps the data directory,
+# BIN (where imaged and imagectl are; default target/release).
 # Outputs (in the data directory, printed at the end): load.json, soak.html, rss.tsv, logs.
 set -euo pipefail
 
@@ -18,8 +19,9 @@ WARMUP="${WARMUP:-30s}"
 CONCURRENCY="${CONCURRENCY:-8}"
 SAMPLE="${SAMPLE:-10}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-IMAGED="$ROOT/target/release/imaged"
-IMAGECTL="$ROOT/target/release/imagectl"
+BIN="${BIN:-$ROOT/target/release}"
+IMAGED="$BIN/imaged"
+IMAGECTL="$BIN/imagectl"
 for bin in "$IMAGED" "$IMAGECTL"; do
     [[ -x "$bin" ]] || { echo "soak: $bin missing: run cargo build --release first" >&2; exit 1; }
 done
