@@ -331,10 +331,30 @@ fn describe_runs_closed_and_open_loop_reports_and_matches_the_metrics() {
     assert_eq!(summary["operations"]["DescribeImages"]["warmup_count"], 0);
     check_against_metrics(&before, &cluster, &summary);
 
-    // The table: a row per operation and the total; progress on stderr only.
+    // The table: a row per operation and the total; progress on stderr only. Without the
+    // service key the report says the link settings are unavailable, and why.
+    let mut keyless = cluster.clone();
+    keyless.service_key_file = String::new();
+    let keyless_file = dir.path().join("keyless.json");
+    keyless.store(&keyless_file).unwrap();
+    let report = dir.path().join("keyless.html");
     let out = imagectl(
-        &cluster_file,
-        &["load", "describe", "--duration", "1s", "--warmup", "0s"],
+        &keyless_file,
+        &[
+            "load",
+            "describe",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let html = std::fs::read_to_string(&report).expect("the report");
+    assert!(
+        html.contains("<p>unavailable: ") && html.contains("service_key_file"),
+        "{html}"
     );
     assert!(
         out.status.success(),
