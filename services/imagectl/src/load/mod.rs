@@ -353,7 +353,11 @@ pub async fn run(
     });
 
     status.set(&format!("set-up of scenario {}", scenario.name));
-    let set_up = set_up(&mut fleet, &mut plan, &cluster, concurrency, closed).await;
+    // Ctrl-C during set-up stops it; what it made so far is removed.
+    let set_up = tokio::select! {
+        done = set_up(&mut fleet, &mut plan, &cluster, concurrency, closed) => done,
+        _ = tokio::signal::ctrl_c() => Err(CliError::Failed("interrupted during set-up".into())),
+    };
     let fleet = Arc::new(fleet);
     if let Err(e) = set_up {
         status.set("set-up failed; cleaning up");
