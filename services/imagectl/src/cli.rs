@@ -151,6 +151,59 @@ pub enum Command {
     /// `imagectl man | man -l -` reads it; `imagectl man --out DIR` writes one page per
     /// command (imagectl.1, imagectl-images.1, imagectl-images-list.1, ...).
     Man(ManArgs),
+    /// Generate load against the cluster and report throughput, errors and latency.
+    ///
+    /// SCENARIO is a built-in scenario (describe, launch, copy, share, mixed) or a scenario
+    /// file (TOML; format in docs/load.md). Set-up (before the warm-up) makes what the
+    /// scenario needs, and the end removes it. Live progress goes to stderr; at the end the
+    /// summary per operation and region goes to stdout (`--output json`: one JSON document,
+    /// shape in docs/load.md), and `--report` writes an HTML report with charts.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// A built-in scenario (describe, launch, copy, share, mixed) or the path of a scenario
+    /// file.
+    #[arg(value_name = "SCENARIO")]
+    pub scenario: String,
+    /// Closed loop: this many workers, each starting its next operation when the last ends
+    /// (default 4). With --rps: the most operations in flight at once (default 1000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: Option<u32>,
+    /// Open loop: start this many operations per second on a fixed schedule, whatever the
+    /// answers; latency is measured from each operation's scheduled start.
+    #[arg(long, value_name = "RATE", value_parser = parse_rps)]
+    pub rps: Option<f64>,
+    /// How long to measure, after the warm-up (e.g. 30s, 10m, 2h).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub duration: std::time::Duration,
+    /// How long to run before measuring; calls started in the warm-up are counted apart
+    /// (`warmup_count`) and left out of the figures.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub warmup: std::time::Duration,
+    /// The regions every operation runs in, separated by commas (instead of the scenario's);
+    /// default: the scenario's, else the first region of the cluster file.
+    #[arg(long, value_name = "REGION[,REGION...]", value_delimiter = ',')]
+    pub region: Vec<String>,
+    /// Also write an HTML report (charts of throughput and latency over time per operation
+    /// and region, the summary, the link settings in force) to this file.
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+}
+
+/// A duration such as `500ms`, `30s`, `10m` or `2h` (humantime).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("not a duration such as 30s, 10m or 2h ({e})"))
+}
+
+/// A rate in operations per second: a positive number up to 1,000,000.
+pub fn parse_rps(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0 => Ok(rate),
+        _ => Err("not a rate: a number of operations per second above 0, up to 1000000".into()),
+    }
 }
 
 #[derive(Debug, Args)]

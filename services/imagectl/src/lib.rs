@@ -8,7 +8,8 @@
 //!   group.
 //! - `output`: tables, proto3 JSON and CSV; `paging`: `--all`; `error`: how failures are reported.
 //! - `progress`: progress of long operations on stderr (indicatif bars on a terminal, plain
-//!   lines otherwise), as tasks with a total in bytes.
+//!   lines otherwise), as tasks with a total in bytes, and status lines.
+//! - `load`: `imagectl load`, the load generator (docs/load.md).
 
 pub mod billing;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod import;
 pub mod instance_types;
 pub mod instances;
 pub mod links;
+pub mod load;
 pub mod output;
 pub mod paging;
 pub mod progress;
@@ -43,7 +45,14 @@ pub fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    let result = tokio::runtime::Builder::new_current_thread()
+    // A load run drives many calls at once: it gets every core. Other commands make a few
+    // calls in turn, on one thread.
+    let mut builder = if matches!(cli.command, Command::Load(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let result = builder
         .enable_all()
         .build()
         .map_err(|e| CliError::Failed(format!("cannot start the async runtime: {e}")))
@@ -121,6 +130,10 @@ pub async fn run_with_progress(cli: Cli, progress: &Progress) -> Result<String> 
             let format = cli.global.output.for_resources().map_err(CliError::Usage)?;
             return links::run(&cli.global.cluster, command, format).await;
         }
+        Command::Load(args) => {
+            let format = cli.global.output.for_resources().map_err(CliError::Usage)?;
+            return load::run(&cli.global, args, format, progress).await;
+        }
         other => other,
     };
     // The output format is checked before the cluster file is read: a format the command
@@ -137,9 +150,11 @@ pub async fn run_with_progress(cli: Cli, progress: &Progress) -> Result<String> 
         Command::Images(command) => images::run(&session, command, format, progress).await,
         Command::Instances(command) => instances::run(&session, command, format).await,
         Command::InstanceTypes(command) => instance_types::run(&session, command, format).await,
-        Command::Completions(_) | Command::Man(_) | Command::Billing(_) | Command::Links(_) => {
-            Ok(String::new())
-        }
+        Command::Completions(_)
+        | Command::Man(_)
+        | Command::Billing(_)
+        | Command::Links(_)
+        | Command::Load(_) => Ok(String::new()),
     }
 }
 

@@ -113,6 +113,23 @@ pub async fn run(
     }
 }
 
+/// Every region's outgoing links (as `links list` shows them), or why they cannot be read
+/// (no service credentials in the cluster file, a region that does not answer).
+pub async fn list_all(cluster_file: &Path) -> std::result::Result<Vec<Link>, String> {
+    let admin = Admin::open(cluster_file).map_err(|e| e.to_string())?;
+    let mut all = Vec::new();
+    for region in &admin.cluster.regions {
+        let response = admin
+            .region(&region.region)
+            .map_err(|e| e.to_string())?
+            .list_links(ListLinksRequest {})
+            .await
+            .map_err(|e| CliError::Status(e).to_string())?;
+        all.extend(response.into_inner().links);
+    }
+    Ok(all)
+}
+
 fn render(links: &[Link], format: OutputFormat) -> Result<String> {
     match format {
         OutputFormat::Json => {

@@ -133,6 +133,72 @@ impl Progress {
         task.set_total(total_bytes);
         task
     }
+
+    /// Whether progress is redrawn in place (a terminal): callers may then update a
+    /// [`Status`] often; otherwise every update is a line of its own.
+    pub fn is_live(&self) -> bool {
+        matches!(self.mode, Mode::Bars(_))
+    }
+
+    /// A status line named `label` (escaped): one line of text replaced by each update (a
+    /// spinner on a terminal; a plain line per update otherwise). Load runs show their
+    /// counters in one.
+    pub fn status(&self, label: &str) -> Status {
+        let label = escape(label).into_owned();
+        let kind = match &self.mode {
+            Mode::Bars(multi) => {
+                let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden())
+                    .with_style(
+                        ProgressStyle::with_template("{prefix} {spinner} {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    )
+                    .with_prefix(label.clone());
+                let bar = multi.add(bar);
+                bar.enable_steady_tick(Duration::from_millis(200));
+                StatusKind::Bar(bar)
+            }
+            Mode::Plain(out) => StatusKind::Plain(out.clone()),
+            Mode::Hidden => StatusKind::Hidden,
+        };
+        Status { label, kind }
+    }
+}
+
+#[derive(Clone)]
+enum StatusKind {
+    Bar(ProgressBar),
+    Plain(Arc<Mutex<PlainOut>>),
+    Hidden,
+}
+
+/// One line of text about a long run, replaced by each update (see [`Progress::status`]).
+/// Clones show on the same line.
+#[derive(Clone)]
+pub struct Status {
+    label: String,
+    kind: StatusKind,
+}
+
+impl Status {
+    /// Shows `message` (escaped): in place on a terminal, as a line `LABEL MESSAGE` otherwise.
+    pub fn set(&self, message: &str) {
+        let message = escape(message);
+        match &self.kind {
+            StatusKind::Bar(bar) => bar.set_message(message.into_owned()),
+            StatusKind::Plain(out) => lock(out).line(&format!("{} {message}", self.label)),
+            StatusKind::Hidden => {}
+        }
+    }
+
+    /// Ends the line with `message`: the spinner stops, the last text stays.
+    pub fn finish(&self, message: &str) {
+        let message = escape(message);
+        match &self.kind {
+            StatusKind::Bar(bar) => bar.finish_with_message(message.into_owned()),
+            StatusKind::Plain(out) => lock(out).line(&format!("{} {message}", self.label)),
+            StatusKind::Hidden => {}
+        }
+    }
 }
 
 fn lock(out: &Mutex<PlainOut>) -> std::sync::MutexGuard<'_, PlainOut> {
@@ -637,6 +703,23 @@ mod tests {
         for bar in &bars {
             assert!(bar.contains("/200.00 MiB"), "{bar}");
         }
+    }
+
+    #[test]
+    fn status_lines_are_plain_lines_off_a_terminal() {
+        let out = Shared::default();
+        let progress = Progress::plain(Box::new(out.clone()), Arc::new(FakeClock::default()));
+        assert!(!progress.is_live());
+        let status = progress.status("load");
+        status.set("measuring 10s/60s  calls 5");
+        // A clone writes to the same place.
+        status.clone().set("cleaning up\u{1b}[2J");
+        status.finish("done: 5 calls");
+        assert_eq!(
+            out.text(),
+            "load measuring 10s/60s  calls 5\nload cleaning up\\u{1b}[2J\nload done: 5 calls\n"
+        );
+        Progress::hidden().status("x").set("nothing");
     }
 
     #[test]
