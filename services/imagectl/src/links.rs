@@ -99,17 +99,7 @@ pub async fn run(
             }
             render(&set, format)
         }
-        LinksCommand::List => {
-            let mut all = Vec::new();
-            for region in &admin.cluster.regions {
-                let response = admin
-                    .region(&region.region)?
-                    .list_links(ListLinksRequest {})
-                    .await?;
-                all.extend(response.into_inner().links);
-            }
-            render(&all, format)
-        }
+        LinksCommand::List => render(&every_link(&admin).await?, format),
     }
 }
 
@@ -117,14 +107,16 @@ pub async fn run(
 /// (no service credentials in the cluster file, a region that does not answer).
 pub async fn list_all(cluster_file: &Path) -> std::result::Result<Vec<Link>, String> {
     let admin = Admin::open(cluster_file).map_err(|e| e.to_string())?;
+    every_link(&admin).await.map_err(|e| e.to_string())
+}
+
+async fn every_link(admin: &Admin) -> Result<Vec<Link>> {
     let mut all = Vec::new();
     for region in &admin.cluster.regions {
         let response = admin
-            .region(&region.region)
-            .map_err(|e| e.to_string())?
+            .region(&region.region)?
             .list_links(ListLinksRequest {})
-            .await
-            .map_err(|e| CliError::Status(e).to_string())?;
+            .await?;
         all.extend(response.into_inner().links);
     }
     Ok(all)
