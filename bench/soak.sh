@@ -68,6 +68,14 @@ descendants() {
     done
 }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || true; }
+# SQLite's heap inside imaged (page caches and statements of every store), from the first
+# region's metrics: the part of imaged's RSS that is a cache filling up to its bound.
+METRICS_URL=$(jq -r '[.regions[].metrics // empty][0] // empty' "$DIR/cluster.json" 2>/dev/null || true)
+sqlite_kib() {
+    [[ -n "$METRICS_URL" ]] || return 0
+    curl -sf --max-time 2 "$METRICS_URL" 2>/dev/null |
+        awk '/^imagefleet_sqlite_memory_bytes / {printf "%d\n", $2 / 1024}' || true
+}
 
 printf 'seconds\tphase\tpid\tprocess\trss_kib\n' >"$DIR/rss.tsv"
 start=$(date +%s)
@@ -82,6 +90,8 @@ while kill -0 "$LOAD_PID" 2>/dev/null; do
         name=$(cat "/proc/$pid/comm" 2>/dev/null || echo "?")
         printf '%s\t%s\t%s\t%s\t%s\n' "$now" "$phase" "$pid" "$name" "$rss" >>"$DIR/rss.tsv"
     done
+    sqlite=$(sqlite_kib)
+    [[ -z "$sqlite" ]] || printf '%s\t%s\t%s\t%s\t%s\n' "$now" "$phase" "$DEV_PID" "sqlite-heap" "$sqlite" >>"$DIR/rss.tsv"
     sleep "$SAMPLE"
 done
 status=0
@@ -102,20 +112,23 @@ jq -r '"total: \(.total.count) calls, \(.total.errors) errors, \(.total.throughp
        (if (.cleanup_problems | length) > 0 then "not cleaned up: " + (.cleanup_problems | join("; ")) else empty end)' \
     "$DIR/load.json"
 
-echo "== RSS (MiB) per process: at the start of the measured window, at the end, highest"
+echo "== RSS (MiB) per process: at the start of the measured window, half-way, at the end, highest"
+echo "   (sqlite-heap: the part of imaged's RSS that is SQLite's page caches and statements)"
 awk -F'\t' 'NR > 1 {
     key = $4 " (pid " $3 ")"
     if (!(key in first) && $2 == "measuring") first[key] = $5
+    if ($2 == "measuring") seen[key, ++count[key]] = $5
     last[key] = $5
     if ($5 > max[key]) max[key] = $5
     if (!(key in order)) { order[key] = ++n; keys[n] = key }
 }
 END {
-    printf "%-28s %10s %10s %10s %8s\n", "PROCESS", "START", "END", "MAX", "END/START"
+    printf "%-28s %10s %10s %10s %10s %8s %8s\n", "PROCESS", "START", "HALF", "END", "MAX", "END/START", "END/HALF"
     for (i = 1; i <= n; i++) {
         k = keys[i]
         s = (k in first) ? first[k] : last[k]
-        printf "%-28s %10.1f %10.1f %10.1f %8.2f\n", k, s / 1024, last[k] / 1024, max[k] / 1024, (s > 0 ? last[k] / s : 0)
+        h = (count[k] > 0) ? seen[k, int((count[k] + 1) / 2)] : last[k]
+        printf "%-28s %10.1f %10.1f %10.1f %10.1f %8.2f %8.2f\n", k, s / 1024, h / 1024, last[k] / 1024, max[k] / 1024, (s > 0 ? last[k] / s : 0), (h > 0 ? last[k] / h : 0)
     }
 }' "$DIR/rss.tsv"
 echo "== files: $DIR/load.json $DIR/soak.html $DIR/rss.tsv"

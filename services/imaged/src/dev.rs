@@ -71,6 +71,7 @@ pub struct DevArgs {
 async fn metrics_endpoint(identity: &str, port: u16) -> anyhow::Result<String> {
     let listener = bind(port).await?;
     let url = format!("http://{}/metrics", listener.local_addr()?);
+    imagefleet_rpc::process::watch(identity);
     tokio::spawn(imagefleet_rpc::metrics::serve_http(
         listener,
         identity.to_string(),

@@ -315,6 +315,7 @@ impl ServeArgs {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
             tracing::info!(%addr, "metrics at /metrics");
+            imagefleet_rpc::process::watch(identity);
             tokio::spawn(imagefleet_rpc::metrics::serve_http(
                 listener,
                 identity.to_string(),

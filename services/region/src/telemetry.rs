@@ -87,5 +87,13 @@ pub(crate) fn watch_store(region: &str, chunks: imagefleet_chunkstore::ChunkStor
             )
             .set(i64::try_from(space.free_bytes).unwrap_or(i64::MAX));
         }
+        // SAFETY: sqlite3_memory_used only reads SQLite's own counter.
+        let sqlite = unsafe { rusqlite::ffi::sqlite3_memory_used() };
+        r.gauge(
+            "imagefleet_sqlite_memory_bytes",
+            "Heap memory SQLite holds in this process (page caches, statements), in bytes.",
+            &[],
+        )
+        .set(sqlite);
     });
 }

@@ -12,6 +12,7 @@
 //! - `metrics`: Prometheus metrics of calls and services, load shedding, the /metrics endpoint.
 //! - `otlp`: export of call spans over OTLP/HTTP when an endpoint is configured.
 //! - `ports`: loopback ports for child processes to listen on, without races.
+//! - `process`: the process's resident memory and open files as metrics.
 //! - `trace`: W3C trace context, taken from clients and carried across service calls.
 //! - `telemetry`: logging through `tracing` (`RUST_LOG`).
 
@@ -23,6 +24,7 @@ pub mod link;
 pub mod metrics;
 pub mod otlp;
 pub mod ports;
+pub mod process;
 pub mod server;
 pub mod telemetry;
 pub mod time;
