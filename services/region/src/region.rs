@@ -12,7 +12,7 @@ use imagefleet_proto::region::v1::region_internal_service_client::RegionInternal
 use imagefleet_proto::sharing::v1::sharing_internal_service_client::SharingInternalServiceClient;
 use imagefleet_rpc::auth::Credentials;
 use imagefleet_rpc::client::{
-    region_scope, signed_channel, SignedChannel, CATALOG_SCOPE, SHARING_SCOPE,
+    region_scope, signed_channel, SignedChannel, CATALOG_SCOPE,
 };
 use std::collections::HashMap;
 use std::future::Future;
@@ -160,6 +160,8 @@ pub struct Region {
     pub(crate) chunks: ChunkStore,
     pub(crate) catalog: CatalogInternalServiceClient<SignedChannel>,
     pub(crate) sharing: SharingInternalServiceClient<SignedChannel>,
+    /// Share checks, on the same channel as `sharing`.
+    pub(crate) shares: crate::shares::ShareChecker,
     pub(crate) billing: BillingInternalServiceClient<SignedChannel>,
     /// Held shared by anything that stores chunks and then records references to them, and
     /// exclusively while reclaiming unreferenced chunks, so a chunk is never deleted between
@@ -204,6 +206,11 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| RegionError::Task(e.to_string()))?
 }
 
+/// The service credentials region `region` signs its calls to other services with.
+pub fn service_credentials(region: &str, service_key: &str) -> Credentials {
+    Credentials::service(&format!("region-{region}"), service_key)
+}
+
 impl Region {
     /// Opens the region's stores (creating them); no network yet.
     pub fn open(config: RegionConfig) -> anyhow::Result<Arc<Region>> {
@@ -220,11 +227,8 @@ impl Region {
             credentials.clone(),
             CATALOG_SCOPE,
         )?);
-        let sharing = SharingInternalServiceClient::new(signed_channel(
-            &config.sharing_url,
-            credentials.clone(),
-            SHARING_SCOPE,
-        )?);
+        let shares = crate::shares::ShareChecker::connect(&config.sharing_url, credentials.clone())?;
+        let sharing = shares.client();
         let billing = BillingInternalServiceClient::new(signed_channel(
             config.billing_url(),
             credentials,
@@ -242,6 +246,7 @@ impl Region {
             chunks,
             catalog,
             sharing,
+            shares,
             billing,
             chunk_refs: Arc::new(RwLock::new(())),
             locks: Mutex::new(HashMap::new()),
@@ -263,7 +268,7 @@ impl Region {
     }
 
     fn credentials(config: &RegionConfig) -> Credentials {
-        Credentials::service(&format!("region-{}", config.region), &config.service_key)
+        service_credentials(&config.region, &config.service_key)
     }
 
     pub fn name(&self) -> &str {

@@ -15,7 +15,54 @@ use imagefleet_proto::region::v1::{
     ModifyImageSharePermissionRequest, SharePermission,
 };
 use imagefleet_proto::sharing::v1 as sharing;
+use imagefleet_proto::sharing::v1::sharing_internal_service_client::SharingInternalServiceClient;
+use imagefleet_rpc::client::{signed_channel, SignedChannel, SHARING_SCOPE};
+use imagefleet_rpc::Credentials;
 use tonic::Code;
+
+/// A region's client of the sharing service.
+pub type SharingClient = SharingInternalServiceClient<SignedChannel>;
+
+/// The check every use of another account's image makes (launch, reset, describe by id): is
+/// the image shared with the account now? One per region, on the region's one channel to the
+/// sharing service; every answer comes from the sharing service (nothing is cached), so a
+/// cancelled share is refused at the next call.
+#[derive(Clone)]
+pub struct ShareChecker {
+    client: SharingClient,
+}
+
+impl ShareChecker {
+    /// The region's client of the sharing service at `sharing_url`, signing with
+    /// `credentials` (the region's service credentials): the channel `Region::open` makes.
+    pub fn connect(
+        sharing_url: &str,
+        credentials: Credentials,
+    ) -> Result<ShareChecker, tonic::transport::Error> {
+        let channel = signed_channel(sharing_url, credentials, SHARING_SCOPE)?;
+        Ok(ShareChecker {
+            client: SharingInternalServiceClient::new(channel),
+        })
+    }
+
+    /// The client, for the region's other calls to the sharing service (same channel).
+    pub fn client(&self) -> SharingClient {
+        self.client.clone()
+    }
+
+    /// Whether `image_id` is shared with `account`, as the sharing service says now.
+    pub async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, tonic::Status> {
+        let response = self
+            .client
+            .clone()
+            .check_share(sharing::CheckShareRequest {
+                image_id: image_id.to_string(),
+                account_id: account.to_string(),
+            })
+            .await?;
+        Ok(response.into_inner().shared)
+    }
+}
 
 /// How the caller is related to an image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,16 +102,10 @@ impl Region {
     }
 
     async fn is_shared_with(&self, image_id: &str, account: &str) -> Result<bool> {
-        let response = self
-            .sharing
-            .clone()
-            .check_share(sharing::CheckShareRequest {
-                image_id: image_id.to_string(),
-                account_id: account.to_string(),
-            })
+        self.shares
+            .is_shared(image_id, account)
             .await
-            .map_err(sharing_down)?;
-        Ok(response.into_inner().shared)
+            .map_err(sharing_down)
     }
 
     /// Images of this region shared with `account` (for listings).

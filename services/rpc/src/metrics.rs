@@ -37,6 +37,8 @@ pub const STORE_BUCKETS: &[f64] = &[
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
     Counter,
+    /// A counter of time: kept in nanoseconds, shown in seconds.
+    SecondsCounter,
     Gauge,
     Histogram(&'static [f64]),
 }
@@ -73,6 +75,14 @@ impl Series {
     pub fn add(&self, n: u64) {
         self.value
             .fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// Counters of time (`Registry::seconds_counter`): adds `d`.
+    pub fn add_duration(&self, d: Duration) {
+        self.value.fetch_add(
+            i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Gauges: the current value.
@@ -177,6 +187,17 @@ impl Registry {
         self.series(name, help, Kind::Counter, labels)
     }
 
+    /// A counter of time in seconds (a `_seconds_total` name), added to with
+    /// `Series::add_duration`.
+    pub fn seconds_counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+    ) -> Arc<Series> {
+        self.series(name, help, Kind::SecondsCounter, labels)
+    }
+
     pub fn gauge(
         &self,
         name: &'static str,
@@ -213,7 +234,7 @@ impl Registry {
         let mut out = String::new();
         for (name, family) in families.iter() {
             let kind = match family.kind {
-                Kind::Counter => "counter",
+                Kind::Counter | Kind::SecondsCounter => "counter",
                 Kind::Gauge => "gauge",
                 Kind::Histogram(_) => "histogram",
             };
@@ -225,6 +246,11 @@ impl Registry {
                         out.push_str(name);
                         write_labels(&mut out, labels, None);
                         let _ = writeln!(out, " {}", series.get());
+                    }
+                    Kind::SecondsCounter => {
+                        out.push_str(name);
+                        write_labels(&mut out, labels, None);
+                        let _ = writeln!(out, " {}", series.get() as f64 / 1e9);
                     }
                     Kind::Histogram(bounds) => {
                         let mut cumulative = 0u64;
@@ -614,6 +640,8 @@ mod tests {
         h.observe(Duration::from_millis(500));
         h.observe(Duration::from_secs(5));
         r.gauge("x_bytes", "Bytes.", &[]).set(-2);
+        r.seconds_counter("x_wait_seconds_total", "Wait.", &[])
+            .add_duration(Duration::from_millis(1500));
         r.on_render(|r| r.gauge("x_free_bytes", "Free.", &[]).set(7));
         let text = r.render();
         assert!(text.contains("# TYPE x_calls_total counter\n"));
@@ -624,6 +652,8 @@ mod tests {
         assert!(text.contains("x_seconds_count{method=\"/a/B\"} 3\n"));
         assert!(text.contains("x_seconds_sum{method=\"/a/B\"} 5.55\n"));
         assert!(text.contains("x_bytes -2\n"));
+        assert!(text.contains("# TYPE x_wait_seconds_total counter\n"));
+        assert!(text.contains("x_wait_seconds_total 1.5\n"), "{text}");
         assert!(text.contains("x_free_bytes 7\n"), "{text}");
     }
 
