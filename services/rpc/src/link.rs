@@ -900,7 +900,10 @@ impl LinkStream {
             return;
         };
         let (read, write) = stream.into_split();
-        let (out, back) = (Pipe::new(self.sent.clone()), Pipe::new(self.received.clone()));
+        let (out, back) = (
+            Pipe::new(self.sent.clone()),
+            Pipe::new(self.received.clone()),
+        );
         tokio::spawn(pump_out(
             out.clone(),
             back.clone(),

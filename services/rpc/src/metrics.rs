@@ -326,45 +326,81 @@ struct CallState {
     in_flight: AtomicUsize,
     in_flight_gauge: Arc<Series>,
     shed: Arc<Series>,
-    /// Duration histograms by method, looked up once per method.
-    durations: RwLock<HashMap<String, Arc<Series>>>,
+    /// The series of each method, resolved once per method: a call looks its method up once
+    /// and records into these handles without building label sets.
+    methods: RwLock<HashMap<String, Arc<MethodSeries>>>,
+}
+
+/// The series of one method of a server.
+struct MethodSeries {
+    method: String,
+    /// `imagefleet_rpc_calls_total` of the method's successes (code `Ok`, no reason), made at
+    /// the first success.
+    ok: std::sync::OnceLock<Arc<Series>>,
+    /// `imagefleet_rpc_call_duration_seconds` of the method.
+    duration: Arc<Series>,
 }
 
 impl CallState {
-    fn record(&self, method: &str, code: tonic::Code, reason: &str, elapsed: Duration) {
-        let code = format!("{code:?}");
-        self.registry
-            .counter(
-                "imagefleet_rpc_calls_total",
-                "Calls answered, by method, gRPC status code and ErrorInfo reason.",
-                &[
-                    ("service", &self.service),
-                    ("method", method),
-                    ("code", &code),
-                    ("reason", reason),
-                ],
-            )
-            .inc();
-        let histogram = {
-            let known = self.durations.read().unwrap_or_else(|e| e.into_inner());
-            known.get(method).cloned()
-        };
-        let histogram = histogram.unwrap_or_else(|| {
-            let h = self.registry.histogram(
+    fn method(&self, method: &str) -> Arc<MethodSeries> {
+        if let Some(known) = self
+            .methods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(method)
+        {
+            return known.clone();
+        }
+        let series = Arc::new(MethodSeries {
+            method: method.to_string(),
+            ok: std::sync::OnceLock::new(),
+            duration: self.registry.histogram(
                 "imagefleet_rpc_call_duration_seconds",
                 "Time from a call's arrival to the end of its response.",
                 CALL_BUCKETS,
                 &[("service", &self.service), ("method", method)],
-            );
-            self.durations
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(method.to_string(), h.clone());
-            h
+            ),
         });
-        histogram.observe(elapsed);
+        let mut methods = self.methods.write().unwrap_or_else(|e| e.into_inner());
+        // Any string may arrive as a path: past a bound, unknown ones are not remembered
+        // (their series still are, in the registry).
+        if methods.len() < MAX_REMEMBERED_METHODS {
+            methods
+                .entry(method.to_string())
+                .or_insert_with(|| series.clone());
+        }
+        series
+    }
+
+    fn calls_series(&self, method: &str, code: tonic::Code, reason: &str) -> Arc<Series> {
+        let code = format!("{code:?}");
+        self.registry.counter(
+            "imagefleet_rpc_calls_total",
+            "Calls answered, by method, gRPC status code and ErrorInfo reason.",
+            &[
+                ("service", &self.service),
+                ("method", method),
+                ("code", &code),
+                ("reason", reason),
+            ],
+        )
+    }
+
+    fn record(&self, method: &MethodSeries, code: tonic::Code, reason: &str, elapsed: Duration) {
+        if code == tonic::Code::Ok && reason.is_empty() {
+            method
+                .ok
+                .get_or_init(|| self.calls_series(&method.method, code, reason))
+                .inc();
+        } else {
+            self.calls_series(&method.method, code, reason).inc();
+        }
+        method.duration.observe(elapsed);
     }
 }
+
+/// How many methods a server keeps resolved series handles of.
+const MAX_REMEMBERED_METHODS: usize = 1024;
 
 /// The tower layer every server runs calls through: counts and times them, and past
 /// `limit` calls in flight answers new ones at once with `RESOURCE_EXHAUSTED`
@@ -395,7 +431,7 @@ impl CallLayer {
                 in_flight: AtomicUsize::new(0),
                 in_flight_gauge,
                 shed,
-                durations: RwLock::new(HashMap::new()),
+                methods: RwLock::new(HashMap::new()),
             }),
         }
     }
@@ -422,7 +458,7 @@ pub struct CallService<S> {
 /// the call then if its status came in the trailers.
 struct InFlight {
     state: Arc<CallState>,
-    method: String,
+    method: Arc<MethodSeries>,
     started: Instant,
     /// Whether the call was recorded already (its status was in the response headers).
     recorded: bool,
@@ -440,7 +476,7 @@ impl InFlight {
                 crate::otlp::record(crate::otlp::FinishedSpan {
                     span,
                     service: self.state.service.clone(),
-                    name: self.method.trim_start_matches('/').to_string(),
+                    name: self.method.method.trim_start_matches('/').to_string(),
                     started: self.started,
                     code,
                     reason: reason.to_string(),
@@ -522,8 +558,8 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let state = self.state.clone();
-        let method = request.uri().path().to_string();
-        let health = method.starts_with("/grpc.health.");
+        let method = state.method(request.uri().path());
+        let health = method.method.starts_with("/grpc.health.");
         let started = Instant::now();
         let before = state.in_flight.fetch_add(1, Ordering::Relaxed);
         state.in_flight_gauge.inc();
@@ -555,7 +591,7 @@ where
         let span = tracing::info_span!(
             "rpc",
             service = %state.service,
-            method = %guard.method,
+            method = %guard.method.method,
             trace_id = %context.trace_id_hex()
         );
         let call = async move {
