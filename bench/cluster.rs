@@ -639,6 +639,15 @@ async fn describe_rps() {
     ] {
         let regions = regions.clone();
         let expected = if request.image_ids.is_empty() { 20 } else { 1 };
+        let pids = [
+            ("region", cluster.regions["ap-guangzhou"].pid()),
+            ("sharing", cluster.sharing.pid()),
+            ("load generator", Some(std::process::id())),
+        ];
+        let before: Vec<(f64, f64)> = pids
+            .iter()
+            .map(|(_, p)| p.map(cpu_split).unwrap_or_default())
+            .collect();
         let (rps, hist) = closed_loop(CALLERS, SECS, move |caller| {
             let mut client = regions[caller % CONNECTIONS].clone();
             let request = request.clone();
@@ -657,6 +666,17 @@ async fn describe_rps() {
             hist.value_at_quantile(0.5),
             hist.value_at_quantile(0.99)
         );
+        // CPU over the warm-up and the measured calls: per call, over both.
+        let calls = rps * (SECS + 1.0);
+        for ((name, pid), (u, s)) in pids.iter().zip(&before) {
+            let (u2, s2) = pid.map(cpu_split).unwrap_or_default();
+            println!(
+                "    {name} CPU: user {:.2}s system {:.2}s (~{:.0}us a call)",
+                u2 - u,
+                s2 - s,
+                (u2 - u + s2 - s) / calls * 1e6
+            );
+        }
         figures.push((what, rps));
     }
     let (what, rps) = figures

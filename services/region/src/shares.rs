@@ -89,10 +89,8 @@ impl Region {
         image_id: &str,
         caller: &str,
     ) -> Result<(ImageRow, Access)> {
-        let id = image_id.to_string();
         let image = self
-            .read(move |store| store.image(&id))
-            .await?
+            .read_row(|store| store.image(image_id))?
             .ok_or_else(|| RegionError::ImageNotFound(image_id.to_string()))?;
         if image.is_public() {
             return Ok((image, Access::Public));
