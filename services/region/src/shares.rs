@@ -21,8 +21,8 @@ use imagefleet_rpc::Credentials;
 use tonic::Code;
 
 /// The HTTP/2 connections of a region's channel to the sharing service, used in turn: each is
-/// driven by one task on either side, and the checks of many concurrent launches went ~1.3-1.4x
-/// faster over four than over one (`share_rps`, bench/RESULTS.md).
+/// driven by one task on either side, and the checks of many concurrent launches went up to
+/// ~1.4x faster over four than over one (`share_rps`, bench/RESULTS.md).
 const SHARING_CONNECTIONS: usize = 4;
 
 /// A region's client of the sharing service.
