@@ -18,9 +18,10 @@
 //!   100 ms RTT and 500 Mbit/s between the two regions (`SetLinks`), against the link's rate.
 //! - copy_rss: peak RSS (VmHWM, reset before the copy) of either region service during
 //!   copy_full, against 100 MiB.
-//! - share_rps: signed `CheckShare` calls per second to the sharing service (the check every
-//!   launch of a shared image makes) at 50 concurrent callers, against `redis-benchmark`
-//!   unpipelined GETs with 50 clients on the same Redis.
+//! - share_rps: share checks per second (signed `CheckShare` calls to the sharing service, the
+//!   check every launch of a shared image makes) made as the region makes them, through
+//!   `imagefleet_region::ShareChecker` and its one channel, at 50 concurrent callers, against
+//!   `redis-benchmark` unpipelined GETs with 50 clients on the same Redis.
 //! - noisy_neighbour: account A's p99 latency of `DescribeInstances` (default page) and
 //!   `DescribeImageQuota` in a region where account B holds 200,000 instances and runs 8
 //!   concurrent readers, against A's p99 for the same calls in the same region before B
@@ -468,27 +469,18 @@ async fn launch(cluster: &Cluster, region: &mut Region, image_id: &str) {
 }
 
 async fn share_rps() {
-    use imagefleet_proto::sharing::v1::sharing_internal_service_client::SharingInternalServiceClient;
-    use imagefleet_proto::sharing::v1::{CheckShareRequest, SetImageOwnerRequest};
+    use imagefleet_proto::sharing::v1::SetImageOwnerRequest;
+    const REGION: &str = "ap-guangzhou";
     let cluster = Cluster::start(&[]).await;
-    // A few HTTP/2 connections, as a region's callers would spread over; one connection is
-    // driven by one task on each side.
-    const CONNECTIONS: usize = 4;
-    let clients: Vec<_> = (0..CONNECTIONS)
-        .map(|_| {
-            let channel = imagefleet_rpc::client::signed_channel(
-                &cluster.sharing.url(),
-                // The sharing maps are changed by regions only.
-                cluster.service_credentials_as("region-ap-guangzhou"),
-                imagefleet_rpc::client::SHARING_SCOPE,
-            )
-            .expect("channel");
-            SharingInternalServiceClient::new(channel)
-        })
-        .collect();
-    let client = clients[0].clone();
-    client
-        .clone()
+    // The check as the region's launch path makes it: through the region's own share checker
+    // and its one channel to the sharing service, built as `Region::open` builds it.
+    let checker = imagefleet_region::ShareChecker::connect(
+        &cluster.sharing.url(),
+        imagefleet_region::service_credentials(REGION, &cluster.service_key),
+    )
+    .expect("share checker");
+    checker
+        .client()
         .set_image_owner(SetImageOwnerRequest {
             image_id: "img-bench001".into(),
             owner_account_id: cluster.accounts[0].account_id.clone(),
@@ -523,27 +515,22 @@ async fn share_rps() {
 
     const CALLERS: usize = 50;
     let run = |secs: f64| {
-        let clients = clients.clone();
+        let checker = checker.clone();
         let bob = bob.clone();
         async move {
             let deadline = Instant::now() + Duration::from_secs_f64(secs);
             let mut tasks = Vec::new();
-            for caller in 0..CALLERS {
-                let mut client = clients[caller % clients.len()].clone();
+            for _ in 0..CALLERS {
+                let checker = checker.clone();
                 let bob = bob.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
                     while Instant::now() < deadline {
                         let start = Instant::now();
-                        let shared = client
-                            .check_share(CheckShareRequest {
-                                image_id: "img-bench001".into(),
-                                account_id: bob.clone(),
-                            })
+                        let shared = checker
+                            .is_shared("img-bench001", &bob)
                             .await
-                            .expect("check share")
-                            .into_inner()
-                            .shared;
+                            .expect("check share");
                         assert!(!shared);
                         let _ = hist.record(start.elapsed().as_micros() as u64);
                     }
@@ -579,7 +566,7 @@ async fn share_rps() {
     }
     let rps = hist.len() as f64 / secs;
     println!(
-        "  share_rps latency: p50 {}us p99 {}us p999 {}us ({} calls, {CALLERS} callers on {CONNECTIONS} connections)",
+        "  share_rps latency: p50 {}us p99 {}us p999 {}us ({} calls, {CALLERS} callers on the region's share checker)",
         hist.value_at_quantile(0.5),
         hist.value_at_quantile(0.99),
         hist.value_at_quantile(0.999),
@@ -725,6 +712,15 @@ async fn describe_rps() {
     ] {
         let regions = regions.clone();
         let expected = if request.image_ids.is_empty() { 20 } else { 1 };
+        let pids = [
+            ("region", cluster.regions["ap-guangzhou"].pid()),
+            ("sharing", cluster.sharing.pid()),
+            ("load generator", Some(std::process::id())),
+        ];
+        let before: Vec<(f64, f64)> = pids
+            .iter()
+            .map(|(_, p)| p.map(cpu_split).unwrap_or_default())
+            .collect();
         let (rps, hist) = closed_loop(CALLERS, SECS, move |caller| {
             let mut client = regions[caller % CONNECTIONS].clone();
             let request = request.clone();
@@ -743,6 +739,17 @@ async fn describe_rps() {
             hist.value_at_quantile(0.5),
             hist.value_at_quantile(0.99)
         );
+        // CPU over the warm-up and the measured calls: per call, over both.
+        let calls = rps * (SECS + 1.0);
+        for ((name, pid), (u, s)) in pids.iter().zip(&before) {
+            let (u2, s2) = pid.map(cpu_split).unwrap_or_default();
+            println!(
+                "    {name} CPU: user {:.2}s system {:.2}s (~{:.0}us a call)",
+                u2 - u,
+                s2 - s,
+                (u2 - u + s2 - s) / calls * 1e6
+            );
+        }
         figures.push((what, rps));
     }
     let (what, rps) = figures
@@ -1192,7 +1199,13 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    // A filter names a figure (`share_rps`) or a part of its name (`share`).
+    let wanted = |name: &str| {
+        filter.is_empty()
+            || filter
+                .iter()
+                .any(|f| name.contains(f.as_str()) || f.starts_with(name))
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

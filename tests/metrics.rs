@@ -1,6 +1,8 @@
 //! Metrics and load shedding of real services: every call is counted by method, code and
 //! reason with a latency histogram; a server past its concurrency limit refuses new calls at
-//! once with RESOURCE_EXHAUSTED; `imaged dev` names each service's metrics URL in cluster.json.
+//! once with RESOURCE_EXHAUSTED; `imaged dev` names each service's metrics URL in cluster.json;
+//! the emulated links between regions count the bytes they carry and the time calls wait on a
+//! partition.
 
 mod common;
 
@@ -192,6 +194,133 @@ async fn calls_are_counted_by_method_code_and_reason_and_overload_is_shed() {
         "{text}"
     );
     assert!(text.contains("code=\"ResourceExhausted\",reason=\"RequestLimitExceeded.ServerBusy\""));
+}
+
+/// The sum of the values of every series of `name` whose labels include `labels`.
+fn sum_of(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix('{'))
+        .filter(|rest| rest.contains(labels))
+        .filter_map(|rest| rest.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn link_counters_count_a_copys_bytes_and_the_wait_on_a_partition() {
+    use imagefleet_proto::region::v1::region_internal_service_client::RegionInternalServiceClient;
+    use imagefleet_rpc::client::{region_scope, signed_channel};
+    const GZ: &str = "ap-guangzhou";
+    const SH: &str = "ap-shanghai";
+    let ports = [free_port(), free_port()];
+    let env = |port: u16| {
+        RegionOptions::env(&[("IMAGEFLEET_METRICS_LISTEN", &format!("127.0.0.1:{port}"))])
+    };
+    let cluster = Cluster::start_with(&[GZ, SH], &[(GZ, env(ports[0])), (SH, env(ports[1]))]).await;
+    let urls = ports.map(|port| format!("http://127.0.0.1:{port}/metrics"));
+    let set_links = |link: &'static str| {
+        let clients: Vec<_> = [GZ, SH]
+            .iter()
+            .map(|region| {
+                RegionInternalServiceClient::new(
+                    signed_channel(
+                        &cluster.region_url(region),
+                        cluster.service_credentials(),
+                        &region_scope(region),
+                    )
+                    .unwrap(),
+                )
+            })
+            .collect();
+        async move {
+            for mut client in clients {
+                client
+                    .set_links(SetLinksRequest {
+                        links: vec![link.to_string()],
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    // Data from Guangzhou to Shanghai, counted by whichever region made the connection.
+    let pair = format!("from=\"{GZ}\",to=\"{SH}\"");
+    let scrape = |name: &str| {
+        urls.iter()
+            .map(|url| sum_of(&http_get(url), name, &pair))
+            .sum::<f64>()
+    };
+
+    let mut gz = cluster.region(GZ, 0);
+    let mut sh = cluster.region(SH, 0);
+    const SIZE: usize = 4 << 20;
+    let image_id = gz
+        .upload_image(futures::stream::iter(vec![UploadImageRequest {
+            parameters: Some(ImportImageParameters {
+                image_name: "linked".into(),
+                platform: "Other".into(),
+                os_version: "-".into(),
+                ..Default::default()
+            }),
+            size_bytes: SIZE as u64,
+            data: random_bytes(SIZE),
+        }]))
+        .await
+        .unwrap()
+        .into_inner()
+        .image_id;
+    wait_image_state(&mut gz, &image_id, ImageState::Normal).await;
+
+    set_links("ap-guangzhou,ap-shanghai=rtt:10ms,rate:1gbit").await;
+    let bytes_before = scrape("imagefleet_link_bytes_total");
+    let copy = gz
+        .sync_images(SyncImagesRequest {
+            image_ids: vec![image_id.clone()],
+            destination_regions: vec![SH.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_set
+        .remove(0)
+        .image_id;
+    wait_copy_normal(&mut sh, &copy).await;
+    let bytes_after = scrape("imagefleet_link_bytes_total");
+    assert!(
+        bytes_after - bytes_before >= SIZE as f64,
+        "the link carried {} bytes of a {SIZE}-byte copy",
+        bytes_after - bytes_before
+    );
+
+    // A call over a partitioned link: refused, and the wait counts until the link is up.
+    set_links("ap-guangzhou,ap-shanghai=down").await;
+    let waited_before = scrape("imagefleet_link_down_wait_seconds_total");
+    let refused = gz
+        .sync_images(SyncImagesRequest {
+            image_ids: vec![image_id.clone()],
+            destination_regions: vec![SH.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = scrape("imagefleet_link_down_wait_seconds_total");
+    assert!(
+        waiting - waited_before >= 0.4,
+        "waited {}s on the partition",
+        waiting - waited_before
+    );
+    set_links("ap-guangzhou,ap-shanghai=up").await;
+    let waited = scrape("imagefleet_link_down_wait_seconds_total");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Up again: the wait stops growing.
+    assert_eq!(scrape("imagefleet_link_down_wait_seconds_total"), waited);
+    let text = http_get(&urls[0]);
+    assert!(
+        text.contains("# TYPE imagefleet_link_throttle_wait_seconds_total counter"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -295,18 +295,20 @@ impl RegionApi {
             req.limit,
             &req.page_token,
         )?;
-        let store = self.region.store.clone();
-        let owner = caller.clone();
-        let mut rows = blocking(move || store.visible_images(&owner)).await?;
-        if req.image_ids.is_empty() {
+        let region = self.region.name().to_string();
+        let matching: Vec<Image> = if req.image_ids.is_empty() {
+            let owner = caller.clone();
+            // The region's own rows and the sharing service's list, asked at the same time.
+            let (rows, shared) = tokio::join!(
+                self.region.read(move |store| store.visible_images(&owner)),
+                self.region.shared_with(&caller)
+            );
+            let mut rows = rows?;
             // Listings go on without shared images while the sharing service is down.
-            match self.region.shared_with(&caller).await {
+            match shared {
                 Ok(shared) => rows.extend(shared),
                 Err(e) => tracing::warn!(error = %e, "listing without shared images"),
             }
-        }
-        let region = self.region.name().to_string();
-        let matching: Vec<Image> = if req.image_ids.is_empty() {
             rows.iter()
                 .map(|r| image_message(r, &caller, &region))
                 .filter(|image| {
@@ -325,13 +327,10 @@ impl RegionApi {
                 })
                 .collect()
         } else {
+            // Each image by its id: public, the caller's, shared with the caller, or not there.
             let mut found = Vec::with_capacity(req.image_ids.len());
             for id in &req.image_ids {
-                let row = match rows.iter().find(|r| &r.image_id == id) {
-                    Some(row) => row.clone(),
-                    // Not public and not the caller's: shared with the caller, or not there.
-                    None => self.region.resolve_image(id, &caller).await?.0,
-                };
+                let (row, _) = self.region.resolve_image(id, &caller).await?;
                 found.push(image_message(&row, &caller, &region));
             }
             found
@@ -349,8 +348,10 @@ impl RegionApi {
             .map(|i| i.image_id.clone())
             .collect();
         if !imported.is_empty() {
-            let store = self.region.store.clone();
-            let imports = blocking(move || store.imports_for(&imported)).await?;
+            let imports = self
+                .region
+                .read(move |store| store.imports_for(&imported))
+                .await?;
             for image in &mut image_set {
                 if let Some(row) = imports.get(&image.image_id) {
                     image.import_progress = Some(ImportProgress {
@@ -365,8 +366,10 @@ impl RegionApi {
             }
         }
         if !copied.is_empty() {
-            let store = self.region.store.clone();
-            let tasks = blocking(move || store.copy_tasks_for(&copied)).await?;
+            let tasks = self
+                .region
+                .read(move |store| store.copy_tasks_for(&copied))
+                .await?;
             for image in &mut image_set {
                 if let Some(task) = tasks.get(&image.image_id) {
                     image.sync_progress = Some(sync_progress(task));

@@ -37,7 +37,8 @@ mod telemetry;
 mod validate;
 
 pub use fairness::FairShare;
-pub use region::{ImportLimits, Region, RegionConfig, StorageLimits};
+pub use region::{service_credentials, ImportLimits, Region, RegionConfig, StorageLimits};
+pub use shares::{ShareChecker, SharingClient};
 
 use imagefleet_proto::catalog::v1::{RegisterImageRequest, RegisterRegionRequest};
 use imagefleet_proto::region::v1::region_internal_service_server::RegionInternalServiceServer;

@@ -131,10 +131,30 @@ pub fn canonical_string(
 
 /// Lowercase hex HMAC-SHA256 of `message` under `secret_key`.
 pub fn signature(secret_key: &str, message: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret_key.as_bytes())
-        .expect("HMAC accepts keys of any length");
+    signature_with(&keyed(secret_key), message)
+}
+
+/// HMAC-SHA256 keyed with `secret_key`, to sign many messages with (`signature_with`).
+fn keyed(secret_key: &str) -> Hmac<Sha256> {
+    Hmac::<Sha256>::new_from_slice(secret_key.as_bytes()).expect("HMAC accepts keys of any length")
+}
+
+/// Lowercase hex HMAC-SHA256 of `message` under the key of `mac` (which is left as it was).
+fn signature_with(mac: &Hmac<Sha256>, message: &str) -> String {
+    let mut mac = mac.clone();
     mac.update(message.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    lower_hex(&mac.finalize().into_bytes())
+}
+
+/// Lowercase hex of `bytes` (what `hex::encode` gives, without going through `char`s).
+fn lower_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
+    }
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 /// Lowercase hex sha256 of the messages in a gRPC request body (the bytes after each 5-byte
@@ -155,12 +175,12 @@ pub fn body_sha256(body: &[u8]) -> Option<String> {
         hasher.update(&rest[5..end]);
         rest = &rest[end..];
     }
-    Some(hex::encode(hasher.finalize()))
+    Some(lower_hex(&hasher.finalize()))
 }
 
 /// A fresh random nonce (128 bits, hex).
 pub fn new_nonce() -> String {
-    hex::encode(rand::random::<[u8; 16]>())
+    lower_hex(&rand::random::<[u8; 16]>())
 }
 
 /// Adds the five signing headers for a call of `path` to `scope` with the given content digest.
@@ -173,19 +193,42 @@ pub fn sign_headers(
     timestamp: i64,
     nonce: &str,
 ) {
+    sign_headers_with(
+        headers,
+        &credentials.secret_id,
+        &keyed(&credentials.secret_key),
+        (path, scope, content_sha256),
+        timestamp,
+        nonce,
+    )
+}
+
+/// `sign_headers` with the HMAC already keyed.
+fn sign_headers_with(
+    headers: &mut HeaderMap,
+    secret_id: &str,
+    mac: &Hmac<Sha256>,
+    (path, scope, content_sha256): (&str, &str, &str),
+    timestamp: i64,
+    nonce: &str,
+) {
     let timestamp = timestamp.to_string();
     let canonical = canonical_string(path, scope, &timestamp, nonce, content_sha256);
-    let sig = signature(&credentials.secret_key, &canonical);
-    let mut put = |name: &'static str, value: &str| {
-        if let Ok(v) = http::HeaderValue::from_str(value) {
+    let sig = signature_with(mac, &canonical);
+    // Every value but the SecretId is new with each call: marked sensitive, HTTP/2 sends them
+    // as never-indexed literals instead of churning both sides' header tables with them (which
+    // also pushed out the headers that repeat: path, content type, SecretId).
+    let mut put = |name: &'static str, value: &str, sensitive: bool| {
+        if let Ok(mut v) = http::HeaderValue::from_str(value) {
+            v.set_sensitive(sensitive);
             headers.insert(name, v);
         }
     };
-    put(HEADER_SECRET_ID, &credentials.secret_id);
-    put(HEADER_TIMESTAMP, &timestamp);
-    put(HEADER_NONCE, nonce);
-    put(HEADER_CONTENT_SHA256, content_sha256);
-    put(HEADER_SIGNATURE, &sig);
+    put(HEADER_SECRET_ID, secret_id, false);
+    put(HEADER_TIMESTAMP, &timestamp, true);
+    put(HEADER_NONCE, nonce, true);
+    put(HEADER_CONTENT_SHA256, content_sha256, true);
+    put(HEADER_SIGNATURE, &sig, true);
 }
 
 /// An account's key, as the verifier needs it.
@@ -329,7 +372,10 @@ pub struct Verifier {
     /// What this server is, as clients name it in the canonical string
     /// (`catalog`, `sharing`, `region:ap-guangzhou`).
     scope: String,
-    service_key: String,
+    /// HMAC keyed with the service key (service credentials' signatures).
+    service_mac: Hmac<Sha256>,
+    /// This server's identity (`identity_of_scope` of `scope`).
+    identity: String,
     accounts: Arc<dyn AccountKeys>,
     nonces: NonceCache,
     replay_floor: Option<ReplayFloor>,
@@ -370,9 +416,11 @@ impl Verifier {
         service_key: impl Into<String>,
         accounts: Arc<dyn AccountKeys>,
     ) -> Self {
+        let scope = scope.into();
         Verifier {
-            scope: scope.into(),
-            service_key: service_key.into(),
+            identity: crate::identity::identity_of_scope(&scope),
+            scope,
+            service_mac: keyed(&service_key.into()),
             accounts,
             nonces: NonceCache::default(),
             replay_floor: None,
@@ -409,7 +457,7 @@ impl Verifier {
 
     /// The identity of this server (`catalog`, `sharing`, `region-<id>`).
     pub fn identity(&self) -> String {
-        crate::identity::identity_of_scope(&self.scope)
+        self.identity.clone()
     }
 
     /// Checks the headers of a call to `path` made without a client certificate.
@@ -463,10 +511,10 @@ impl Verifier {
                     "the SecretId names no service of this cluster",
                 ));
             }
-            (Caller::Service(name.to_string()), self.service_key.clone())
+            (Caller::Service(name.to_string()), None)
         } else {
             match self.accounts.lookup(secret_id).await? {
-                Some(k) => (Caller::Account(k.account_id), k.secret_key),
+                Some(k) => (Caller::Account(k.account_id), Some(keyed(&k.secret_key))),
                 None => {
                     return Err(unauthenticated(
                         "AuthFailure.SecretIdNotFound",
@@ -475,8 +523,8 @@ impl Verifier {
                 }
             }
         };
-        let expected = signature(
-            &key,
+        let expected = signature_with(
+            key.as_ref().unwrap_or(&self.service_mac),
             &canonical_string(path, &self.scope, timestamp_text, nonce, content),
         );
         if !constant_time_eq(expected.as_bytes(), sig.as_bytes()) {
@@ -494,7 +542,7 @@ impl Verifier {
             }
         }
         if let (Caller::Service(_), crate::tls::Peer::NoCertificate) = (&caller, peer) {
-            if crate::tls::mutual(&self.identity()) {
+            if crate::tls::mutual(&self.identity) {
                 return Err(unauthenticated(
                     "AuthFailure.CertificateMismatch",
                     "service credentials need the service's client certificate",
@@ -697,16 +745,39 @@ where
 #[derive(Clone)]
 pub struct SigningService<S> {
     inner: S,
-    credentials: Arc<Credentials>,
-    scope: Arc<str>,
+    signer: Arc<Signer>,
+}
+
+/// What a client signs with: its SecretId, the HMAC keyed with its SecretKey, the scope.
+struct Signer {
+    secret_id: String,
+    mac: Hmac<Sha256>,
+    scope: String,
+}
+
+impl Signer {
+    /// Signs a call of `path` whose message digest is `content`, now, with a fresh nonce.
+    fn sign(&self, headers: &mut HeaderMap, path: &str, content: &str) {
+        sign_headers_with(
+            headers,
+            &self.secret_id,
+            &self.mac,
+            (path, &self.scope, content),
+            crate::time::unix_now(),
+            &new_nonce(),
+        );
+    }
 }
 
 impl<S> SigningService<S> {
     pub fn new(inner: S, credentials: Credentials, scope: &str) -> Self {
         SigningService {
             inner,
-            credentials: Arc::new(credentials),
-            scope: Arc::from(scope),
+            signer: Arc::new(Signer {
+                mac: keyed(&credentials.secret_key),
+                secret_id: credentials.secret_id,
+                scope: scope.to_string(),
+            }),
         }
     }
 }
@@ -730,20 +801,13 @@ where
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let credentials = self.credentials.clone();
-        let scope = self.scope.clone();
+        let signer = self.signer.clone();
         Box::pin(async move {
             let path = request.uri().path().to_string();
             let (mut parts, body) = request.into_parts();
             crate::trace::inject(&mut parts.headers);
             let body = if client_streaming_paths().contains(&path) {
-                sign_parts(
-                    &mut parts.headers,
-                    &credentials,
-                    &path,
-                    &scope,
-                    UNSIGNED_PAYLOAD,
-                );
+                signer.sign(&mut parts.headers, &path, UNSIGNED_PAYLOAD);
                 body
             } else {
                 let mut buf = BytesMut::new();
@@ -755,7 +819,7 @@ where
                 }
                 let bytes = buf.freeze();
                 let digest = body_sha256(&bytes).ok_or("request body is not gRPC-framed")?;
-                sign_parts(&mut parts.headers, &credentials, &path, &scope, &digest);
+                signer.sign(&mut parts.headers, &path, &digest);
                 // Kept to send again, signed anew, if the server started after it was signed.
                 let mut again = Request::new(Body::new(http_body_util::Full::new(bytes.clone())));
                 *again.method_mut() = parts.method.clone();
@@ -779,7 +843,7 @@ where
                 while crate::time::unix_now() <= signed_at {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
-                sign_parts(again.headers_mut(), &credentials, &path, &scope, &digest);
+                signer.sign(again.headers_mut(), &path, &digest);
                 use tower::ServiceExt;
                 return inner
                     .ready()
@@ -795,24 +859,6 @@ where
                 .map_err(Into::into)
         })
     }
-}
-
-fn sign_parts(
-    headers: &mut HeaderMap,
-    credentials: &Credentials,
-    path: &str,
-    scope: &str,
-    content: &str,
-) {
-    sign_headers(
-        headers,
-        credentials,
-        path,
-        scope,
-        content,
-        crate::time::unix_now(),
-        &new_nonce(),
-    );
 }
 
 #[cfg(test)]
@@ -977,6 +1023,7 @@ mod tests {
         let mut framed = vec![0u8, 0, 0, 0, 3];
         framed.extend_from_slice(b"abc");
         let expected = hex::encode(Sha256::digest(b"abc"));
+        assert_eq!(lower_hex(&Sha256::digest(b"abc")), expected);
         assert_eq!(body_sha256(&framed).as_deref(), Some(expected.as_str()));
         assert_eq!(body_sha256(&[0, 0, 0, 0, 9, 1]), None);
         assert_eq!(body_sha256(&[1, 0, 0, 0, 0]), None);

@@ -8,6 +8,10 @@
 //! by a retransmission timeout, and, when down, refuses new connections and resets open ones.
 //! Settings live in a `Links` table shared by every connection, and are looked up live: a
 //! change applies to open connections too.
+//!
+//! Each connection counts what its links do (`LinkMetrics`), in the metrics registry of the
+//! region that made it (`region-<from>`), by ordered pair: bytes carried, segments lost, time
+//! spent waiting for the rate, and time its calls waited on a partition.
 
 use bytes::{Buf, Bytes};
 use std::collections::{HashMap, VecDeque};
@@ -340,6 +344,83 @@ struct Inner {
     /// Bumped at every change.
     generation: AtomicU64,
     changed: watch::Sender<u64>,
+    /// Pairs (from, to) whose connections a partition refused or reset, since when they wait
+    /// for it to end, with the counter the wait goes to.
+    waits: Mutex<DownWaits>,
+}
+
+#[derive(Default)]
+struct DownWaits {
+    waiting: HashMap<(String, String), (std::time::Instant, Arc<crate::metrics::Series>)>,
+    /// Pairs whose registry refreshes the wait at each scrape (`Links::note_down`).
+    hooked: std::collections::HashSet<(String, String)>,
+}
+
+/// What the links of one ordered pair did to the connections of one region.
+pub struct LinkMetrics {
+    /// Bytes carried (sent by `from` to `to`), emulated or not.
+    bytes: Arc<crate::metrics::Series>,
+    /// Segments "lost" (delayed by a retransmission timeout).
+    dropped: Arc<crate::metrics::Series>,
+    /// Time segments waited for the link's rate before leaving, summed over segments.
+    throttled: Arc<crate::metrics::Series>,
+}
+
+impl LinkMetrics {
+    /// The counters of data from `from` to `to` on connections region `owner` made.
+    pub fn of(owner: &str, from: &str, to: &str) -> Arc<LinkMetrics> {
+        type Known = HashMap<(String, String, String), Arc<LinkMetrics>>;
+        static KNOWN: OnceLock<Mutex<Known>> = OnceLock::new();
+        let key = (owner.to_string(), from.to_string(), to.to_string());
+        let mut known = KNOWN
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        known
+            .entry(key)
+            .or_insert_with(|| {
+                let registry = crate::metrics::registry(&format!("region-{owner}"));
+                let labels = [("from", from), ("to", to)];
+                Arc::new(LinkMetrics {
+                    bytes: registry.counter(
+                        "imagefleet_link_bytes_total",
+                        "Bytes carried between two regions, by direction (emulated links or not).",
+                        &labels,
+                    ),
+                    dropped: registry.counter(
+                        "imagefleet_link_dropped_total",
+                        "Segments an emulated link lost (each arrives a retransmission timeout late).",
+                        &labels,
+                    ),
+                    throttled: registry.seconds_counter(
+                        "imagefleet_link_throttle_wait_seconds_total",
+                        "Time segments waited for an emulated link's rate, summed over segments.",
+                        &labels,
+                    ),
+                })
+            })
+            .clone()
+    }
+}
+
+fn down_wait_series(from: &str, to: &str) -> Arc<crate::metrics::Series> {
+    crate::metrics::registry(&format!("region-{from}")).seconds_counter(
+        "imagefleet_link_down_wait_seconds_total",
+        "Time from a connection refused or reset by a partition of the link until the link was up again.",
+        &[("from", from), ("to", to)],
+    )
+}
+
+/// Whether connections of (from, to) are partitioned in `table` (either direction down).
+fn table_down(table: &Table, from: &str, to: &str) -> bool {
+    let down = |a: &str, b: &str| {
+        table
+            .pairs
+            .get(a)
+            .and_then(|m| m.get(b))
+            .is_some_and(|s| s.down)
+    };
+    down(from, to) || down(to, from)
 }
 
 /// The links of a process, by ordered pair of regions (from, to). Cheap to clone: clones
@@ -371,6 +452,7 @@ impl Links {
                 active: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
                 changed: watch::channel(0).0,
+                waits: Mutex::new(DownWaits::default()),
             }),
         }
     }
@@ -398,6 +480,17 @@ impl Links {
     }
 
     fn changed(&self, table: &Table) {
+        {
+            let mut waits = self.inner.waits.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            waits.waiting.retain(|(from, to), (since, series)| {
+                if table_down(table, from, to) {
+                    return true;
+                }
+                series.add_duration(now.saturating_duration_since(*since));
+                false
+            });
+        }
         let active = table.realistic || table.pairs.values().any(|m| !m.is_empty());
         self.inner.active.store(active, Ordering::Release);
         let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
@@ -481,6 +574,35 @@ impl Links {
         self.inner.generation.load(Ordering::Acquire)
     }
 
+    /// A connection of (from, to) was refused or reset by a partition: the pair's calls wait
+    /// from now until the link is up (`imagefleet_link_down_wait_seconds_total`, refreshed at
+    /// each scrape while the wait lasts).
+    fn note_down(&self, from: &str, to: &str) {
+        let key = (from.to_string(), to.to_string());
+        let mut waits = self.inner.waits.lock().unwrap_or_else(|e| e.into_inner());
+        if waits.waiting.contains_key(&key) {
+            return;
+        }
+        waits.waiting.insert(
+            key.clone(),
+            (std::time::Instant::now(), down_wait_series(from, to)),
+        );
+        if waits.hooked.insert(key.clone()) {
+            let inner = Arc::downgrade(&self.inner);
+            crate::metrics::registry(&format!("region-{from}")).on_render(move |_| {
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                let mut waits = inner.waits.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((since, series)) = waits.waiting.get_mut(&key) {
+                    let now = std::time::Instant::now();
+                    series.add_duration(now.saturating_duration_since(*since));
+                    *since = now;
+                }
+            });
+        }
+    }
+
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.changed.subscribe()
     }
@@ -519,8 +641,15 @@ impl Shaper {
             || self.tat.saturating_duration_since(now) <= Self::tolerance(spec) + MAX_BACKLOG
     }
 
-    /// When a segment of `len` bytes handed over now comes out at the other end.
-    fn release(&mut self, spec: &LinkSpec, len: usize, now: Instant) -> Instant {
+    /// When a segment of `len` bytes handed over now comes out at the other end; counts the
+    /// time it waits for the rate and its loss in `metrics`.
+    fn release(
+        &mut self,
+        spec: &LinkSpec,
+        len: usize,
+        now: Instant,
+        metrics: &LinkMetrics,
+    ) -> Instant {
         let depart = if spec.rate_bps == 0 {
             now
         } else {
@@ -528,6 +657,9 @@ impl Shaper {
             let interval = Duration::from_secs_f64(len as f64 * 8.0 / spec.rate_bps as f64);
             let depart = now.max(self.tat.checked_sub(tau).unwrap_or(now));
             self.tat = self.tat.max(depart) + interval;
+            if depart > now {
+                metrics.throttled.add_duration(depart - now);
+            }
             depart
         };
         let mut delay = spec.one_way();
@@ -536,6 +668,7 @@ impl Shaper {
         }
         if spec.loss_percent > 0.0 && rand::random::<f64>() * 100.0 < spec.loss_percent {
             delay += MIN_RETRANSMIT.max(spec.rtt);
+            metrics.dropped.inc();
         }
         let release = (depart + delay).max(self.last_release);
         self.last_release = release;
@@ -562,11 +695,14 @@ struct Pipe {
     state: Mutex<PipeState>,
     /// Wakes the direction's pump task.
     pump: Notify,
+    /// The direction's counters.
+    metrics: Arc<LinkMetrics>,
 }
 
 impl Pipe {
-    fn new() -> Arc<Pipe> {
+    fn new(metrics: Arc<LinkMetrics>) -> Arc<Pipe> {
         Arc::new(Pipe {
+            metrics,
             state: Mutex::new(PipeState {
                 queue: VecDeque::new(),
                 queued: 0,
@@ -608,10 +744,11 @@ impl PipeState {
     }
 
     /// Queues `data` in segments, each stamped with its release time.
-    fn push(&mut self, spec: &LinkSpec, mut data: Bytes, now: Instant) {
+    fn push(&mut self, spec: &LinkSpec, mut data: Bytes, now: Instant, metrics: &LinkMetrics) {
+        metrics.bytes.add(data.len() as u64);
         while !data.is_empty() {
             let piece = data.split_to(data.len().min(SEGMENT));
-            let release = self.shaper.release(spec, piece.len(), now);
+            let release = self.shaper.release(spec, piece.len(), now, metrics);
             self.queued += piece.len();
             self.queue.push_back((release, piece));
         }
@@ -692,6 +829,9 @@ enum Mode {
 pub struct LinkStream {
     specs: Specs,
     mode: Mode,
+    /// Counters of the data written (from, to) and read (to, from).
+    sent: Arc<LinkMetrics>,
+    received: Arc<LinkMetrics>,
     /// Reset by a partition: every later read or write fails.
     reset: bool,
 }
@@ -716,6 +856,7 @@ impl LinkStream {
     ) -> io::Result<LinkStream> {
         let specs = Specs::new(links.clone(), from, to);
         if specs.down() {
+            links.note_down(from, to);
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 format!("link {from} -> {to} down: connection refused"),
@@ -739,6 +880,8 @@ impl LinkStream {
                 stream: Some(stream),
                 change: next_change(links),
             },
+            sent: LinkMetrics::of(from, from, to),
+            received: LinkMetrics::of(from, to, from),
             specs,
             reset: false,
         };
@@ -757,7 +900,10 @@ impl LinkStream {
             return;
         };
         let (read, write) = stream.into_split();
-        let (out, back) = (Pipe::new(), Pipe::new());
+        let (out, back) = (
+            Pipe::new(self.sent.clone()),
+            Pipe::new(self.received.clone()),
+        );
         tokio::spawn(pump_out(
             out.clone(),
             back.clone(),
@@ -786,6 +932,7 @@ impl LinkStream {
         if self.specs.refresh() {
             if self.specs.down() {
                 self.reset = true;
+                self.specs.links.note_down(&self.specs.from, &self.specs.to);
                 if let Mode::Shaped { out, back, .. } = &self.mode {
                     out.break_with(io::ErrorKind::ConnectionReset);
                     back.break_with(io::ErrorKind::ConnectionReset);
@@ -867,6 +1014,7 @@ async fn pump_back(pipe: Arc<Pipe>, other: Arc<Pipe>, mut socket: OwnedReadHalf,
     loop {
         specs.refresh();
         if specs.down() {
+            specs.links.note_down(&specs.from, &specs.to);
             pipe.break_with(io::ErrorKind::ConnectionReset);
             other.break_with(io::ErrorKind::ConnectionReset);
             return;
@@ -894,7 +1042,12 @@ async fn pump_back(pipe: Arc<Pipe>, other: Arc<Pipe>, mut socket: OwnedReadHalf,
                     let mut state = pipe.lock();
                     match read {
                         Ok(0) => state.finished = true,
-                        Ok(n) => state.push(&spec, Bytes::copy_from_slice(&buf[..n]), Instant::now()),
+                        Ok(n) => state.push(
+                            &spec,
+                            Bytes::copy_from_slice(&buf[..n]),
+                            Instant::now(),
+                            &pipe.metrics,
+                        ),
                         Err(ref e) => {
                             state.broken.get_or_insert(e.kind());
                         }
@@ -927,7 +1080,13 @@ impl AsyncRead for LinkStream {
         match &mut this.mode {
             Mode::Direct { stream, change } => {
                 let stream = stream.as_mut().expect("a direct stream");
+                let before = buf.filled().len();
                 let polled = Pin::new(stream).poll_read(cx, buf);
+                if let Poll::Ready(Ok(())) = polled {
+                    this.received
+                        .bytes
+                        .add((buf.filled().len() - before) as u64);
+                }
                 if polled.is_pending() && change.as_mut().poll(cx).is_ready() {
                     // Settings changed: look again (and wait for the next change).
                     *change = next_change(&this.specs.links);
@@ -994,7 +1153,12 @@ impl AsyncWrite for LinkStream {
         let spec = this.specs.out.unwrap_or_default();
         match &mut this.mode {
             Mode::Direct { stream, .. } => {
-                Pin::new(stream.as_mut().expect("a direct stream")).poll_write(cx, buf)
+                let polled =
+                    Pin::new(stream.as_mut().expect("a direct stream")).poll_write(cx, buf);
+                if let Poll::Ready(Ok(n)) = polled {
+                    this.sent.bytes.add(n as u64);
+                }
+                polled
             }
             Mode::Shaped { out, .. } => {
                 let now = Instant::now();
@@ -1013,7 +1177,12 @@ impl AsyncWrite for LinkStream {
                 let mut taken = 0;
                 while taken < buf.len() && state.has_room(&spec, now) {
                     let n = (buf.len() - taken).min(SEGMENT);
-                    state.push(&spec, Bytes::copy_from_slice(&buf[taken..taken + n]), now);
+                    state.push(
+                        &spec,
+                        Bytes::copy_from_slice(&buf[taken..taken + n]),
+                        now,
+                        &out.metrics,
+                    );
                     taken += n;
                 }
                 drop(state);

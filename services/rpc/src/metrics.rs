@@ -37,6 +37,8 @@ pub const STORE_BUCKETS: &[f64] = &[
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
     Counter,
+    /// A counter of time: kept in nanoseconds, shown in seconds.
+    SecondsCounter,
     Gauge,
     Histogram(&'static [f64]),
 }
@@ -73,6 +75,14 @@ impl Series {
     pub fn add(&self, n: u64) {
         self.value
             .fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// Counters of time (`Registry::seconds_counter`): adds `d`.
+    pub fn add_duration(&self, d: Duration) {
+        self.value.fetch_add(
+            i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Gauges: the current value.
@@ -177,6 +187,17 @@ impl Registry {
         self.series(name, help, Kind::Counter, labels)
     }
 
+    /// A counter of time in seconds (a `_seconds_total` name), added to with
+    /// `Series::add_duration`.
+    pub fn seconds_counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+    ) -> Arc<Series> {
+        self.series(name, help, Kind::SecondsCounter, labels)
+    }
+
     pub fn gauge(
         &self,
         name: &'static str,
@@ -213,7 +234,7 @@ impl Registry {
         let mut out = String::new();
         for (name, family) in families.iter() {
             let kind = match family.kind {
-                Kind::Counter => "counter",
+                Kind::Counter | Kind::SecondsCounter => "counter",
                 Kind::Gauge => "gauge",
                 Kind::Histogram(_) => "histogram",
             };
@@ -225,6 +246,11 @@ impl Registry {
                         out.push_str(name);
                         write_labels(&mut out, labels, None);
                         let _ = writeln!(out, " {}", series.get());
+                    }
+                    Kind::SecondsCounter => {
+                        out.push_str(name);
+                        write_labels(&mut out, labels, None);
+                        let _ = writeln!(out, " {}", series.get() as f64 / 1e9);
                     }
                     Kind::Histogram(bounds) => {
                         let mut cumulative = 0u64;
@@ -300,45 +326,81 @@ struct CallState {
     in_flight: AtomicUsize,
     in_flight_gauge: Arc<Series>,
     shed: Arc<Series>,
-    /// Duration histograms by method, looked up once per method.
-    durations: RwLock<HashMap<String, Arc<Series>>>,
+    /// The series of each method, resolved once per method: a call looks its method up once
+    /// and records into these handles without building label sets.
+    methods: RwLock<HashMap<String, Arc<MethodSeries>>>,
+}
+
+/// The series of one method of a server.
+struct MethodSeries {
+    method: String,
+    /// `imagefleet_rpc_calls_total` of the method's successes (code `Ok`, no reason), made at
+    /// the first success.
+    ok: std::sync::OnceLock<Arc<Series>>,
+    /// `imagefleet_rpc_call_duration_seconds` of the method.
+    duration: Arc<Series>,
 }
 
 impl CallState {
-    fn record(&self, method: &str, code: tonic::Code, reason: &str, elapsed: Duration) {
-        let code = format!("{code:?}");
-        self.registry
-            .counter(
-                "imagefleet_rpc_calls_total",
-                "Calls answered, by method, gRPC status code and ErrorInfo reason.",
-                &[
-                    ("service", &self.service),
-                    ("method", method),
-                    ("code", &code),
-                    ("reason", reason),
-                ],
-            )
-            .inc();
-        let histogram = {
-            let known = self.durations.read().unwrap_or_else(|e| e.into_inner());
-            known.get(method).cloned()
-        };
-        let histogram = histogram.unwrap_or_else(|| {
-            let h = self.registry.histogram(
+    fn method(&self, method: &str) -> Arc<MethodSeries> {
+        if let Some(known) = self
+            .methods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(method)
+        {
+            return known.clone();
+        }
+        let series = Arc::new(MethodSeries {
+            method: method.to_string(),
+            ok: std::sync::OnceLock::new(),
+            duration: self.registry.histogram(
                 "imagefleet_rpc_call_duration_seconds",
                 "Time from a call's arrival to the end of its response.",
                 CALL_BUCKETS,
                 &[("service", &self.service), ("method", method)],
-            );
-            self.durations
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(method.to_string(), h.clone());
-            h
+            ),
         });
-        histogram.observe(elapsed);
+        let mut methods = self.methods.write().unwrap_or_else(|e| e.into_inner());
+        // Any string may arrive as a path: past a bound, unknown ones are not remembered
+        // (their series still are, in the registry).
+        if methods.len() < MAX_REMEMBERED_METHODS {
+            methods
+                .entry(method.to_string())
+                .or_insert_with(|| series.clone());
+        }
+        series
+    }
+
+    fn calls_series(&self, method: &str, code: tonic::Code, reason: &str) -> Arc<Series> {
+        let code = format!("{code:?}");
+        self.registry.counter(
+            "imagefleet_rpc_calls_total",
+            "Calls answered, by method, gRPC status code and ErrorInfo reason.",
+            &[
+                ("service", &self.service),
+                ("method", method),
+                ("code", &code),
+                ("reason", reason),
+            ],
+        )
+    }
+
+    fn record(&self, method: &MethodSeries, code: tonic::Code, reason: &str, elapsed: Duration) {
+        if code == tonic::Code::Ok && reason.is_empty() {
+            method
+                .ok
+                .get_or_init(|| self.calls_series(&method.method, code, reason))
+                .inc();
+        } else {
+            self.calls_series(&method.method, code, reason).inc();
+        }
+        method.duration.observe(elapsed);
     }
 }
+
+/// How many methods a server keeps resolved series handles of.
+const MAX_REMEMBERED_METHODS: usize = 1024;
 
 /// The tower layer every server runs calls through: counts and times them, and past
 /// `limit` calls in flight answers new ones at once with `RESOURCE_EXHAUSTED`
@@ -369,7 +431,7 @@ impl CallLayer {
                 in_flight: AtomicUsize::new(0),
                 in_flight_gauge,
                 shed,
-                durations: RwLock::new(HashMap::new()),
+                methods: RwLock::new(HashMap::new()),
             }),
         }
     }
@@ -396,7 +458,7 @@ pub struct CallService<S> {
 /// the call then if its status came in the trailers.
 struct InFlight {
     state: Arc<CallState>,
-    method: String,
+    method: Arc<MethodSeries>,
     started: Instant,
     /// Whether the call was recorded already (its status was in the response headers).
     recorded: bool,
@@ -414,7 +476,7 @@ impl InFlight {
                 crate::otlp::record(crate::otlp::FinishedSpan {
                     span,
                     service: self.state.service.clone(),
-                    name: self.method.trim_start_matches('/').to_string(),
+                    name: self.method.method.trim_start_matches('/').to_string(),
                     started: self.started,
                     code,
                     reason: reason.to_string(),
@@ -496,8 +558,8 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let state = self.state.clone();
-        let method = request.uri().path().to_string();
-        let health = method.starts_with("/grpc.health.");
+        let method = state.method(request.uri().path());
+        let health = method.method.starts_with("/grpc.health.");
         let started = Instant::now();
         let before = state.in_flight.fetch_add(1, Ordering::Relaxed);
         state.in_flight_gauge.inc();
@@ -529,7 +591,7 @@ where
         let span = tracing::info_span!(
             "rpc",
             service = %state.service,
-            method = %guard.method,
+            method = %guard.method.method,
             trace_id = %context.trace_id_hex()
         );
         let call = async move {
@@ -614,6 +676,8 @@ mod tests {
         h.observe(Duration::from_millis(500));
         h.observe(Duration::from_secs(5));
         r.gauge("x_bytes", "Bytes.", &[]).set(-2);
+        r.seconds_counter("x_wait_seconds_total", "Wait.", &[])
+            .add_duration(Duration::from_millis(1500));
         r.on_render(|r| r.gauge("x_free_bytes", "Free.", &[]).set(7));
         let text = r.render();
         assert!(text.contains("# TYPE x_calls_total counter\n"));
@@ -624,6 +688,8 @@ mod tests {
         assert!(text.contains("x_seconds_count{method=\"/a/B\"} 3\n"));
         assert!(text.contains("x_seconds_sum{method=\"/a/B\"} 5.55\n"));
         assert!(text.contains("x_bytes -2\n"));
+        assert!(text.contains("# TYPE x_wait_seconds_total counter\n"));
+        assert!(text.contains("x_wait_seconds_total 1.5\n"), "{text}");
         assert!(text.contains("x_free_bytes 7\n"), "{text}");
     }
 

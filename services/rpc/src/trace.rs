@@ -132,7 +132,9 @@ pub fn inject(headers: &mut http::HeaderMap) {
         return;
     }
     if let Some(span) = current() {
-        if let Ok(value) = http::HeaderValue::from_str(&span.header()) {
+        if let Ok(mut value) = http::HeaderValue::from_str(&span.header()) {
+            // New with each call: not worth a place in HTTP/2's header tables.
+            value.set_sensitive(true);
             headers.insert(TRACEPARENT, value);
         }
     }

@@ -45,7 +45,7 @@ use std::time::Duration;
 pub const DB_FILE: &str = "metadata.db";
 
 /// Idle read connections kept open.
-const MAX_IDLE_READERS: usize = 8;
+pub(crate) const MAX_IDLE_READERS: usize = 8;
 
 /// The metadata store. Cloning shares the connections.
 #[derive(Clone)]
