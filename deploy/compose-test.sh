@@ -346,6 +346,12 @@ info "copied $PROFILE imaged and imagectl to target/docker-prebuilt/ (removed ag
 # ---------------------------------------------------------------------------------------------
 step "compose config and image build"
 # ---------------------------------------------------------------------------------------------
+# The regions read their emulated links from a file (docs/links.md); this run gives them one
+# with a mainland link, and checks below that both ends of it applied it.
+LINK_ENTRY="ap-guangzhou,ap-shanghai=rtt:20ms"
+printf '# compose test\n%s\n' "$LINK_ENTRY" >"$WORK/links.conf"
+chmod 644 "$WORK/links.conf"
+export IMAGEFLEET_COMPOSE_LINKS="$WORK/links.conf"
 compose config -q
 # Every imagefleet service has the same build and image name: building one builds the image.
 if ! compose build catalog >"$WORK/build.log" 2>&1; then
@@ -362,6 +368,11 @@ CLUSTER_UP=1
 compose up -d --no-build
 wait_healthy 240 redis catalog sharing region-guangzhou region-shanghai region-singapore
 compose ps
+for svc in region-guangzhou region-shanghai; do
+    compose logs --no-color "$svc" 2>&1 | grep "emulated link" | grep -qF "$LINK_ENTRY" ||
+        fail "$svc did not apply the link $LINK_ENTRY from the mounted links file"
+done
+info "both regions applied $LINK_ENTRY from the mounted links file"
 
 # ---------------------------------------------------------------------------------------------
 step "TLS: the host gets the cluster CA and the client certificate; plaintext is refused"
