@@ -8,12 +8,13 @@
 # Builds nothing: run `cargo build --release` first. From the repository root:
 #   bench/soak.sh                 # 10 minutes
 #   SOAK=1m bench/soak.sh         # a quick check
-# Environment: SOAK (load --duration), WARMUP (load --warmup, default 30s), CONCURRENCY
+# Environment: SCENARIO (default mixed), SOAK (load --duration), WARMUP (load --warmup, default 30s), CONCURRENCY
 # (default 8), SAMPLE (seconds between samples, default 10), KEEP=1 keeps the data directory,
 # BIN (where imaged and imagectl are; default target/release).
 # Outputs (in the data directory, printed at the end): load.json, soak.html, rss.tsv, logs.
 set -euo pipefail
 
+SCENARIO="${SCENARIO:-mixed}"
 SOAK="${SOAK:-10m}"
 WARMUP="${WARMUP:-30s}"
 CONCURRENCY="${CONCURRENCY:-8}"
@@ -52,9 +53,9 @@ for _ in $(seq 1 600); do
     sleep 0.2
 done
 grep -q ready "$DIR/imaged.out" || { echo "soak: imaged dev not ready after 120 s" >&2; exit 1; }
-echo "soak: cluster ready ($DIR); load mixed for $SOAK after $WARMUP of warm-up" >&2
+echo "soak: cluster ready ($DIR); load $SCENARIO for $SOAK after $WARMUP of warm-up" >&2
 
-"$IMAGECTL" --cluster "$DIR/cluster.json" load mixed --duration "$SOAK" --warmup "$WARMUP" \
+"$IMAGECTL" --cluster "$DIR/cluster.json" load "$SCENARIO" --duration "$SOAK" --warmup "$WARMUP" \
     --concurrency "$CONCURRENCY" --output json --report "$DIR/soak.html" \
     >"$DIR/load.json" 2>"$DIR/load.log" &
 LOAD_PID=$!
@@ -71,6 +72,16 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || true; }
 # SQLite's heap inside imaged (page caches and statements of every store), from the first
 # region's metrics: the part of imaged's RSS that is a cache filling up to its bound.
 METRICS_URL=$(jq -r '[.regions[].metrics // empty][0] // empty' "$DIR/cluster.json" 2>/dev/null || true)
+# Requests every service's replay protection remembers (each for the 5-minute timestamp window).
+METRICS_URLS=$(jq -r '[.catalog.metrics, .sharing.metrics, .regions[].metrics] | map(select(. != null)) | .[]' "$DIR/cluster.json" 2>/dev/null || true)
+replay_entries() {
+    local url total=0 n
+    for url in $METRICS_URLS; do
+        n=$(curl -sf --max-time 2 "$url" 2>/dev/null | awk '/^imagefleet_replay_cache_entries / {print $2}' || true)
+        total=$((total + ${n:-0}))
+    done
+    echo "$total"
+}
 sqlite_kib() {
     [[ -n "$METRICS_URL" ]] || return 0
     curl -sf --max-time 2 "$METRICS_URL" 2>/dev/null |
@@ -78,6 +89,7 @@ sqlite_kib() {
 }
 
 printf 'seconds\tphase\tpid\tprocess\trss_kib\n' >"$DIR/rss.tsv"
+printf 'seconds\tphase\treplay_entries\n' >"$DIR/replay.tsv"
 start=$(date +%s)
 while kill -0 "$LOAD_PID" 2>/dev/null; do
     now=$(( $(date +%s) - start ))
@@ -90,6 +102,7 @@ while kill -0 "$LOAD_PID" 2>/dev/null; do
         name=$(cat "/proc/$pid/comm" 2>/dev/null || echo "?")
         printf '%s\t%s\t%s\t%s\t%s\n' "$now" "$phase" "$pid" "$name" "$rss" >>"$DIR/rss.tsv"
     done
+    printf '%s\t%s\t%s\n' "$now" "$phase" "$(replay_entries)" >>"$DIR/replay.tsv"
     sqlite=$(sqlite_kib)
     [[ -z "$sqlite" ]] || printf '%s\t%s\t%s\t%s\t%s\n' "$now" "$phase" "$DEV_PID" "sqlite-heap" "$sqlite" >>"$DIR/rss.tsv"
     sleep "$SAMPLE"
@@ -131,4 +144,6 @@ END {
         printf "%-28s %10.1f %10.1f %10.1f %10.1f %8.2f %8.2f\n", k, s / 1024, h / 1024, last[k] / 1024, max[k] / 1024, (s > 0 ? last[k] / s : 0), (h > 0 ? last[k] / h : 0)
     }
 }' "$DIR/rss.tsv"
+awk -F'\t' '$2 == "measuring" { v[++n] = $3 }
+END { if (n) printf "== replay memory: %d requests remembered at the start, %d half-way, %d at the end (each kept for the 5-minute timestamp window, about 40 bytes)\n", v[1], v[int((n + 1) / 2)], v[n] }' "$DIR/replay.tsv"
 echo "== files: $DIR/load.json $DIR/soak.html $DIR/rss.tsv"

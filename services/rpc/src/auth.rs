@@ -280,6 +280,12 @@ impl NonceCache {
         }
         buckets.entry(bucket).or_default().insert(key)
     }
+
+    /// How many requests are remembered now.
+    fn len(&self) -> usize {
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        buckets.values().map(HashSet::len).sum()
+    }
 }
 
 /// Where a server records the largest future-dated timestamp it accepted, so that it refuses
@@ -426,6 +432,12 @@ impl Verifier {
             replay_floor: None,
             started: crate::time::unix_now(),
         }
+    }
+
+    /// How many accepted requests the replay protection remembers: it grows with the call rate
+    /// for the first `TIMESTAMP_WINDOW_SECS` of a server's life, then stays level.
+    pub fn remembered_requests(&self) -> usize {
+        self.nonces.len()
     }
 
     /// Makes replay protection hold across restarts. The nonce cache is in memory, so after a
@@ -991,6 +1003,22 @@ mod tests {
             error::reason(&err).as_deref(),
             Some("AuthFailure.SecretIdNotFound")
         );
+    }
+
+    #[test]
+    fn the_replay_memory_counts_what_it_holds_and_forgets_past_the_window() {
+        let cache = NonceCache::default();
+        let now = 1_000_000;
+        let sig = |i: u32| format!("{i:032x}{:032x}", 0);
+        for i in 0..100 {
+            assert!(cache.insert(&sig(i), now, now));
+        }
+        assert!(!cache.insert(&sig(7), now, now), "a replay is refused");
+        assert_eq!(cache.len(), 100);
+        // Past the window, the next new bucket drops the old ones.
+        let later = now + TIMESTAMP_WINDOW_SECS + 2 * BUCKET_SECS;
+        assert!(cache.insert(&sig(1000), later, later));
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]

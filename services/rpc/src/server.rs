@@ -145,6 +145,17 @@ pub async fn serve(
         conn
     });
     let identity = verifier.identity();
+    let remembered = Arc::downgrade(&verifier);
+    crate::metrics::registry(&identity).on_render(move |r| {
+        if let Some(verifier) = remembered.upgrade() {
+            r.gauge(
+                "imagefleet_replay_cache_entries",
+                "Accepted requests the replay protection remembers (each for the timestamp window).",
+                &[],
+            )
+            .set(i64::try_from(verifier.remembered_requests()).unwrap_or(i64::MAX));
+        }
+    });
     let tls = crate::tls::installed(&identity).and_then(|settings| settings.server_config());
     let started = verifier.started();
     while crate::time::unix_now() <= started {
