@@ -8,7 +8,9 @@
 # Builds nothing: run `cargo build --release` first. From the repository root:
 #   bench/soak.sh                 # 10 minutes
 #   SOAK=1m bench/soak.sh         # a quick check
-# Environment: SCENARIO (default mixed), SOAK (load --duration), WARMUP (load --warmup, default 30s), CONCURRENCY
+# Environment: SCENARIO (default mixed), SOAK (load --duration), WARMUP (load --warmup,
+# default 330s: longer than the 5-minute window for which the services remember accepted
+# requests, so the measured window starts with that memory at its level), CONCURRENCY
 # (default 8), SAMPLE (seconds between samples, default 10), KEEP=1 keeps the data directory,
 # BIN (where imaged and imagectl are; default target/release).
 # Outputs (in the data directory, printed at the end): load.json, soak.html, rss.tsv, logs.
@@ -16,7 +18,7 @@ set -euo pipefail
 
 SCENARIO="${SCENARIO:-mixed}"
 SOAK="${SOAK:-10m}"
-WARMUP="${WARMUP:-30s}"
+WARMUP="${WARMUP:-330s}"
 CONCURRENCY="${CONCURRENCY:-8}"
 SAMPLE="${SAMPLE:-10}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
