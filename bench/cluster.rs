@@ -241,20 +241,24 @@ async fn timed_copy(cluster: &Cluster, image: &str) -> (f64, SyncProgress, Strin
 /// 100 ms RTT and 500 Mbit/s (set on both regions through the operators' `SetLinks`), as
 /// throughput against the link's rate. The time runs from the call to the destination image
 /// being `NORMAL`.
+/// A file of 1 GiB of random bytes in the cluster's directory.
+fn random_gib_file(cluster: &Cluster) -> std::path::PathBuf {
+    use std::io::Write;
+    let content = cluster.dir.path().join("content.bin");
+    let mut file = std::fs::File::create(&content).expect("content file");
+    for _ in 0..1024 {
+        file.write_all(&random_bytes(MIB as usize))
+            .expect("write content");
+    }
+    content
+}
+
 async fn copy_wan() {
     use imagefleet_proto::region::v1::region_internal_service_client::RegionInternalServiceClient;
     const RATE_MBIT: f64 = 500.0;
     let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
     let mut gz = cluster.region("ap-guangzhou", 0);
-    let content = cluster.dir.path().join("content.bin");
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&content).expect("content file");
-        for _ in 0..1024 {
-            file.write_all(&random_bytes(MIB as usize))
-                .expect("write content");
-        }
-    }
+    let content = random_gib_file(&cluster);
     let (image, _) = one_gib_image(&mut gz, &content, "bench-copy-wan").await;
     for region in ["ap-guangzhou", "ap-shanghai"] {
         let channel = imagefleet_rpc::client::signed_channel(
@@ -309,15 +313,7 @@ async fn copy_wan() {
 async fn copy() {
     let cluster = Cluster::start(&["ap-guangzhou", "ap-shanghai"]).await;
     let mut gz = cluster.region("ap-guangzhou", 0);
-    let content = cluster.dir.path().join("content.bin");
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&content).expect("content file");
-        for _ in 0..1024 {
-            file.write_all(&random_bytes(MIB as usize))
-                .expect("write content");
-        }
-    }
+    let content = random_gib_file(&cluster);
     let (image, instance) = one_gib_image(&mut gz, &content, "bench-copy-1g").await;
     let pids: Vec<u32> = ["ap-guangzhou", "ap-shanghai"]
         .iter()

@@ -9,31 +9,10 @@ use common::dev::{imagectl, json, start_dev, stop};
 use imagefleet_rpc::cluster::ClusterFile;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const REGIONS: &str = "ap-guangzhou,ap-shanghai";
-
-/// `GET url` over plain HTTP/1.1: the body of a 200 response.
-fn http_get(url: &str) -> String {
-    let rest = url.strip_prefix("http://").expect("an http:// URL");
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut stream = std::net::TcpStream::connect(host).expect("connect to the metrics port");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
 
 /// Account calls each region counted, by (method, region): `imagefleet_rpc_calls_total` of
 /// the RegionService methods, summed over codes and reasons.
@@ -45,7 +24,7 @@ fn calls_counted(cluster: &ClusterFile) -> BTreeMap<(String, String), u64> {
             "{} has a metrics URL",
             region.region
         );
-        for line in http_get(&region.metrics).lines() {
+        for line in common::scrape_metrics(&region.metrics).lines() {
             let Some(rest) = line.strip_prefix("imagefleet_rpc_calls_total{") else {
                 continue;
             };

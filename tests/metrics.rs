@@ -8,30 +8,8 @@ mod common;
 
 use common::*;
 use imagefleet_proto::region::v1::*;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 use tonic::Code;
-
-/// `GET url` over plain HTTP/1.1: the body of a 200 response.
-fn http_get(url: &str) -> String {
-    let rest = url.strip_prefix("http://").expect("an http:// URL");
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut stream = std::net::TcpStream::connect(host).expect("connect to the metrics port");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.to_string()
-}
 
 /// The value of the series `name{labels}` (labels in the order the service writes them).
 fn value(text: &str, series: &str) -> Option<f64> {
@@ -67,7 +45,7 @@ async fn calls_are_counted_by_method_code_and_reason_and_overload_is_shed() {
         .unwrap_err();
     assert_eq!(reason(&bad), "InvalidImageId.Malformed");
 
-    let text = http_get(&url);
+    let text = scrape_metrics(&url);
     let method = "/imagefleet.region.v1.RegionService/DescribeImages";
     let calls = |code: &str, reason: &str| {
         value(
@@ -131,7 +109,7 @@ async fn calls_are_counted_by_method_code_and_reason_and_overload_is_shed() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let in_flight = value(
-            &http_get(&url),
+            &scrape_metrics(&url),
             "imagefleet_rpc_calls_in_flight{service=\"region-ap-guangzhou\"}",
         )
         .unwrap_or(0.0);
@@ -183,7 +161,7 @@ async fn calls_are_counted_by_method_code_and_reason_and_overload_is_shed() {
         assert!(Instant::now() < deadline, "calls are still refused");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let text = http_get(&url);
+    let text = scrape_metrics(&url);
     assert!(
         value(
             &text,
@@ -246,7 +224,7 @@ async fn link_counters_count_a_copys_bytes_and_the_wait_on_a_partition() {
     let pair = format!("from=\"{GZ}\",to=\"{SH}\"");
     let scrape = |name: &str| {
         urls.iter()
-            .map(|url| sum_of(&http_get(url), name, &pair))
+            .map(|url| sum_of(&scrape_metrics(url), name, &pair))
             .sum::<f64>()
     };
 
@@ -316,7 +294,7 @@ async fn link_counters_count_a_copys_bytes_and_the_wait_on_a_partition() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Up again: the wait stops growing.
     assert_eq!(scrape("imagefleet_link_down_wait_seconds_total"), waited);
-    let text = http_get(&urls[0]);
+    let text = scrape_metrics(&urls[0]);
     assert!(
         text.contains("# TYPE imagefleet_link_throttle_wait_seconds_total counter"),
         "{text}"
@@ -345,7 +323,7 @@ fn imaged_dev_names_every_services_metrics_in_cluster_json() {
     }
     assert_eq!(urls.len(), 4);
     for (what, url) in urls {
-        let text = http_get(&url);
+        let text = scrape_metrics(&url);
         assert!(
             text.contains("# TYPE imagefleet_rpc_calls_in_flight gauge"),
             "{what} at {url}: {text}"

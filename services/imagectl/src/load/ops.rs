@@ -81,6 +81,18 @@ pub struct Fleet {
     seq: AtomicU64,
 }
 
+/// A page of `limit` public images.
+fn public_images(limit: u32) -> DescribeImagesRequest {
+    DescribeImagesRequest {
+        filters: vec![Filter {
+            name: "image-type".into(),
+            values: vec!["PUBLIC_IMAGE".into()],
+        }],
+        limit,
+        ..Default::default()
+    }
+}
+
 fn status_error(what: &str, status: tonic::Status) -> CliError {
     CliError::Failed(format!("load set-up: {what}: {}", CliError::Status(status)))
 }
@@ -165,14 +177,7 @@ impl Fleet {
                 "DescribeImages",
                 region,
                 None,
-                client.describe_images(DescribeImagesRequest {
-                    filters: vec![Filter {
-                        name: "image-type".into(),
-                        values: vec!["PUBLIC_IMAGE".into()],
-                    }],
-                    limit: 100,
-                    ..Default::default()
-                }),
+                client.describe_images(public_images(100)),
             )
             .await
             .map_err(|e| status_error(&format!("public images of {region}"), e))?;
@@ -469,14 +474,7 @@ impl Fleet {
                 "DescribeImages",
                 region,
                 None,
-                client.describe_images(DescribeImagesRequest {
-                    filters: vec![Filter {
-                        name: "image-type".into(),
-                        values: vec!["PUBLIC_IMAGE".into()],
-                    }],
-                    limit: 20,
-                    ..Default::default()
-                }),
+                client.describe_images(public_images(20)),
             )
             .await;
     }
