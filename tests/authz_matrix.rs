@@ -430,6 +430,25 @@ fn internal_row(
             REGIONS_ADMIN,
             Allowed,
         ),
+        "imagefleet.sharing.v1.SharingInternalService/CheckShares" => (
+            sharing::CheckSharesRequest {
+                checks: vec![sharing::CheckShareRequest {
+                    image_id: f.image.clone(),
+                    account_id: f.extra_account.clone(),
+                }],
+            }
+            .encode_to_vec(),
+            REGIONS_ADMIN,
+            Allowed,
+        ),
+        "imagefleet.sharing.v1.SharingInternalService/ListSharedWithAccounts" => (
+            sharing::ListSharedWithAccountsRequest {
+                account_ids: vec![f.extra_account.clone()],
+            }
+            .encode_to_vec(),
+            REGIONS_ADMIN,
+            Allowed,
+        ),
         "imagefleet.region.v1.RegionInternalService/StartSync" => (
             StartSyncRequest {
                 copies: Vec::new(),

@@ -561,3 +561,114 @@ async fn redis_failures_fail_closed_recover_by_themselves_and_lose_nothing() {
     );
     wait_serving(&cluster.sharing.url()).await;
 }
+
+/// The region's share checker under many concurrent launches: checks travel together in
+/// `CheckShares` calls and each gets its own answer; listings of what is shared with an
+/// account likewise; a malformed check is refused alone, naming its place in the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checks_travel_together_and_each_gets_its_own_answer() {
+    use imagefleet_proto::sharing::v1 as sharing;
+    let cluster = Cluster::start(&["ap-guangzhou"]).await;
+    let (image_id, _) = alices_image(&cluster).await;
+    let bob_id = cluster.accounts[1].account_id.clone();
+    let carol_id = cluster.create_account("carol").await.account_id;
+    let mut alice = cluster.region("ap-guangzhou", 0);
+    share(&mut alice, &image_id, &[&bob_id], SharePermission::Share)
+        .await
+        .unwrap();
+
+    let checker = imagefleet_region::ShareChecker::connect(
+        &cluster.sharing.url(),
+        imagefleet_region::service_credentials("ap-guangzhou", &cluster.service_key),
+    )
+    .unwrap();
+    // 400 checks at once, bob's and carol's interleaved: bob's are shared, carol's are not.
+    let checks = (0..400).map(|n| {
+        let checker = checker.clone();
+        let account = if n % 2 == 0 {
+            bob_id.clone()
+        } else {
+            carol_id.clone()
+        };
+        let image_id = image_id.clone();
+        async move { (n, checker.is_shared(&image_id, &account).await) }
+    });
+    for (n, answer) in futures::future::join_all(checks).await {
+        assert_eq!(answer.unwrap(), n % 2 == 0, "check {n}");
+    }
+    let listings = (0..100).map(|n| {
+        let checker = checker.clone();
+        let account = if n % 2 == 0 {
+            bob_id.clone()
+        } else {
+            carol_id.clone()
+        };
+        async move { (n, checker.shared_with(&account).await) }
+    });
+    for (n, answer) in futures::future::join_all(listings).await {
+        let expected = if n % 2 == 0 {
+            vec![image_id.clone()]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(answer.unwrap(), expected, "listing {n}");
+    }
+    // A cancelled share is refused at the next check: nothing was kept.
+    share(&mut alice, &image_id, &[&bob_id], SharePermission::Cancel)
+        .await
+        .unwrap();
+    assert!(!checker.is_shared(&image_id, &bob_id).await.unwrap());
+    assert!(checker.shared_with(&bob_id).await.unwrap().is_empty());
+
+    // Malformed input: the checker refuses it before it joins a batch; the batched call
+    // refuses a batch that holds one, naming the check, and a batch over 1000.
+    let refused = checker.is_shared("img-BAD", &bob_id).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let good = sharing::CheckShareRequest {
+        image_id: image_id.clone(),
+        account_id: bob_id.clone(),
+    };
+    let bad = sharing::CheckShareRequest {
+        image_id: image_id.clone(),
+        account_id: "bob".into(),
+    };
+    let refused = checker
+        .client()
+        .check_shares(sharing::CheckSharesRequest {
+            checks: vec![good.clone(), bad],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(
+        imagefleet_proto::error::reason(&refused).as_deref(),
+        Some("InvalidAccountId.Malformed")
+    );
+    assert_eq!(
+        imagefleet_proto::error::metadata(&refused)
+            .get("field")
+            .map(String::as_str),
+        Some("checks[1].account_id")
+    );
+    let refused = checker
+        .client()
+        .check_shares(sharing::CheckSharesRequest {
+            checks: vec![good; 1001],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        imagefleet_proto::error::reason(&refused).as_deref(),
+        Some("InvalidParameterValue.LimitExceeded")
+    );
+    let lists = checker
+        .client()
+        .list_shared_with_accounts(sharing::ListSharedWithAccountsRequest {
+            account_ids: vec![carol_id.clone(), bob_id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lists;
+    assert_eq!(lists.len(), 2);
+}

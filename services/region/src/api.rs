@@ -296,36 +296,63 @@ impl RegionApi {
             &req.page_token,
         )?;
         let region = self.region.name().to_string();
-        let matching: Vec<Image> = if req.image_ids.is_empty() {
+        let (total, mut image_set): (usize, Vec<Image>) = if req.image_ids.is_empty() {
             let owner = caller.clone();
-            // The region's own rows and the sharing service's list, asked at the same time.
+            let store = self.region.store.clone();
+            // The region's own rows (from memory while nothing was written since they were
+            // read) and the sharing service's list, asked at the same time.
             let (rows, shared) = tokio::join!(
-                self.region.read(move |store| store.visible_images(&owner)),
+                async move {
+                    match store.remembered_visible_images(&owner) {
+                        Some(rows) => Ok(rows),
+                        None => {
+                            self.region
+                                .read(move |store| store.visible_images_shared(&owner))
+                                .await
+                        }
+                    }
+                },
                 self.region.shared_with(&caller)
             );
-            let mut rows = rows?;
+            let rows = rows?;
             // Listings go on without shared images while the sharing service is down.
-            match shared {
-                Ok(shared) => rows.extend(shared),
-                Err(e) => tracing::warn!(error = %e, "listing without shared images"),
-            }
-            rows.iter()
-                .map(|r| image_message(r, &caller, &region))
-                .filter(|image| {
-                    validate::matches(&req.filters, |name| match name {
-                        "image-id" => image.image_id.clone(),
-                        "image-type" => enum_name(image.image_type, |v| {
-                            ImageType::try_from(v).ok().map(|t| t.as_str_name())
-                        }),
-                        "image-name" => image.image_name.clone(),
-                        "platform" => image.platform.clone(),
-                        "image-state" => enum_name(image.image_state, |v| {
-                            pb::ImageState::try_from(v).ok().map(|t| t.as_str_name())
-                        }),
-                        _ => String::new(),
+            let shared = shared.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "listing without shared images");
+                Vec::new()
+            });
+            let all = rows.iter().chain(shared.iter());
+            if req.filters.is_empty() {
+                // Only the page's images become messages.
+                let total = rows.len() + shared.len();
+                let page = all
+                    .skip(offset)
+                    .take(limit)
+                    .map(|r| image_message(r, &caller, &region))
+                    .collect();
+                (total, page)
+            } else {
+                let matching: Vec<Image> = all
+                    .map(|r| image_message(r, &caller, &region))
+                    .filter(|image| {
+                        validate::matches(&req.filters, |name| match name {
+                            "image-id" => image.image_id.clone(),
+                            "image-type" => enum_name(image.image_type, |v| {
+                                ImageType::try_from(v).ok().map(|t| t.as_str_name())
+                            }),
+                            "image-name" => image.image_name.clone(),
+                            "platform" => image.platform.clone(),
+                            "image-state" => enum_name(image.image_state, |v| {
+                                pb::ImageState::try_from(v).ok().map(|t| t.as_str_name())
+                            }),
+                            _ => String::new(),
+                        })
                     })
-                })
-                .collect()
+                    .collect();
+                (
+                    matching.len(),
+                    matching.into_iter().skip(offset).take(limit).collect(),
+                )
+            }
         } else {
             // Each image by its id: public, the caller's, shared with the caller, or not there.
             let mut found = Vec::with_capacity(req.image_ids.len());
@@ -333,10 +360,9 @@ impl RegionApi {
                 let (row, _) = self.region.resolve_image(id, &caller).await?;
                 found.push(image_message(&row, &caller, &region));
             }
-            found
+            let total = found.len();
+            (total, found.into_iter().skip(offset).take(limit).collect())
         };
-        let total = matching.len();
-        let mut image_set: Vec<Image> = matching.into_iter().skip(offset).take(limit).collect();
         let copied: Vec<String> = image_set
             .iter()
             .filter(|i| i.image_source == pb::ImageSource::Sync as i32)

@@ -17,6 +17,7 @@
 //!   account's calls paced by `pacing`.
 
 mod api;
+mod batch;
 mod billing;
 pub mod catalogue;
 mod copy;

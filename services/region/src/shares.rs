@@ -5,11 +5,13 @@
 //! The sharing service is asked every time and its failures are `UNAVAILABLE`: a share check
 //! that cannot be made never grants access.
 
+use crate::batch::Batcher;
 use crate::error::{RegionError, Result};
 use crate::model::{ImageRow, ImageState};
 use crate::region::Region;
 use crate::validate;
 use imagefleet_proto::catalog::v1::GetAccountRequest;
+use imagefleet_proto::ids;
 use imagefleet_proto::region::v1::{
     DescribeImageSharePermissionRequest, DescribeImageSharePermissionResponse, ImageShare,
     ModifyImageSharePermissionRequest, SharePermission,
@@ -18,12 +20,20 @@ use imagefleet_proto::sharing::v1 as sharing;
 use imagefleet_proto::sharing::v1::sharing_internal_service_client::SharingInternalServiceClient;
 use imagefleet_rpc::client::{signed_pool, SignedPool, SHARING_SCOPE};
 use imagefleet_rpc::Credentials;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 use tonic::Code;
 
 /// The HTTP/2 connections of a region's channel to the sharing service, used in turn: each is
 /// driven by one task on either side, and the checks of many concurrent launches went up to
 /// ~1.4x faster over four than over one (`share_rps`, bench/RESULTS.md).
 const SHARING_CONNECTIONS: usize = 4;
+
+/// Batched calls on the wire at once, of each kind (one per connection).
+const BATCHES_IN_FLIGHT: usize = SHARING_CONNECTIONS;
+
+/// The most checks (or accounts) in one batched call: the sharing service takes up to 1000.
+const MAX_BATCH: usize = 256;
 
 /// A region's client of the sharing service.
 pub type SharingClient = SharingInternalServiceClient<SignedPool>;
@@ -32,9 +42,19 @@ pub type SharingClient = SharingInternalServiceClient<SignedPool>;
 /// the image shared with the account now? One per region, on the region's one channel to the
 /// sharing service (`SHARING_CONNECTIONS` connections used in turn); every answer comes from
 /// the sharing service (nothing is cached), so a cancelled share is refused at the next call.
+///
+/// Checks (and listings of what is shared with an account) made while earlier ones are on the
+/// wire travel together in the next `CheckShares` (`ListSharedWithAccounts`) call
+/// ([`Batcher`]): each is still answered by a read made after it was asked.
 #[derive(Clone)]
 pub struct ShareChecker {
     client: SharingClient,
+    batches: Arc<OnceLock<Batches>>,
+}
+
+struct Batches {
+    checks: Batcher<sharing::CheckShareRequest, bool>,
+    listings: Batcher<String, Vec<String>>,
 }
 
 impl ShareChecker {
@@ -47,6 +67,7 @@ impl ShareChecker {
         let channel = signed_pool(sharing_url, credentials, SHARING_SCOPE, SHARING_CONNECTIONS)?;
         Ok(ShareChecker {
             client: SharingInternalServiceClient::new(channel),
+            batches: Arc::new(OnceLock::new()),
         })
     }
 
@@ -55,17 +76,77 @@ impl ShareChecker {
         self.client.clone()
     }
 
+    /// The batching tasks, started on first use (on the runtime of the first caller).
+    fn batches(&self) -> &Batches {
+        self.batches.get_or_init(|| {
+            let client = self.client.clone();
+            let checks = Batcher::spawn(BATCHES_IN_FLIGHT, MAX_BATCH, move |checks| {
+                let mut client = client.clone();
+                async move {
+                    let answer = client
+                        .check_shares(sharing::CheckSharesRequest { checks })
+                        .await?;
+                    Ok(answer.into_inner().shared)
+                }
+            });
+            let client = self.client.clone();
+            let listings = Batcher::spawn(
+                BATCHES_IN_FLIGHT,
+                MAX_BATCH,
+                move |accounts: Vec<String>| {
+                    let mut client = client.clone();
+                    async move {
+                        // Each account once, however many asked.
+                        let mut unique = accounts.clone();
+                        unique.sort();
+                        unique.dedup();
+                        let lists = client
+                            .list_shared_with_accounts(sharing::ListSharedWithAccountsRequest {
+                                account_ids: unique.clone(),
+                            })
+                            .await?
+                            .into_inner()
+                            .lists;
+                        if lists.len() != unique.len() {
+                            return Err(tonic::Status::internal(format!(
+                                "{} lists for {} accounts",
+                                lists.len(),
+                                unique.len()
+                            )));
+                        }
+                        let by_account: HashMap<String, Vec<String>> = unique
+                            .into_iter()
+                            .zip(lists.into_iter().map(|l| l.image_ids))
+                            .collect();
+                        Ok(accounts
+                            .iter()
+                            .map(|a| by_account.get(a).cloned().unwrap_or_default())
+                            .collect())
+                    }
+                },
+            );
+            Batches { checks, listings }
+        })
+    }
+
     /// Whether `image_id` is shared with `account`, as the sharing service says now.
     pub async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, tonic::Status> {
-        let response = self
-            .client
-            .clone()
-            .check_share(sharing::CheckShareRequest {
+        // Checked here so that one bad request never fails the batch it would travel in.
+        ids::check_image_id("image_id", image_id)?;
+        ids::check_account_id("account_id", account)?;
+        self.batches()
+            .checks
+            .call(sharing::CheckShareRequest {
                 image_id: image_id.to_string(),
                 account_id: account.to_string(),
             })
-            .await?;
-        Ok(response.into_inner().shared)
+            .await
+    }
+
+    /// The images shared with `account` (in any region), as the sharing service says now.
+    pub async fn shared_with(&self, account: &str) -> Result<Vec<String>, tonic::Status> {
+        ids::check_account_id("account_id", account)?;
+        self.batches().listings.call(account.to_string()).await
     }
 }
 
@@ -114,15 +195,10 @@ impl Region {
     /// Images of this region shared with `account` (for listings).
     pub(crate) async fn shared_with(&self, account: &str) -> Result<Vec<ImageRow>> {
         let ids = self
-            .sharing
-            .clone()
-            .list_shared_with(sharing::ListSharedWithRequest {
-                account_id: account.to_string(),
-            })
+            .shares
+            .shared_with(account)
             .await
-            .map_err(sharing_down)?
-            .into_inner()
-            .image_ids;
+            .map_err(sharing_down)?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }

@@ -510,3 +510,49 @@ fn instance_and_storage_quotas_are_checked_in_the_writing_transaction() {
     let usage = store.usage(OWNER).expect("usage");
     assert_eq!((usage.instances, usage.storage_bytes), (1, 0));
 }
+
+#[test]
+fn a_remembered_listing_lasts_until_the_next_write() {
+    let (_dir, store) = store();
+    store
+        .admit(OWNER, &[copy("first", "k1")], limits(10), false)
+        .expect("admitted");
+    let first = store.visible_images_shared(OWNER).expect("listing");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].name, "first");
+    // Read again with no write between: the same rows, from memory.
+    let again = store.remembered_visible_images(OWNER).expect("remembered");
+    assert!(std::sync::Arc::ptr_eq(&first, &again));
+    assert!(
+        store.remembered_visible_images("100000000002").is_none(),
+        "another account's listing was never read"
+    );
+
+    // A write (a rename) and the memory is no longer trusted: the next listing reads anew.
+    let id = first[0].image_id.clone();
+    store
+        .modify_image(
+            &id,
+            OWNER,
+            &imagefleet_region::meta::ImageChanges {
+                name: Some("renamed".into()),
+                ..Default::default()
+            },
+        )
+        .expect("renamed");
+    assert!(store.remembered_visible_images(OWNER).is_none());
+    let after = store.visible_images_shared(OWNER).expect("listing");
+    assert_eq!(after[0].name, "renamed");
+
+    // A second image appears in the next listing too.
+    store
+        .admit(OWNER, &[copy("second", "k2")], limits(10), false)
+        .expect("admitted");
+    let names: Vec<String> = store
+        .visible_images_shared(OWNER)
+        .expect("listing")
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
+    assert_eq!(names, ["renamed", "second"]);
+}

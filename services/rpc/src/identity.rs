@@ -96,6 +96,14 @@ pub const RULES: &[(&str, &[Role])] = &[
         "/imagefleet.sharing.v1.SharingInternalService/ListSharedWith",
         &[Region, Admin],
     ),
+    (
+        "/imagefleet.sharing.v1.SharingInternalService/CheckShares",
+        &[Region, Admin],
+    ),
+    (
+        "/imagefleet.sharing.v1.SharingInternalService/ListSharedWithAccounts",
+        &[Region, Admin],
+    ),
     // Billing (in the catalog process): regions report their usage (each its own, checked by
     // the billing service) and ask for prices; an operator may ask for prices too.
     (

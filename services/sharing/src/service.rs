@@ -144,4 +144,58 @@ impl SharingInternalService for SharingApi {
         let image_ids = self.maps.shared_with(&r.account_id).await?;
         Ok(Response::new(ListSharedWithResponse { image_ids }))
     }
+
+    async fn check_shares(
+        &self,
+        request: Request<CheckSharesRequest>,
+    ) -> Result<Response<CheckSharesResponse>, Status> {
+        let r = request.into_inner();
+        check_batch("checks", r.checks.len())?;
+        for (n, check) in r.checks.iter().enumerate() {
+            ids::check_image_id(&format!("checks[{n}].image_id"), &check.image_id)?;
+            ids::check_account_id(&format!("checks[{n}].account_id"), &check.account_id)?;
+        }
+        // All at once: Redis gets them pipelined on the one multiplexed connection.
+        let shared = futures::future::try_join_all(
+            r.checks
+                .iter()
+                .map(|c| self.maps.is_shared(&c.image_id, &c.account_id)),
+        )
+        .await?;
+        Ok(Response::new(CheckSharesResponse { shared }))
+    }
+
+    async fn list_shared_with_accounts(
+        &self,
+        request: Request<ListSharedWithAccountsRequest>,
+    ) -> Result<Response<ListSharedWithAccountsResponse>, Status> {
+        let r = request.into_inner();
+        check_batch("account_ids", r.account_ids.len())?;
+        for (n, account) in r.account_ids.iter().enumerate() {
+            ids::check_account_id(&format!("account_ids[{n}]"), account)?;
+        }
+        let lists =
+            futures::future::try_join_all(r.account_ids.iter().map(|a| self.maps.shared_with(a)))
+                .await?;
+        Ok(Response::new(ListSharedWithAccountsResponse {
+            lists: lists
+                .into_iter()
+                .map(|image_ids| ListSharedWithResponse { image_ids })
+                .collect(),
+        }))
+    }
+}
+
+/// The most checks or accounts one batched call may carry.
+pub const MAX_BATCH: usize = 1000;
+
+fn check_batch(field: &str, len: usize) -> Result<(), Status> {
+    if len > MAX_BATCH {
+        return Err(invalid_argument(
+            field,
+            "InvalidParameterValue.LimitExceeded",
+            format!("at most {MAX_BATCH} in one call, not {len}"),
+        ));
+    }
+    Ok(())
 }
