@@ -296,43 +296,31 @@ impl RegionApi {
             &req.page_token,
         )?;
         let region = self.region.name().to_string();
-        let (total, mut image_set): (usize, Vec<Image>) = if req.image_ids.is_empty() {
-            let owner = caller.clone();
-            let store = self.region.store.clone();
-            // The region's own rows (from memory while nothing was written since they were
-            // read) and the sharing service's list, asked at the same time.
-            let (rows, shared) = tokio::join!(
-                async move {
-                    match store.remembered_visible_images(&owner) {
-                        Some(rows) => Ok(rows),
-                        None => {
-                            self.region
-                                .read(move |store| store.visible_images_shared(&owner))
-                                .await
-                        }
-                    }
-                },
+        let (total, image_set): (usize, Vec<Image>) = if req.image_ids.is_empty() {
+            // The caller's own and the public images (as messages, from memory while nothing
+            // was written since they were read) and the sharing service's list, asked at the
+            // same time.
+            let (own, shared) = tokio::join!(
+                self.visible_images(&caller),
                 self.region.shared_with(&caller)
             );
-            let rows = rows?;
+            let own = own?;
             // Listings go on without shared images while the sharing service is down.
             let shared = shared.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "listing without shared images");
                 Vec::new()
             });
-            let all = rows.iter().chain(shared.iter());
+            let mut shared: Vec<Image> = shared
+                .iter()
+                .map(|r| image_message(r, &caller, &region))
+                .collect();
+            self.attach_progress(&mut shared).await?;
+            let all = own.iter().chain(shared.iter());
             if req.filters.is_empty() {
-                // Only the page's images become messages.
-                let total = rows.len() + shared.len();
-                let page = all
-                    .skip(offset)
-                    .take(limit)
-                    .map(|r| image_message(r, &caller, &region))
-                    .collect();
-                (total, page)
+                let total = own.len() + shared.len();
+                (total, all.skip(offset).take(limit).cloned().collect())
             } else {
-                let matching: Vec<Image> = all
-                    .map(|r| image_message(r, &caller, &region))
+                let matching: Vec<&Image> = all
                     .filter(|image| {
                         validate::matches(&req.filters, |name| match name {
                             "image-id" => image.image_id.clone(),
@@ -350,7 +338,12 @@ impl RegionApi {
                     .collect();
                 (
                     matching.len(),
-                    matching.into_iter().skip(offset).take(limit).collect(),
+                    matching
+                        .into_iter()
+                        .skip(offset)
+                        .take(limit)
+                        .cloned()
+                        .collect(),
                 )
             }
         } else {
@@ -361,47 +354,10 @@ impl RegionApi {
                 found.push(image_message(&row, &caller, &region));
             }
             let total = found.len();
-            (total, found.into_iter().skip(offset).take(limit).collect())
+            let mut page: Vec<Image> = found.into_iter().skip(offset).take(limit).collect();
+            self.attach_progress(&mut page).await?;
+            (total, page)
         };
-        let copied: Vec<String> = image_set
-            .iter()
-            .filter(|i| i.image_source == pb::ImageSource::Sync as i32)
-            .map(|i| i.image_id.clone())
-            .collect();
-        let imported: Vec<String> = image_set
-            .iter()
-            .filter(|i| i.image_source == pb::ImageSource::ExternalImport as i32)
-            .map(|i| i.image_id.clone())
-            .collect();
-        if !imported.is_empty() {
-            let imports = self
-                .region
-                .read(move |store| store.imports_for(&imported))
-                .await?;
-            for image in &mut image_set {
-                if let Some(row) = imports.get(&image.image_id) {
-                    image.import_progress = Some(ImportProgress {
-                        bytes_read: row.bytes_read,
-                        size_bytes: row.size_bytes,
-                        format: row.format.clone(),
-                        format_variant: row.format_variant.clone(),
-                        error_reason: row.error_reason.clone(),
-                        image_url: row.image_url.clone(),
-                    });
-                }
-            }
-        }
-        if !copied.is_empty() {
-            let tasks = self
-                .region
-                .read(move |store| store.copy_tasks_for(&copied))
-                .await?;
-            for image in &mut image_set {
-                if let Some(task) = tasks.get(&image.image_id) {
-                    image.sync_progress = Some(sync_progress(task));
-                }
-            }
-        }
         Ok(DescribeImagesResponse {
             image_set,
             total_count: total as u32,
@@ -412,6 +368,96 @@ impl RegionApi {
                 total,
             ),
         })
+    }
+
+    /// The public images and the caller's own, as `DescribeImages` gives them (progress of
+    /// imports and copies included), in listing order. Kept in memory per account until the
+    /// next write to the store (`Memo`), so repeated listings read nothing.
+    async fn visible_images(&self, caller: &str) -> Result<Arc<Vec<Image>>> {
+        let generation = self.region.store.generation();
+        if let Some(images) = self.region.listings.get(caller, generation) {
+            return Ok(images);
+        }
+        let owner = caller.to_string();
+        let rows = self
+            .region
+            .read(move |store| store.visible_images(&owner))
+            .await?;
+        let region = self.region.name().to_string();
+        let mut images: Vec<Image> = rows
+            .iter()
+            .map(|r| image_message(r, caller, &region))
+            .collect();
+        self.attach_progress(&mut images).await?;
+        let images = Arc::new(images);
+        self.region
+            .listings
+            .put(caller, generation, images.clone(), images.len());
+        Ok(images)
+    }
+
+    /// Adds the progress of imports and copies to the images that have one: from memory while
+    /// the store is unchanged since it was read, else from one read for all of them.
+    async fn attach_progress(&self, images: &mut [Image]) -> Result<()> {
+        let generation = self.region.store.generation();
+        let mut copied = Vec::new();
+        let mut imported = Vec::new();
+        for image in images.iter_mut() {
+            let copy = image.image_source == pb::ImageSource::Sync as i32;
+            let import = image.image_source == pb::ImageSource::ExternalImport as i32;
+            if !copy && !import {
+                continue;
+            }
+            match self.region.progress.get(&image.image_id, generation) {
+                Some(known) => {
+                    image.import_progress = known.0.clone();
+                    image.sync_progress = known.1.clone();
+                }
+                None if copy => copied.push(image.image_id.clone()),
+                None => imported.push(image.image_id.clone()),
+            }
+        }
+        if copied.is_empty() && imported.is_empty() {
+            return Ok(());
+        }
+        let (imports, tasks) = self
+            .region
+            .read(move |store| {
+                let imports = if imported.is_empty() {
+                    Default::default()
+                } else {
+                    store.imports_for(&imported)?
+                };
+                let tasks = if copied.is_empty() {
+                    Default::default()
+                } else {
+                    store.copy_tasks_for(&copied)?
+                };
+                Ok((imports, tasks))
+            })
+            .await?;
+        for image in images.iter_mut() {
+            let import = imports.get(&image.image_id).map(|row| ImportProgress {
+                bytes_read: row.bytes_read,
+                size_bytes: row.size_bytes,
+                format: row.format.clone(),
+                format_variant: row.format_variant.clone(),
+                error_reason: row.error_reason.clone(),
+                image_url: row.image_url.clone(),
+            });
+            let sync = tasks.get(&image.image_id).map(sync_progress);
+            let read = imports.contains_key(&image.image_id) || tasks.contains_key(&image.image_id);
+            if import.is_some() || sync.is_some() {
+                image.import_progress = import.clone();
+                image.sync_progress = sync.clone();
+            }
+            if read {
+                self.region
+                    .progress
+                    .put(&image.image_id, generation, Arc::new((import, sync)), 1);
+            }
+        }
+        Ok(())
     }
 
     async fn modify_image_attribute(

@@ -28,6 +28,7 @@ pub mod fairness;
 mod fetch;
 mod import;
 mod lifecycle;
+mod memo;
 pub mod meta;
 pub mod model;
 mod pacing;

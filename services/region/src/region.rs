@@ -180,7 +180,24 @@ pub struct Region {
     /// Store reads of the listing and lookup paths (`Region::read`) in progress at once: as
     /// many as the store keeps idle read connections.
     reads: Arc<tokio::sync::Semaphore>,
+    /// Each account's `DescribeImages` listing (public and own images, as messages) while the
+    /// store is unchanged.
+    pub(crate) listings: crate::memo::Memo<Vec<imagefleet_proto::region::v1::Image>>,
+    /// Image rows by id (`resolve_image`) while the store is unchanged.
+    pub(crate) image_rows: crate::memo::Memo<Option<crate::model::ImageRow>>,
+    /// The progress of imports and copies by image id (`DescribeImages`) while the store is
+    /// unchanged.
+    pub(crate) progress: crate::memo::Memo<ImageProgress>,
 }
+
+/// An image's import progress and copy progress, as `DescribeImages` gives them.
+pub(crate) type ImageProgress = (
+    Option<imagefleet_proto::region::v1::ImportProgress>,
+    Option<imagefleet_proto::region::v1::SyncProgress>,
+);
+
+/// The most images the listing memory holds, over all accounts (a few MiB).
+const REMEMBERED_LISTED_IMAGES: usize = 20_000;
 
 /// Deletes the chunks among `candidates` that nothing references, holding the chunk
 /// references lock exclusively.
@@ -280,6 +297,9 @@ impl Region {
             copies: Mutex::new(HashMap::new()),
             gate: Arc::default(),
             reads: Arc::new(tokio::sync::Semaphore::new(crate::meta::MAX_IDLE_READERS)),
+            listings: crate::memo::Memo::new(REMEMBERED_LISTED_IMAGES),
+            image_rows: crate::memo::Memo::new(REMEMBERED_LISTED_IMAGES),
+            progress: crate::memo::Memo::new(REMEMBERED_LISTED_IMAGES),
         });
         region.sweep_orphan_chunks()?;
         crate::seed::seed_public_images(

@@ -171,7 +171,7 @@ impl Region {
         caller: &str,
     ) -> Result<(ImageRow, Access)> {
         let image = self
-            .read_row(|store| store.image(image_id))?
+            .image_row(image_id)?
             .ok_or_else(|| RegionError::ImageNotFound(image_id.to_string()))?;
         if image.is_public() {
             return Ok((image, Access::Public));
@@ -183,6 +183,19 @@ impl Region {
             return Ok((image, Access::Shared));
         }
         Err(RegionError::ImageNotFound(image_id.to_string()))
+    }
+
+    /// An image's row: from memory while the store is unchanged since it was read, else read
+    /// on the calling thread (one row by its key).
+    fn image_row(&self, image_id: &str) -> Result<Option<ImageRow>> {
+        let generation = self.store.generation();
+        if let Some(row) = self.image_rows.get(image_id, generation) {
+            return Ok((*row).clone());
+        }
+        let row = self.read_row(|store| store.image(image_id))?;
+        self.image_rows
+            .put(image_id, generation, Arc::new(row.clone()), 1);
+        Ok(row)
     }
 
     async fn is_shared_with(&self, image_id: &str, account: &str) -> Result<bool> {

@@ -35,10 +35,8 @@ pub use instances::{InstancePage, InstanceQuery};
 pub use outbox::PendingEvent;
 
 use crate::error::Result;
-use crate::model::ImageRow;
 use imagefleet_chunkstore::ChunkDigest;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,20 +62,8 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     /// The usage events' source and the delivery's wake-up.
     outbox: outbox::Outbox,
-    /// Counts committed write transactions: a value read from the store while it stood is
-    /// still what the store holds.
+    /// Counts committed write transactions (`generation`).
     generation: AtomicU64,
-    /// Each account's visible images (`visible_images`) as of a generation.
-    listings: Mutex<Listings>,
-}
-
-/// The most image rows the listing memory holds, over all accounts.
-const MAX_REMEMBERED_ROWS: usize = 20_000;
-
-#[derive(Default)]
-struct Listings {
-    by_owner: HashMap<String, (u64, Arc<Vec<ImageRow>>)>,
-    rows: usize,
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -104,7 +90,6 @@ impl Store {
                 readers: Mutex::new(Vec::new()),
                 outbox: outbox::Outbox::default(),
                 generation: AtomicU64::new(0),
-                listings: Mutex::new(Listings::default()),
             }),
         })
     }
@@ -142,55 +127,11 @@ impl Store {
         out
     }
 
-    /// The images `owner` may list (`visible_images`) if they are in memory and no write has
-    /// committed since they were read. Never touches the database.
-    pub fn remembered_visible_images(&self, owner: &str) -> Option<Arc<Vec<ImageRow>>> {
-        let generation = self.inner.generation.load(Ordering::Acquire);
-        let listings = self
-            .inner
-            .listings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match listings.by_owner.get(owner) {
-            Some((at, rows)) if *at == generation => Some(rows.clone()),
-            _ => None,
-        }
-    }
-
-    /// `visible_images`, from memory while no write has committed since it was last read
-    /// (and kept for the next call).
-    pub fn visible_images_shared(&self, owner: &str) -> Result<Arc<Vec<ImageRow>>> {
-        if let Some(rows) = self.remembered_visible_images(owner) {
-            return Ok(rows);
-        }
-        // The generation before the read: if a write commits meanwhile, what is kept is newer
-        // than its tag says and is simply read again next time.
-        let generation = self.inner.generation.load(Ordering::Acquire);
-        let rows = Arc::new(self.visible_images(owner)?);
-        let mut listings = self
-            .inner
-            .listings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let listings = &mut *listings;
-        if listings.rows + rows.len() > MAX_REMEMBERED_ROWS {
-            listings.by_owner.retain(|_, (at, _)| *at == generation);
-            listings.rows = listings.by_owner.values().map(|(_, r)| r.len()).sum();
-            if listings.rows + rows.len() > MAX_REMEMBERED_ROWS {
-                listings.by_owner.clear();
-                listings.rows = 0;
-            }
-        }
-        if rows.len() <= MAX_REMEMBERED_ROWS {
-            if let Some((_, old)) = listings
-                .by_owner
-                .insert(owner.to_string(), (generation, rows.clone()))
-            {
-                listings.rows -= old.len();
-            }
-            listings.rows += rows.len();
-        }
-        Ok(rows)
+    /// How many write transactions have committed since the store opened. A value computed
+    /// from reads made after `generation()` returned `g` is still current while it returns
+    /// `g` (it moves before a writer's caller hears of its commit).
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
     }
 
     /// Runs `f` in one immediate transaction on the writer, committing if it returns `Ok`.
