@@ -10,6 +10,8 @@
 //! - While a slot has no master (its master and replica killed), share checks and launches of
 //!   images in that slot are refused `UNAVAILABLE`, never allowed, and images in other slots
 //!   keep working; once the nodes are back, so are the images.
+//! - The sharing rules hold on the cluster as on one Redis: owner only, all accounts or none,
+//!   cancel only what is shared, at most 500 accounts per image, removal forgets both ways.
 
 mod common;
 
@@ -740,7 +742,7 @@ async fn no_acknowledged_share_is_lost_through_slot_migration_and_failovers() {
             .unwrap()
             .into_inner()
             .image_ids;
-        assert_eq!(listed, [image.clone()], "the images listed for {account}");
+        assert_eq!(listed, [image.as_str()], "the images listed for {account}");
     }
     assert!(expected.keys().any(|i| crowded.contains(i)));
 }
@@ -896,4 +898,142 @@ async fn launches_fail_closed_while_a_slot_has_no_master() {
         }
     }
     assert!(check_share(&mut checks, &down, &bob_id).await.unwrap());
+}
+
+async fn modify(
+    client: &mut SharingInternalServiceClient<SignedChannel>,
+    image: &str,
+    owner: &str,
+    permission: sharing::SharePermission,
+    accounts: &[&str],
+) -> Result<(), tonic::Status> {
+    client
+        .modify_shares(sharing::ModifySharesRequest {
+            image_id: image.into(),
+            owner_account_id: owner.into(),
+            permission: permission as i32,
+            account_ids: accounts.iter().map(|a| a.to_string()).collect(),
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn listed_for(
+    client: &mut SharingInternalServiceClient<SignedChannel>,
+    account: &str,
+) -> Vec<String> {
+    client
+        .list_shared_with(sharing::ListSharedWithRequest {
+            account_id: account.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharing_rules_hold_on_a_redis_cluster() {
+    use sharing::SharePermission::{Cancel, Share};
+    let redis = RedisCluster::start().await;
+    let mut cluster = Cluster::start(&[]).await;
+    point_sharing_at(
+        &mut cluster,
+        vec!["--redis-cluster-nodes".into(), redis.node_list()],
+    )
+    .await;
+    let mut client = sharing_client(&cluster);
+    let (alice, bob, carol) = ("100000000001", "100000000002", "100000000003");
+    let image = "img-rules001";
+    client
+        .set_image_owner(sharing::SetImageOwnerRequest {
+            image_id: image.into(),
+            owner_account_id: alice.into(),
+        })
+        .await
+        .unwrap();
+
+    // Only the owner shares; all accounts or none; cancel only what is shared.
+    assert_refused(
+        modify(&mut client, image, bob, Share, &[carol]).await,
+        Code::PermissionDenied,
+        "UnauthorizedOperation.ImageNotBelongToAccount",
+    );
+    modify(&mut client, image, alice, Share, &[bob])
+        .await
+        .unwrap();
+    assert_refused(
+        modify(&mut client, image, alice, Share, &[carol, bob]).await,
+        Code::AlreadyExists,
+        "FailedOperation.AccountAlreadyExists",
+    );
+    assert!(!check_share(&mut client, image, carol).await.unwrap());
+    assert!(listed_for(&mut client, carol).await.is_empty());
+    assert_refused(
+        modify(&mut client, image, alice, Cancel, &[carol]).await,
+        Code::FailedPrecondition,
+        "FailedOperation.AccountNotShared",
+    );
+
+    // At most 500 accounts: 499 more in one call (each account's index in its own slot), then
+    // one too many.
+    let many: Vec<String> = (0..499)
+        .map(|n| (400_000_000_000u64 + n).to_string())
+        .collect();
+    let many_refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    modify(&mut client, image, alice, Share, &many_refs)
+        .await
+        .unwrap();
+    assert_refused(
+        modify(&mut client, image, alice, Share, &[carol]).await,
+        Code::ResourceExhausted,
+        "OverQuota",
+    );
+    let described = client
+        .describe_shares(sharing::DescribeSharesRequest {
+            image_id: image.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .shares;
+    assert_eq!(described.len(), 500);
+    for account in [bob, &many[0], &many[498]] {
+        assert!(check_share(&mut client, image, account).await.unwrap());
+        assert_eq!(listed_for(&mut client, account).await, [image]);
+    }
+
+    // A cancel takes effect at once, in both directions.
+    modify(&mut client, image, alice, Cancel, &[bob])
+        .await
+        .unwrap();
+    assert!(!check_share(&mut client, image, bob).await.unwrap());
+    assert!(listed_for(&mut client, bob).await.is_empty());
+
+    // Removing the image forgets its owner and every share, in both directions.
+    client
+        .remove_image(sharing::RemoveImageRequest {
+            image_id: image.into(),
+        })
+        .await
+        .unwrap();
+    for account in [&many[0], &many[498]] {
+        assert!(!check_share(&mut client, image, account).await.unwrap());
+        assert!(listed_for(&mut client, account).await.is_empty());
+    }
+    let owner = client
+        .get_image_owner(sharing::GetImageOwnerRequest {
+            image_id: image.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .owner_account_id;
+    assert_eq!(owner, "");
+    // Only the owner can share it again: nobody is, now.
+    assert_refused(
+        modify(&mut client, image, alice, Share, &[bob]).await,
+        Code::PermissionDenied,
+        "UnauthorizedOperation.ImageNotBelongToAccount",
+    );
 }
