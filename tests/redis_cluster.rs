@@ -9,7 +9,8 @@
 //!   reverse index.
 //! - While a slot has no master (its master and replica killed), share checks and launches of
 //!   images in that slot are refused `UNAVAILABLE`, never allowed, and images in other slots
-//!   keep working; once the nodes are back, so are the images.
+//!   keep working (but cannot be shared with an account whose reverse index lies in the dead
+//!   slot range); once the nodes are back, so are the images.
 //! - The sharing rules hold on the cluster as on one Redis: owner only, all accounts or none,
 //!   cancel only what is shared, at most 500 accounts per image, removal forgets both ways.
 
@@ -792,14 +793,28 @@ async fn launches_fail_closed_while_a_slot_has_no_master() {
     let mut bob = cluster.region("ap-guangzhou", 1);
     let mut checks = sharing_client(&cluster);
 
-    // Alice's images, until two lie on different masters.
+    // Alice's images, until one lies on a master other than the one holding Bob's reverse
+    // index (that master will go down: Bob's index must stay up to be shared with) and another
+    // on a third master.
+    let bob_index = redis.master_of_slot(key_slot(&format!(
+        "imagefleet:{{account-{bob_id}}}:shared-with"
+    )));
     let debian = public_image(&mut alice, "Debian").await;
     let instance = run(&mut alice, &debian.image_id, 1).await.remove(0);
     let mut made: Vec<(String, usize)> = Vec::new();
     let (down, up) = loop {
+        let pair = made.iter().find_map(|(down, down_master)| {
+            let (up, _) = made
+                .iter()
+                .find(|(_, m)| *down_master != bob_index && m != down_master)?;
+            Some((down.clone(), up.clone()))
+        });
+        if let Some(pair) = pair {
+            break pair;
+        }
         assert!(
-            made.len() < 16,
-            "every image landed on one master: {made:?}"
+            made.len() < 24,
+            "no two images on suitable masters: {made:?}"
         );
         let image_id = alice
             .create_image(CreateImageRequest {
@@ -813,9 +828,6 @@ async fn launches_fail_closed_while_a_slot_has_no_master() {
             .image_id;
         wait_image_state(&mut alice, &image_id, ImageState::Normal).await;
         let master = redis.master_of_slot(image_slot(&image_id));
-        if let Some((other, _)) = made.iter().find(|(_, m)| *m != master) {
-            break (image_id, other.clone());
-        }
         made.push((image_id, master));
     };
     for image in [&down, &up] {
@@ -827,6 +839,17 @@ async fn launches_fail_closed_while_a_slot_has_no_master() {
 
     // The master of the first image's slot and its replica go down: that slot has no master.
     let master = redis.master_of_slot(image_slot(&down));
+    // An account whose reverse index lies on that master too.
+    let mut dora = None;
+    for n in 0..48 {
+        let account = cluster.create_account(&format!("dora-{n}")).await;
+        let index = format!("imagefleet:{{account-{}}}:shared-with", account.account_id);
+        if redis.master_of_slot(key_slot(&index)) == master {
+            dora = Some(account.account_id);
+            break;
+        }
+    }
+    let dora = dora.expect("an account whose reverse index lies on the master going down");
     let replica = redis.replica_of(master);
     redis.nodes[replica].kill9();
     redis.nodes[master].kill9();
@@ -877,6 +900,14 @@ async fn launches_fail_closed_while_a_slot_has_no_master() {
             .await
             .unwrap();
         launch(&mut bob, &up).await.unwrap();
+        // Sharing it with an account whose reverse index lies in a slot without a master is
+        // refused too (the index entry comes first), and changes nothing.
+        assert_refused(
+            share(&mut alice, &up, &dora, SharePermission::Share).await,
+            Code::Unavailable,
+            "ServiceUnavailable",
+        );
+        assert!(!check_share(&mut checks, &up, &dora).await.unwrap());
     }
 
     // Both nodes come back: the slot is served again, with its shares.
