@@ -557,6 +557,23 @@ impl OwnershipBackend for RedisMaps {
         let checked: Vec<(String, String, Option<String>)> = self
             .with_connection("shared_with", |mut c| async move {
                 let entries: Vec<(String, String)> = c.hgetall(shared_with_key(account)).await?;
+                if entries.is_empty() {
+                    return Ok(Vec::new());
+                }
+                if !self.redis.is_cluster() {
+                    // One server: every check in one round trip.
+                    let mut pipe = redis::pipe();
+                    for (image, _) in &entries {
+                        pipe.hget(shares_key(image), account);
+                    }
+                    let shares: Vec<Option<String>> = pipe.query_async(&mut c).await?;
+                    return Ok(entries
+                        .into_iter()
+                        .zip(shares)
+                        .map(|((image, token), share)| (image, token, share))
+                        .collect());
+                }
+                // A cluster: each image's check on its own slot's master.
                 futures::stream::iter(entries)
                     .map(|(image, token)| {
                         let mut c = c.clone();
