@@ -64,7 +64,7 @@ TLS_DIR="$ROOT/deploy/compose/tls"
 PREBUILT="$ROOT/target/docker-prebuilt"
 PORTS="7100 7101 7110 7111 7112"
 OWNER=100000000001
-OWNER_KEY=imagefleet:image-owner # services/sharing/src/redis_maps.rs
+OWNER_KEYS='imagefleet:{img-*}:owner' # services/sharing/src/redis_maps.rs
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/imagefleet-ctest.XXXXXX")
 COMPOSE=()
 CLUSTER_UP=0
@@ -266,19 +266,29 @@ print(f"{sa} bytes each (virtual), {compared} data bytes compared, identical")
 PY
 }
 
-# Every ownership map the sharing service keeps (all hashes under imagefleet:, see
-# services/sharing/src/redis_maps.rs) as sorted "key<TAB>field<TAB>value" lines.
+# Every ownership map the sharing service keeps (keys under imagefleet:, see
+# services/sharing/src/redis_maps.rs) as sorted lines: "key<TAB>field<TAB>value" for the share
+# hashes and reverse indexes, "key<TAB>owner" for the owner keys.
 redis_maps() {
     local id key
     id=$(service_id redis)
-    for key in $(docker exec "$id" redis-cli --raw KEYS 'imagefleet:*'); do
-        docker exec "$id" redis-cli --raw HGETALL "$key" | paste - - | sed "s|^|$key	|"
+    for key in $(docker exec "$id" redis-cli --raw KEYS 'imagefleet:{*}:*'); do
+        case "$key" in
+        *:owner) printf '%s\t%s\n' "$key" "$(docker exec "$id" redis-cli --raw GET "$key")" ;;
+        *) docker exec "$id" redis-cli --raw HGETALL "$key" | paste - - | sed "s|^|$key	|" ;;
+        esac
     done | sort
 }
 
+# "image<TAB>owner" for every image with an owner key (imagefleet:{<image id>}:owner).
 owner_map() {
-    # --raw: one field or value per line (ids and account ids hold no newlines).
-    docker exec "$(service_id redis)" redis-cli --raw HGETALL "$OWNER_KEY" | paste - - | sort
+    local id key img
+    id=$(service_id redis)
+    for key in $(docker exec "$id" redis-cli --raw KEYS "$OWNER_KEYS"); do
+        img=${key#imagefleet:\{}
+        img=${img%\}:owner}
+        printf '%s\t%s\n' "$img" "$(docker exec "$id" redis-cli --raw GET "$key")"
+    done | sort
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -529,12 +539,12 @@ ictl images share --region ap-guangzhou --image "$IMG_A" --accounts "$OTHER" >/d
 info "shared $IMG_A with $OTHER"
 owner_map >"$WORK/owners-before.txt"
 for img in "$IMG_A" "$COPY_A" "$IMG_B" "$COPY_B"; do
-    grep -q "^$img	$OWNER\$" "$WORK/owners-before.txt" || fail "$img has no owner entry in $OWNER_KEY"
+    grep -q "^$img	$OWNER\$" "$WORK/owners-before.txt" || fail "$img has no owner key ($OWNER_KEYS)"
 done
 redis_maps >"$WORK/maps-before.txt"
-grep -q "^imagefleet:image-shares:$IMG_A	$OTHER	" "$WORK/maps-before.txt" || fail "no share entry for $IMG_A"
-grep -q "^imagefleet:account-shares:$OTHER	$IMG_A	" "$WORK/maps-before.txt" || fail "no account-shares entry for $OTHER"
-info "$OWNER_KEY holds $(wc -l <"$WORK/owners-before.txt") entries (our 4 images owned by $OWNER); $(wc -l <"$WORK/maps-before.txt") map entries in all"
+grep -q "^imagefleet:{$IMG_A}:shares	$OTHER	" "$WORK/maps-before.txt" || fail "no share entry for $IMG_A"
+grep -q "^imagefleet:{account-$OTHER}:shared-with	$IMG_A	" "$WORK/maps-before.txt" || fail "no reverse-index entry for $OTHER"
+info "$(wc -l <"$WORK/owners-before.txt") owner keys (our 4 images owned by $OWNER); $(wc -l <"$WORK/maps-before.txt") map entries in all"
 REDIS=$(service_id redis)
 docker kill --signal KILL "$REDIS" >/dev/null
 info "killed redis (SIGKILL)"

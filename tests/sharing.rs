@@ -382,17 +382,17 @@ async fn sharing_rules_and_what_a_receiver_may_do() {
         .await
         .unwrap();
     assert_eq!(
-        cluster.redis_cli(&["HEXISTS", "imagefleet:image-owner", &image_id]),
+        cluster.redis_cli(&["EXISTS", &format!("imagefleet:{{{image_id}}}:owner")]),
         "0"
     );
     assert_eq!(
-        cluster.redis_cli(&["EXISTS", &format!("imagefleet:image-shares:{image_id}")]),
+        cluster.redis_cli(&["EXISTS", &format!("imagefleet:{{{image_id}}}:shares")]),
         "0"
     );
     assert_eq!(
         cluster.redis_cli(&[
             "HEXISTS",
-            &format!("imagefleet:account-shares:{bob_id}"),
+            &format!("imagefleet:{{account-{bob_id}}}:shared-with"),
             &image_id
         ]),
         "0"

@@ -126,6 +126,14 @@ impl Proc {
         self.spawn();
     }
 
+    /// SIGKILL, then starts again with `args` instead of its own (same port, environment and
+    /// log), e.g. the sharing service on another Redis.
+    pub fn restart_with_args(&mut self, args: Vec<String>) {
+        self.kill9();
+        self.args = args;
+        self.spawn();
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

@@ -375,17 +375,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
 
     let (redis_child, backend, redis_url) = match args.redis_url.clone() {
-        Some(url) => (
-            None,
-            imagefleet_sharing::MapsBackend::Redis { url: url.clone() },
-            url,
-        ),
+        Some(url) => (None, imagefleet_sharing::MapsBackend::redis(&url)?, url),
         None if on_path("redis-server") => {
             let (child, url) =
                 RedisChild::start(&dir.join("redis"), port(args.base_port, 9), &lock).await?;
             (
                 Some(child),
-                imagefleet_sharing::MapsBackend::Redis { url: url.clone() },
+                imagefleet_sharing::MapsBackend::redis(&url)?,
                 url,
             )
         }

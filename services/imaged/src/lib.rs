@@ -200,14 +200,32 @@ struct CatalogArgs {
 struct SharingArgs {
     #[arg(long, env = "IMAGEFLEET_LISTEN", default_value = "127.0.0.1:7101")]
     listen: SocketAddr,
-    /// Redis holding the ownership maps.
+    /// Redis holding the ownership maps: `redis://host:port` (one server) or
+    /// `redis+cluster://host:port,host:port` (a Redis Cluster, by some of its nodes).
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
+    /// A Redis Cluster holding the ownership maps, by some of its nodes (`host:port,...`).
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER_NODES",
+        value_name = "HOST:PORT,...",
+        conflicts_with = "redis_url"
+    )]
+    redis_cluster_nodes: Option<String>,
+    /// On a Redis Cluster: how many replicas must hold each write before it is acknowledged
+    /// (`WAIT`), so that a master's failover loses no acknowledged change; 0 acknowledges on
+    /// the master's append-only file alone.
+    #[arg(
+        long,
+        env = "IMAGEFLEET_REDIS_REPLICA_ACKS",
+        default_value_t = imagefleet_sharing::DEFAULT_REPLICA_ACKS
+    )]
+    redis_replica_acks: usize,
     /// Without Redis: keep the maps in this directory (embedded fallback, for quick starts).
     #[arg(
         long,
         env = "IMAGEFLEET_EMBEDDED_MAPS_DIR",
-        conflicts_with = "redis_url"
+        conflicts_with_all = ["redis_url", "redis_cluster_nodes"]
     )]
     embedded_dir: Option<PathBuf>,
     #[arg(
@@ -508,13 +526,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut _lock = None;
             args.transport.install(imagefleet_rpc::identity::SHARING)?;
             args.serve.start(imagefleet_rpc::identity::SHARING).await?;
-            let backend = match (args.redis_url, args.embedded_dir) {
-                (Some(url), _) => imagefleet_sharing::MapsBackend::Redis { url },
-                (None, Some(dir)) => {
+            let backend = match (args.redis_url, args.redis_cluster_nodes, args.embedded_dir) {
+                (Some(url), _, _) => imagefleet_sharing::MapsBackend::Redis {
+                    target: imagefleet_sharing::RedisTarget::from_url(&url)?,
+                    replica_acks: args.redis_replica_acks,
+                },
+                (None, Some(nodes), _) => imagefleet_sharing::MapsBackend::Redis {
+                    target: imagefleet_sharing::RedisTarget::cluster(&nodes)?,
+                    replica_acks: args.redis_replica_acks,
+                },
+                (None, None, Some(dir)) => {
                     _lock = Some(lock_data_dir(&dir)?);
                     imagefleet_sharing::MapsBackend::Embedded { dir }
                 }
-                (None, None) => anyhow::bail!("give --redis-url (REDIS_URL) or --embedded-dir"),
+                (None, None, None) => anyhow::bail!(
+                    "give --redis-url (REDIS_URL), --redis-cluster-nodes (REDIS_CLUSTER_NODES) or --embedded-dir"
+                ),
             };
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             let config = imagefleet_sharing::SharingConfig {

@@ -2,6 +2,7 @@
 //! Redis next to the maps (AOF, so it survives a restart of either), or in the embedded
 //! fallback's directory.
 
+use crate::redis_conn::{Redis, RedisTarget};
 use imagefleet_rpc::auth::{BoxFuture, FloorStore};
 use redis::AsyncCommands;
 use std::time::Duration;
@@ -9,22 +10,20 @@ use std::time::Duration;
 /// The Redis key holding the largest future-dated timestamp the sharing service accepted.
 pub const FLOOR_KEY: &str = "imagefleet:auth:replay-floor:sharing";
 
+/// The floor in Redis (one server or a cluster: one key, in one slot).
 pub struct RedisFloor {
-    client: redis::Client,
+    redis: Redis,
 }
 
 impl RedisFloor {
-    pub fn new(url: &str) -> anyhow::Result<Self> {
+    pub fn new(target: &RedisTarget) -> anyhow::Result<Self> {
         Ok(RedisFloor {
-            client: redis::Client::open(url)?,
+            redis: Redis::new(target)?,
         })
     }
 
-    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, String> {
-        self.client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| e.to_string())
+    async fn connection(&self) -> Result<crate::redis_conn::RedisConnection, String> {
+        self.redis.connection().await.map_err(|e| e.to_string())
     }
 }
 

@@ -1,8 +1,8 @@
-//! The sharing service (global): owns the shared ownership maps (image -> owner now; image ->
-//! accounts shared with and account -> images shared with it next), in Redis or, for a quick
-//! local start without redis-server, in an embedded log.
+//! The sharing service (global): owns the shared ownership maps (image -> owner, image ->
+//! accounts shared with, account -> images shared with it), in Redis (one server or a Redis
+//! Cluster) or, for a quick local start without redis-server, in an embedded log.
 //!
-//! - `maps`: the maps, over either backend (`redis_maps`, `embedded`).
+//! - `maps`: the maps, over either backend (`redis_maps` over `redis_conn`, `embedded`).
 //! - `service`: the gRPC service; `readiness`: health that follows the backend.
 //! - [`run`] serves it all.
 
@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod floor;
 pub mod maps;
 pub mod readiness;
+pub mod redis_conn;
 pub mod redis_maps;
 pub mod rules;
 pub mod service;
@@ -24,13 +25,34 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+pub use redis_conn::RedisTarget;
+
 /// Where the ownership maps live.
 #[derive(Clone, Debug)]
 pub enum MapsBackend {
-    /// A Redis server, e.g. `redis://127.0.0.1:6379`.
-    Redis { url: String },
+    /// A Redis server or a Redis Cluster. On a cluster, every write is acknowledged only once
+    /// `replica_acks` replicas hold it (ignored on a single server).
+    Redis {
+        target: RedisTarget,
+        replica_acks: usize,
+    },
     /// In memory, logged durably under `dir` (only when no redis-server is available).
     Embedded { dir: PathBuf },
+}
+
+/// How many replicas must hold a write on a Redis Cluster before it is acknowledged, unless
+/// configured otherwise.
+pub const DEFAULT_REPLICA_ACKS: usize = 1;
+
+impl MapsBackend {
+    /// Redis at `url`: `redis://host:port` (one server) or `redis+cluster://host:port,...`
+    /// (a cluster, with `DEFAULT_REPLICA_ACKS`).
+    pub fn redis(url: &str) -> anyhow::Result<MapsBackend> {
+        Ok(MapsBackend::Redis {
+            target: RedisTarget::from_url(url)?,
+            replica_acks: DEFAULT_REPLICA_ACKS,
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -63,7 +85,7 @@ pub async fn run(
         Credentials::service("sharing", &config.service_key),
     )?;
     let floor: Arc<dyn imagefleet_rpc::auth::FloorStore> = match &config.backend {
-        MapsBackend::Redis { url } => Arc::new(floor::RedisFloor::new(url)?),
+        MapsBackend::Redis { target, .. } => Arc::new(floor::RedisFloor::new(target)?),
         MapsBackend::Embedded { dir } => Arc::new(imagefleet_rpc::auth::FileFloor::new(
             dir.join("auth-replay-floor"),
         )),

@@ -19,7 +19,10 @@ impl OwnershipMaps {
     /// replayed now.
     pub async fn open(backend: &MapsBackend) -> anyhow::Result<OwnershipMaps> {
         let backend: Arc<dyn OwnershipBackend> = match backend {
-            MapsBackend::Redis { url } => Arc::new(RedisMaps::new(url)?),
+            MapsBackend::Redis {
+                target,
+                replica_acks,
+            } => Arc::new(RedisMaps::new(target, *replica_acks)?),
             MapsBackend::Embedded { dir } => {
                 tracing::warn!(
                     dir = %dir.display(),

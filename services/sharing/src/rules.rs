@@ -11,6 +11,8 @@ pub enum MapsError {
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer in time")]
     Timeout,
+    #[error("redis did not copy the write to {wanted} replica(s) in time ({got} did): not acknowledged, it may or may not stay")]
+    Unreplicated { wanted: usize, got: usize },
     #[error("embedded maps log: {0}")]
     Log(#[from] std::io::Error),
     #[error("maps task failed: {0}")]

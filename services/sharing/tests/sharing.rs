@@ -6,6 +6,7 @@ use imagefleet_proto::sharing::v1::sharing_internal_service_client::SharingInter
 use imagefleet_proto::sharing::v1::*;
 use imagefleet_rpc::client::{signed_channel, SignedChannel, SHARING_SCOPE};
 use imagefleet_rpc::Credentials;
+use imagefleet_sharing::redis_maps::{owner_key, shared_with_key, shares_key};
 use imagefleet_sharing::{run, MapsBackend, SharingConfig};
 use redis::AsyncCommands;
 use std::path::{Path, PathBuf};
@@ -329,10 +330,7 @@ async fn redis_backend_serves_and_recovers_from_redis_restarts() {
     let redis_dir = tempfile::tempdir().unwrap();
 
     // Redis is not up yet: the service starts anyway, NOT_SERVING, and refuses calls.
-    let served = Served::start(MapsBackend::Redis {
-        url: redis_url(port),
-    })
-    .await;
+    let served = Served::start(MapsBackend::redis(&redis_url(port)).unwrap()).await;
     let mut client = served.client();
     served.wait_health(ServingStatus::NotServing).await;
     assert_unavailable(owner(&mut client, "img-aaaaaaaa").await);
@@ -349,43 +347,34 @@ async fn redis_backend_serves_and_recovers_from_redis_restarts() {
         .unwrap();
     let _: () = raw
         .hset(
-            "imagefleet:image-shares:img-shared01",
+            shares_key("img-shared01"),
             "100000000002",
-            1700000000,
+            "1700000000:1700000000000-00000000000000aa",
         )
         .await
         .unwrap();
     let _: () = raw
         .hset(
-            "imagefleet:account-shares:100000000002",
+            shared_with_key("100000000002"),
             "img-shared01",
-            1700000000,
+            "1700000000000-00000000000000aa",
         )
         .await
         .unwrap();
     let _: () = raw
         .hset(
-            "imagefleet:account-shares:100000000002",
+            shared_with_key("100000000002"),
             "img-other001",
-            1700000000,
+            "1700000000000-00000000000000bb",
         )
         .await
         .unwrap();
-    let stored: Option<String> = raw
-        .hget("imagefleet:image-owner", "img-shared01")
-        .await
-        .unwrap();
+    let stored: Option<String> = raw.get(owner_key("img-shared01")).await.unwrap();
     assert_eq!(stored.as_deref(), Some("100000000001"));
     remove(&mut client, "img-shared01").await.unwrap();
-    let shares: i64 = raw
-        .exists("imagefleet:image-shares:img-shared01")
-        .await
-        .unwrap();
+    let shares: i64 = raw.exists(shares_key("img-shared01")).await.unwrap();
     assert_eq!(shares, 0);
-    let received: Vec<String> = raw
-        .hkeys("imagefleet:account-shares:100000000002")
-        .await
-        .unwrap();
+    let received: Vec<String> = raw.hkeys(shared_with_key("100000000002")).await.unwrap();
     assert_eq!(received, ["img-other001"]);
     assert_eq!(owner(&mut client, "img-shared01").await.unwrap(), "");
 
@@ -414,6 +403,136 @@ async fn redis_backend_serves_and_recovers_from_redis_restarts() {
 
     served.stop().await;
     drop(redis);
+}
+
+async fn modify(
+    client: &mut SharingInternalServiceClient<SignedChannel>,
+    image: &str,
+    owner: &str,
+    permission: SharePermission,
+    accounts: &[&str],
+) -> Result<(), tonic::Status> {
+    client
+        .modify_shares(ModifySharesRequest {
+            image_id: image.into(),
+            owner_account_id: owner.into(),
+            permission: permission as i32,
+            account_ids: accounts.iter().map(|a| a.to_string()).collect(),
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn shared_with(
+    client: &mut SharingInternalServiceClient<SignedChannel>,
+    account: &str,
+) -> Vec<String> {
+    client
+        .list_shared_with(ListSharedWithRequest {
+            account_id: account.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ids
+}
+
+#[tokio::test]
+async fn the_reverse_index_is_checked_against_each_image_and_repaired() {
+    let port = free_port();
+    let redis_dir = tempfile::tempdir().unwrap();
+    let _redis = RedisServer::start(port, redis_dir.path()).await;
+    let served = Served::start(MapsBackend::redis(&redis_url(port)).unwrap()).await;
+    served.wait_health(ServingStatus::Serving).await;
+    let mut client = served.client();
+    let raw = redis::Client::open(redis_url(port)).unwrap();
+    let mut raw = raw.get_multiplexed_async_connection().await.unwrap();
+    let (alice, bob) = ("100000000001", "100000000002");
+    let index = shared_with_key(bob);
+
+    set_owner(&mut client, "img-rev00001", alice).await.unwrap();
+    modify(
+        &mut client,
+        "img-rev00001",
+        alice,
+        SharePermission::Share,
+        &[bob],
+    )
+    .await
+    .unwrap();
+    assert_eq!(shared_with(&mut client, bob).await, ["img-rev00001"]);
+    // The index entry carries the token the share holds.
+    let share: String = raw.hget(shares_key("img-rev00001"), bob).await.unwrap();
+    let entry: String = raw.hget(&index, "img-rev00001").await.unwrap();
+    assert_eq!(share.split_once(':').unwrap().1, entry);
+
+    // Entries the images' keys do not back are never listed. One from long ago is deleted on
+    // the read; a recent one (its share may be on its way) is left for now.
+    let recent = format!(
+        "{}-00000000000000cc",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    let _: () = raw
+        .hset(&index, "img-rev00002", "1000-00000000000000aa")
+        .await
+        .unwrap();
+    let _: () = raw.hset(&index, "img-rev00003", &recent).await.unwrap();
+    // An entry of a real share with another token (a later request rewrote it) is listed and
+    // given the share's token.
+    let _: () = raw
+        .hset(&index, "img-rev00001", "1000-00000000000000bb")
+        .await
+        .unwrap();
+    assert_eq!(shared_with(&mut client, bob).await, ["img-rev00001"]);
+    let mut left: Vec<String> = raw.hkeys(&index).await.unwrap();
+    left.sort();
+    assert_eq!(left, ["img-rev00001", "img-rev00003"]);
+    let entry: String = raw.hget(&index, "img-rev00001").await.unwrap();
+    assert_eq!(share.split_once(':').unwrap().1, entry);
+
+    // A cancel deletes the entry of the share it removed; the image's keys alone decide a
+    // check.
+    modify(
+        &mut client,
+        "img-rev00001",
+        alice,
+        SharePermission::Cancel,
+        &[bob],
+    )
+    .await
+    .unwrap();
+    let left: Vec<String> = raw.hkeys(&index).await.unwrap();
+    assert_eq!(left, ["img-rev00003"]);
+    assert!(shared_with(&mut client, bob).await.is_empty());
+    let check = client
+        .check_share(CheckShareRequest {
+            image_id: "img-rev00003".into(),
+            account_id: bob.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!check.shared);
+
+    // Sharing again after the cancel lists the image again; removing the image drops it.
+    modify(
+        &mut client,
+        "img-rev00001",
+        alice,
+        SharePermission::Share,
+        &[bob],
+    )
+    .await
+    .unwrap();
+    assert_eq!(shared_with(&mut client, bob).await, ["img-rev00001"]);
+    remove(&mut client, "img-rev00001").await.unwrap();
+    assert!(shared_with(&mut client, bob).await.is_empty());
+    let left: Vec<String> = raw.hkeys(&index).await.unwrap();
+    assert_eq!(left, ["img-rev00003"]);
+    served.stop().await;
 }
 
 fn embedded(dir: &Path) -> MapsBackend {
