@@ -76,6 +76,11 @@ impl OwnershipMaps {
         self.backend.is_shared(image_id, account).await
     }
 
+    /// `is_shared` for many checks at once, in order.
+    pub async fn are_shared(&self, checks: &[(&str, &str)]) -> Result<Vec<bool>, MapsError> {
+        self.backend.are_shared(checks).await
+    }
+
     /// The images shared with `account`, sorted.
     pub async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError> {
         let mut images = self.backend.shared_with(account).await?;

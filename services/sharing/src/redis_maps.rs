@@ -550,6 +550,23 @@ impl OwnershipBackend for RedisMaps {
         .await
     }
 
+    async fn are_shared(&self, checks: &[(&str, &str)]) -> Result<Vec<bool>, MapsError> {
+        if self.redis.is_cluster() {
+            // Each on its own slot's master.
+            return futures::future::try_join_all(checks.iter().map(|(i, a)| self.is_shared(i, a)))
+                .await;
+        }
+        // One server: every check in one round trip.
+        self.with_connection("are_shared", |mut c| async move {
+            let mut pipe = redis::pipe();
+            for (image_id, account) in checks {
+                pipe.hexists(shares_key(image_id), *account);
+            }
+            Ok(pipe.query_async(&mut c).await?)
+        })
+        .await
+    }
+
     async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError> {
         // The index says which images to look at; the images' own shares hashes say which of
         // them are shared. An image whose slot does not answer fails the call (never taken

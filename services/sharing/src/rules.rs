@@ -109,6 +109,10 @@ pub trait OwnershipBackend: Send + Sync {
     async fn shares(&self, image_id: &str) -> Result<Vec<(String, i64)>, MapsError>;
     /// Whether `image_id` is shared with `account` now.
     async fn is_shared(&self, image_id: &str, account: &str) -> Result<bool, MapsError>;
+    /// `is_shared` for each `(image, account)`, in order; all read after the call was made.
+    async fn are_shared(&self, checks: &[(&str, &str)]) -> Result<Vec<bool>, MapsError> {
+        futures::future::try_join_all(checks.iter().map(|(i, a)| self.is_shared(i, a))).await
+    }
     /// The images shared with `account` (any order).
     async fn shared_with(&self, account: &str) -> Result<Vec<String>, MapsError>;
     /// Succeeds when the backend answers.

@@ -155,13 +155,12 @@ impl SharingInternalService for SharingApi {
             ids::check_image_id(&format!("checks[{n}].image_id"), &check.image_id)?;
             ids::check_account_id(&format!("checks[{n}].account_id"), &check.account_id)?;
         }
-        // All at once: Redis gets them pipelined on the one multiplexed connection.
-        let shared = futures::future::try_join_all(
-            r.checks
-                .iter()
-                .map(|c| self.maps.is_shared(&c.image_id, &c.account_id)),
-        )
-        .await?;
+        let checks: Vec<(&str, &str)> = r
+            .checks
+            .iter()
+            .map(|c| (c.image_id.as_str(), c.account_id.as_str()))
+            .collect();
+        let shared = self.maps.are_shared(&checks).await?;
         Ok(Response::new(CheckSharesResponse { shared }))
     }
 
