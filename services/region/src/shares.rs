@@ -29,8 +29,12 @@ use tonic::Code;
 /// ~1.4x faster over four than over one (`share_rps`, bench/RESULTS.md).
 const SHARING_CONNECTIONS: usize = 4;
 
-/// Batched calls on the wire at once, of each kind (one per connection).
-const BATCHES_IN_FLIGHT: usize = SHARING_CONNECTIONS;
+/// Batched share checks on the wire at once (one per connection).
+const CHECKS_IN_FLIGHT: usize = SHARING_CONNECTIONS;
+
+/// Batched listings on the wire at once: fewer than checks, since concurrent listings are
+/// mostly of the same few accounts, and each account is asked once per call.
+const LISTINGS_IN_FLIGHT: usize = 2;
 
 /// The most checks (or accounts) in one batched call: the sharing service takes up to 1000.
 const MAX_BATCH: usize = 256;
@@ -80,7 +84,7 @@ impl ShareChecker {
     fn batches(&self) -> &Batches {
         self.batches.get_or_init(|| {
             let client = self.client.clone();
-            let checks = Batcher::spawn(BATCHES_IN_FLIGHT, MAX_BATCH, move |checks| {
+            let checks = Batcher::spawn(CHECKS_IN_FLIGHT, MAX_BATCH, move |checks| {
                 let mut client = client.clone();
                 async move {
                     let answer = client
@@ -91,7 +95,7 @@ impl ShareChecker {
             });
             let client = self.client.clone();
             let listings = Batcher::spawn(
-                BATCHES_IN_FLIGHT,
+                LISTINGS_IN_FLIGHT,
                 MAX_BATCH,
                 move |accounts: Vec<String>| {
                     let mut client = client.clone();
