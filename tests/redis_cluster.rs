@@ -748,34 +748,6 @@ async fn no_acknowledged_share_is_lost_through_slot_migration_and_failovers() {
     assert!(expected.keys().any(|i| crowded.contains(i)));
 }
 
-async fn launch(region: &mut Region, image_id: &str) -> Result<Vec<String>, tonic::Status> {
-    region
-        .run_instances(RunInstancesRequest {
-            image_id: image_id.into(),
-            instance_type: "S5.SMALL1".into(),
-            instance_count: 1,
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().instance_id_set)
-}
-
-async fn share(
-    region: &mut Region,
-    image_id: &str,
-    account: &str,
-    permission: SharePermission,
-) -> Result<(), tonic::Status> {
-    region
-        .modify_image_share_permission(ModifyImageSharePermissionRequest {
-            image_id: image_id.into(),
-            account_ids: vec![account.into()],
-            permission: permission as i32,
-        })
-        .await
-        .map(|_| ())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn launches_fail_closed_while_a_slot_has_no_master() {
     let mut redis = RedisCluster::start().await;
@@ -831,7 +803,7 @@ async fn launches_fail_closed_while_a_slot_has_no_master() {
         made.push((image_id, master));
     };
     for image in [&down, &up] {
-        share(&mut alice, image, &bob_id, SharePermission::Share)
+        share(&mut alice, image, &[&bob_id], SharePermission::Share)
             .await
             .unwrap();
         launch(&mut bob, image).await.unwrap();
@@ -878,7 +850,7 @@ async fn launches_fail_closed_while_a_slot_has_no_master() {
             "{round}: {refused:?}"
         );
         assert_refused(
-            share(&mut alice, &down, &bob_id, SharePermission::Cancel).await,
+            share(&mut alice, &down, &[&bob_id], SharePermission::Cancel).await,
             Code::Unavailable,
             "ServiceUnavailable",
         );
@@ -888,7 +860,7 @@ async fn launches_fail_closed_while_a_slot_has_no_master() {
             .await
             .unwrap_or_else(|s| panic!("{round}: launch of {up}: {s:?}"));
         assert!(check_share(&mut checks, &up, &bob_id).await.unwrap());
-        share(&mut alice, &up, &bob_id, SharePermission::Cancel)
+        share(&mut alice, &up, &[&bob_id], SharePermission::Cancel)
             .await
             .unwrap();
         assert_refused(
@@ -896,14 +868,14 @@ async fn launches_fail_closed_while_a_slot_has_no_master() {
             Code::NotFound,
             "InvalidImageId.NotFound",
         );
-        share(&mut alice, &up, &bob_id, SharePermission::Share)
+        share(&mut alice, &up, &[&bob_id], SharePermission::Share)
             .await
             .unwrap();
         launch(&mut bob, &up).await.unwrap();
         // Sharing it with an account whose reverse index lies in a slot without a master is
         // refused too (the index entry comes first), and changes nothing.
         assert_refused(
-            share(&mut alice, &up, &dora, SharePermission::Share).await,
+            share(&mut alice, &up, &[&dora], SharePermission::Share).await,
             Code::Unavailable,
             "ServiceUnavailable",
         );

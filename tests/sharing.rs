@@ -8,22 +8,6 @@ use common::*;
 use imagefleet_proto::region::v1::*;
 use tonic::Code;
 
-async fn share(
-    region: &mut Region,
-    image_id: &str,
-    accounts: &[&str],
-    permission: SharePermission,
-) -> Result<(), tonic::Status> {
-    region
-        .modify_image_share_permission(ModifyImageSharePermissionRequest {
-            image_id: image_id.into(),
-            account_ids: accounts.iter().map(|a| a.to_string()).collect(),
-            permission: permission as i32,
-        })
-        .await
-        .map(|_| ())
-}
-
 async fn shared_accounts(region: &mut Region, image_id: &str) -> Vec<String> {
     region
         .describe_image_share_permission(DescribeImageSharePermissionRequest {
@@ -36,18 +20,6 @@ async fn shared_accounts(region: &mut Region, image_id: &str) -> Vec<String> {
         .into_iter()
         .map(|s| s.account_id)
         .collect()
-}
-
-async fn launch(region: &mut Region, image_id: &str) -> Result<Vec<String>, tonic::Status> {
-    region
-        .run_instances(RunInstancesRequest {
-            image_id: image_id.into(),
-            instance_type: "S5.SMALL1".into(),
-            instance_count: 1,
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().instance_id_set)
 }
 
 /// Alice's image with some data, in ap-guangzhou.

@@ -890,3 +890,33 @@ pub fn scrape_metrics(url: &str) -> String {
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     body.to_string()
 }
+
+/// Shares `image_id` with `accounts` (or cancels their shares) as the region's caller.
+pub async fn share(
+    region: &mut Region,
+    image_id: &str,
+    accounts: &[&str],
+    permission: SharePermission,
+) -> Result<(), tonic::Status> {
+    region
+        .modify_image_share_permission(ModifyImageSharePermissionRequest {
+            image_id: image_id.into(),
+            account_ids: accounts.iter().map(|a| a.to_string()).collect(),
+            permission: permission as i32,
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Launches one `S5.SMALL1` instance of `image_id`; its ids, or the refusal.
+pub async fn launch(region: &mut Region, image_id: &str) -> Result<Vec<String>, tonic::Status> {
+    region
+        .run_instances(RunInstancesRequest {
+            image_id: image_id.into(),
+            instance_type: "S5.SMALL1".into(),
+            instance_count: 1,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().instance_id_set)
+}

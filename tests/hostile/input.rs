@@ -141,11 +141,12 @@ async fn own_image(cluster: &Cluster, who: usize, name: &str) -> (String, String
 
 /// An owner's image description holding terminal escape sequences is shared with another
 /// account; the receiver's `imagectl images describe` and `images list` (table and JSON) print
-/// it inert. The text is put in the store directly, as data kept from before descriptions were
-/// checked; setting it through the API is refused with the field named.
+/// it inert. The text is put in the store directly while the region is stopped, as data kept
+/// from before descriptions were checked (the store is the region process's own while it
+/// runs); setting it through the API is refused with the field named.
 #[tokio::test]
 async fn escape_sequences_in_a_shared_image_never_reach_the_receivers_terminal() {
-    let cluster = Cluster::start(&[GZ]).await;
+    let mut cluster = Cluster::start(&[GZ]).await;
     let (owner, receiver) = (cluster.accounts[0].clone(), cluster.accounts[1].clone());
     let (image_id, instance) = own_image(&cluster, 0, "shared-with-bob").await;
     let mut alice = cluster.region(GZ, 0);
@@ -158,7 +159,8 @@ async fn escape_sequences_in_a_shared_image_never_reach_the_receivers_terminal()
         .await
         .expect("share");
 
-    // The hostile text, stored as if from before the checks.
+    // The hostile text, stored as if from before the checks, and the region started on it.
+    cluster.kill9_region(GZ);
     let db = cluster.region_dir(GZ).join("metadata.db");
     let sql = format!(
         "UPDATE images SET description = {TERMINAL_ATTACK_SQL}, \
@@ -175,6 +177,7 @@ async fn escape_sequences_in_a_shared_image_never_reach_the_receivers_terminal()
         "{}",
         String::from_utf8_lossy(&updated.stderr)
     );
+    cluster.restart_region(GZ).await;
     let seen = image(&mut cluster.region(GZ, 1), &image_id).await;
     assert_eq!(
         seen.image_description, TERMINAL_ATTACK,
