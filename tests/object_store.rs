@@ -206,7 +206,7 @@ async fn a_three_region_cluster_on_garage_creates_copies_shares_launches_deletes
     ) else {
         return;
     };
-    let regions = ["ap-guangzhou", "ap-shanghai", "ap-singapore"];
+    let regions = ["ap-guangzhou", "ap-shanghai", "ap-beijing"];
     let options: Vec<_> = regions
         .iter()
         .map(|r| (*r, garage.region_options(&format!("regions/{r}"))))
@@ -236,7 +236,7 @@ async fn a_three_region_cluster_on_garage_creates_copies_shares_launches_deletes
     let source_digest = image(&mut gz, &source).await.content_digest;
 
     // Copy to both other regions at once.
-    let copies = sync_to(&mut gz, &source, &["ap-shanghai", "ap-singapore"]).await;
+    let copies = sync_to(&mut gz, &source, &["ap-shanghai", "ap-beijing"]).await;
     assert_eq!(copies.len(), 2);
     for copy in &copies {
         let mut dest = cluster.region(&copy.region, 0);
@@ -305,18 +305,18 @@ async fn a_three_region_cluster_on_garage_creates_copies_shares_launches_deletes
         baseline["ap-shanghai"]
     );
 
-    // Delete in Singapore: nothing else uses the copy, so its chunks go at once.
-    let in_singapore = copies
+    // Delete in Beijing: nothing else uses the copy, so its chunks go at once.
+    let in_beijing = copies
         .iter()
-        .find(|c| c.region == "ap-singapore")
+        .find(|c| c.region == "ap-beijing")
         .unwrap()
         .image_id
         .clone();
-    let mut sg = cluster.region("ap-singapore", 0);
-    delete_image(&mut sg, &in_singapore).await;
+    let mut bj = cluster.region("ap-beijing", 0);
+    delete_image(&mut bj, &in_beijing).await;
     assert_eq!(
-        wait_chunks(&garage, &prefix("ap-singapore"), baseline["ap-singapore"]).await,
-        baseline["ap-singapore"]
+        wait_chunks(&garage, &prefix("ap-beijing"), baseline["ap-beijing"]).await,
+        baseline["ap-beijing"]
     );
 
     // And the source: deleted, its instance terminated, its chunks reclaimed.
@@ -389,6 +389,16 @@ async fn a_copy_into_a_three_zone_garage_completes_with_one_node_stopped_midway(
         return;
     };
     // Three nodes in zones dc1..dc3, every object on all three; Shanghai talks to the first.
+    let layout = garage.cli_retry(&["layout", "show"]);
+    for (node, zone) in garage.nodes.iter().zip(["dc1", "dc2", "dc3"]) {
+        assert!(
+            layout
+                .lines()
+                .any(|l| l.contains(&node.id[..16]) && l.contains(zone)),
+            "node {} is not in zone {zone}:\n{layout}",
+            node.id
+        );
+    }
     let cluster = Cluster::start_with(
         &["ap-guangzhou", "ap-shanghai"],
         &[("ap-shanghai", garage.region_options("sh"))],
@@ -416,6 +426,14 @@ async fn a_copy_into_a_three_zone_garage_completes_with_one_node_stopped_midway(
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     garage.kill_node(2);
+    let at_kill = image(&mut sh, &copy.image_id)
+        .await
+        .sync_progress
+        .expect("a copy reports its progress");
+    eprintln!(
+        "node 3 of 3 stopped with {} of {} chunks copied",
+        at_kill.chunks_done, at_kill.chunks_total
+    );
 
     let done = wait_copy_normal(&mut sh, &copy.image_id).await;
     assert_eq!(exported(&mut sh, &copy.image_id).await, source_bytes);
@@ -426,4 +444,64 @@ async fn a_copy_into_a_three_zone_garage_completes_with_one_node_stopped_midway(
         read(&mut sh, &instance, 64 * MIB, data.len() as u64).await,
         data
     );
+}
+
+#[test]
+fn imaged_dev_keeps_every_region_in_the_bucket_and_a_bad_chunk_store_is_refused() {
+    let Some(garage) = start_or_skip(
+        "imaged_dev_keeps_every_region_in_the_bucket_and_a_bad_chunk_store_is_refused",
+        1,
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = garage.url("dev", "grace=0s");
+    let env = garage.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let dev = common::dev::start_dev_with(
+        dir.path(),
+        "ap-guangzhou,ap-shanghai",
+        &["--chunk-store", &url],
+        &env,
+    );
+    for region in ["ap-guangzhou", "ap-shanghai"] {
+        assert!(
+            garage.chunk_count(&format!("dev/{region}")) > 0,
+            "{region} seeded nothing into the bucket"
+        );
+        let local = dir.path().join("regions").join(region);
+        assert_eq!(
+            chunk_files(&local),
+            0,
+            "{region} wrote chunks to local disk"
+        );
+    }
+    common::dev::stop(dev);
+
+    // A region refuses to start on a chunk store it cannot use, saying why.
+    for (spec, says) in [
+        (
+            "ftp://bucket/x",
+            "neither `local` nor an s3://bucket/prefix URL",
+        ),
+        ("s3://bucket/x?colour=blue", "unknown option"),
+    ] {
+        let out = std::process::Command::new(IMAGED)
+            .args([
+                "region",
+                "--region",
+                "ap-guangzhou",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("refused"))
+            .args(["--chunk-store", spec])
+            .env("IMAGEFLEET_SERVICE_KEY", "0123456789abcdef0123456789abcdef")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spec} was accepted");
+        assert!(stderr.contains(says), "{spec}: {stderr}");
+    }
 }
