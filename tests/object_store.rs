@@ -91,6 +91,29 @@ fn replicas_sharing_a_bucket_never_reclaim_a_chunk_inside_the_grace_window() {
     assert!(!first.contains(&d).unwrap());
     assert!(eager.reclaim(&d).unwrap());
 
+    // The race the window leaves: a writer re-stores an old chunk (a window so short that
+    // every stored chunk is old) while another replica's reclaim deletes it. The writer's
+    // `sync` looks again, fails, and the chunk is stored again on retry.
+    let writer = ChunkStore::new(Arc::new(
+        garage.backend(&garage.url("shared/ap-shanghai", "grace=1ns")),
+    ));
+    let reclaimer = ChunkStore::new(Arc::new(
+        garage.backend(&garage.url("shared/ap-shanghai", "grace=0s")),
+    ));
+    let (d, data) = random_chunk();
+    writer.put_verified(&[(d, &data)]).unwrap();
+    writer.sync().unwrap();
+    writer.put_verified(&[(d, &data)]).unwrap();
+    assert!(reclaimer.reclaim(&d).unwrap());
+    let err = writer.sync().unwrap_err();
+    assert!(
+        err.to_string().contains("reclaimed by another writer"),
+        "{err}"
+    );
+    writer.put_verified(&[(d, &data)]).unwrap();
+    writer.sync().unwrap();
+    assert_eq!(reclaimer.get(&d).unwrap(), data);
+
     // A quota bounds what the backend takes, and `space` reports what is left of it.
     let bounded = garage.backend(&garage.url("quota", "quota=2MiB"));
     assert_eq!(bounded.space().unwrap().free_bytes, 2 * MIB);

@@ -20,7 +20,7 @@
 //!
 //! An S3 PUT is durable once the server acknowledges it (the server replicates or fsyncs
 //! before answering), and `put_batch` returns only after every PUT of the batch has been
-//! acknowledged. So `sync` has nothing left to wait for and returns `Ok`.
+//! acknowledged. So `sync` has nothing left to wait for (beyond the re-check below).
 //!
 //! # Sharing one bucket: the grace window
 //!
@@ -30,8 +30,10 @@
 //! hour). A writer that finds a chunk already stored re-puts it (which refreshes its
 //! last-modified time) when the stored object is older than half the window. So a chunk that
 //! any replica stored or re-stored within the last half window is never reclaimed by
-//! another: a replica that has just referenced a chunk has just put it. `delete` itself (used
-//! by tools and the conformance suite) deletes at once. See `docs/storage.md`.
+//! another: a replica that has just referenced a chunk has just put it. A chunk re-put for
+//! being old is looked up again by the next `sync`, which fails if another replica's reclaim
+//! deleted it meanwhile. `delete` itself (used by tools and the conformance suite) deletes at
+//! once. See `docs/storage.md`.
 //!
 //! # Space
 //!
@@ -147,6 +149,8 @@ pub struct ObjectStore {
     /// when the backend is dropped, which may happen inside another runtime.
     runtime: Option<tokio::runtime::Runtime>,
     used_bytes: Mutex<u64>,
+    /// Chunks re-put since the last `sync` because they were old (checked again by `sync`).
+    touched: Mutex<Vec<ChunkDigest>>,
     locks: Arc<Vec<tokio::sync::Mutex<()>>>,
     describe: String,
 }
@@ -209,6 +213,7 @@ impl ObjectStore {
             config,
             runtime: Some(runtime),
             used_bytes: Mutex::new(0),
+            touched: Mutex::new(Vec::new()),
             locks: Arc::new((0..LOCK_SHARDS).map(|_| Default::default()).collect()),
             describe,
         };
@@ -263,7 +268,7 @@ impl ObjectStore {
         }
     }
 
-    /// Stores one chunk; returns true if it was not there before (this process created it).
+    /// Stores one chunk: created, found (fresh enough), or found old and re-put.
     async fn put_one(
         store: Arc<dyn object_store::ObjectStore>,
         locks: Arc<Vec<tokio::sync::Mutex<()>>>,
@@ -271,7 +276,7 @@ impl ObjectStore {
         digest: ChunkDigest,
         data: bytes::Bytes,
         touch_after: Option<Duration>,
-    ) -> Result<bool, ChunkError> {
+    ) -> Result<Stored, ChunkError> {
         let _lock = locks[shard(&digest)].lock().await;
         if let Some(meta) = Self::head(&*store, &path).await? {
             let intact = meta.size == CHUNK_SIZE as u64;
@@ -282,17 +287,22 @@ impl ObjectStore {
                     .put_opts(&path, PutPayload::from(data), PutMode::Overwrite.into())
                     .await
                     .map_err(object_error)?;
+                return Ok(if stale {
+                    Stored::Touched
+                } else {
+                    Stored::Present
+                });
             }
-            return Ok(false);
+            return Ok(Stored::Present);
         }
         let create = PutOptions::from(PutMode::Create);
         match store
             .put_opts(&path, PutPayload::from(data.clone()), create)
             .await
         {
-            Ok(_) => Ok(true),
-            // A writer elsewhere stored the same bytes first.
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Ok(_) => Ok(Stored::Created),
+            // A writer elsewhere stored the same bytes first, a moment ago.
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Stored::Present),
             // No conditional PUTs here (or a transient failure of the non-retried conditional
             // request): the same bytes under the same name, retried by the client.
             Err(_) => {
@@ -300,7 +310,7 @@ impl ObjectStore {
                     .put_opts(&path, PutPayload::from(data), PutMode::Overwrite.into())
                     .await
                     .map_err(object_error)?;
-                Ok(true)
+                Ok(Stored::Created)
             }
         }
     }
@@ -371,35 +381,43 @@ impl ChunkBackend for ObjectStore {
         let store = self.store.clone();
         let locks = self.locks.clone();
         let created = self.run(async move {
-            let results: Vec<Result<bool, ChunkError>> = futures::stream::iter(jobs)
-                .map(|(path, digest, data)| {
-                    Self::put_one(
-                        store.clone(),
-                        locks.clone(),
-                        path,
-                        digest,
-                        data,
-                        touch_after,
-                    )
-                })
-                .buffer_unordered(CONCURRENCY)
-                .collect()
-                .await;
+            let results: Vec<(ChunkDigest, Result<Stored, ChunkError>)> =
+                futures::stream::iter(jobs)
+                    .map(|(path, digest, data)| {
+                        let put = Self::put_one(
+                            store.clone(),
+                            locks.clone(),
+                            path,
+                            digest,
+                            data,
+                            touch_after,
+                        );
+                        async move { (digest, put.await) }
+                    })
+                    .buffer_unordered(CONCURRENCY)
+                    .collect()
+                    .await;
             let mut created = 0u64;
+            let mut touched = Vec::new();
             let mut first_error = None;
-            for result in results {
+            for (digest, result) in results {
                 match result {
-                    Ok(true) => created += 1,
-                    Ok(false) => {}
+                    Ok(Stored::Created) => created += 1,
+                    Ok(Stored::Present) => {}
+                    Ok(Stored::Touched) => touched.push(digest),
                     Err(e) => {
                         first_error.get_or_insert(e);
                     }
                 }
             }
-            Ok((created, first_error))
+            Ok((created, touched, first_error))
         })?;
-        let (created, error) = created;
+        let (created, touched, error) = created;
         *self.used() += created * CHUNK_SIZE as u64;
+        self.touched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(touched);
         match error {
             Some(e) => Err(e),
             None => Ok(()),
@@ -407,9 +425,49 @@ impl ChunkBackend for ObjectStore {
     }
 
     /// Every PUT was acknowledged before `put_batch` returned, and an acknowledged S3 PUT is
-    /// durable: nothing to do.
+    /// durable: nothing to wait for. What is left is the one case where another replica may
+    /// have deleted a chunk under us: a chunk found stored and older than half the grace
+    /// window, re-put while another replica's reclaim of it was between its look and its
+    /// delete. Each such chunk is looked up again; one that is gone fails the sync (`Io`), so
+    /// the caller commits nothing that names it and stores it again on retry.
     fn sync(&self) -> Result<(), ChunkError> {
-        Ok(())
+        let mut touched =
+            std::mem::take(&mut *self.touched.lock().unwrap_or_else(PoisonError::into_inner));
+        if touched.is_empty() {
+            return Ok(());
+        }
+        touched.sort();
+        touched.dedup();
+        let store = self.store.clone();
+        let prefix = self.config.prefix.clone();
+        let missing = self.run(async move {
+            let looks: Vec<(ChunkDigest, Result<Option<ObjectMeta>, ChunkError>)> =
+                futures::stream::iter(touched)
+                    .map(|digest| {
+                        let store = store.clone();
+                        let path = object_path(&prefix, &digest);
+                        async move { (digest, Self::head(&*store, &path).await) }
+                    })
+                    .buffer_unordered(CONCURRENCY)
+                    .collect()
+                    .await;
+            let mut missing = Vec::new();
+            for (digest, look) in looks {
+                if look?.is_none() {
+                    missing.push(digest);
+                }
+            }
+            Ok(missing)
+        })?;
+        match missing.first() {
+            None => Ok(()),
+            Some(digest) => Err(ChunkError::Io(io::Error::other(format!(
+                "{}: chunk {} was reclaimed by another writer while being stored again; \
+                     store it again",
+                self.describe,
+                digest.to_hex()
+            )))),
+        }
     }
 
     fn get(&self, digest: &ChunkDigest) -> Result<Vec<u8>, ChunkError> {
@@ -504,6 +562,16 @@ impl ObjectStore {
             Removed::Kept => Ok(false),
         }
     }
+}
+
+/// What storing one chunk did.
+enum Stored {
+    /// It was not there: this process created it.
+    Created,
+    /// It was there, recent enough.
+    Present,
+    /// It was there and older than half the grace window: re-put to refresh it.
+    Touched,
 }
 
 enum Removed {
