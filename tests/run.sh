@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need (a real Redis, strace), then checks formatting
+# The test command: installs what the tests need (a real Redis, strace, Garage), then checks formatting
 # and lints, and runs every unit and integration test. Safe to run again and again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,9 @@ if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null
 fi
+
+# Garage (S3-compatible object store) for the object-store tests; installed once.
+echo "== garage: $(bash deploy/garage/ensure.sh)"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod dev;
+pub mod garage;
 pub mod raw;
 
 use imagefleet_proto::billing::v1::billing_service_client::BillingServiceClient;

@@ -27,6 +27,14 @@ pub trait ChunkBackend: Send + Sync + std::fmt::Debug {
     /// Deletes a chunk; no error if it is already gone.
     fn delete(&self, digest: &ChunkDigest) -> Result<(), ChunkError>;
 
+    /// Deletes a chunk that this store's metadata no longer references. A backend that other
+    /// writers may share (an object-store bucket several region replicas use) keeps a chunk
+    /// stored or re-stored within its grace window, and returns `Ok(false)`; otherwise this is
+    /// `delete`, and returns `Ok(true)`.
+    fn reclaim(&self, digest: &ChunkDigest) -> Result<bool, ChunkError> {
+        self.delete(digest).map(|()| true)
+    }
+
     /// Every stored chunk (for reclaiming what metadata no longer references).
     fn list(&self) -> Result<Vec<ChunkDigest>, ChunkError>;
 

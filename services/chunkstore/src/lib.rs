@@ -10,7 +10,8 @@
 //! - A [`ChunkBackend`] only stores bytes under digests: [`LocalDisk`] (a flat directory,
 //!   `<dir>/<lowercase hex sha256>`, the format this crate always wrote), [`Memory`] (tests and
 //!   in-process use; models capacity and crashes), and [`Recording`] (wraps another backend and
-//!   records puts, syncs and deletes, for tests of ordering contracts).
+//!   records puts, syncs and deletes, for tests of ordering contracts), and [`ObjectStore`]
+//!   (an S3-compatible bucket, `s3://bucket/prefix`, through the `object_store` crate).
 //! - Every backend must pass [`conformance::run_all`].
 //!
 //! # Durability contract
@@ -34,6 +35,7 @@ pub mod conformance;
 mod error;
 mod local;
 mod memory;
+mod object;
 mod recording;
 mod store;
 mod types;
@@ -42,6 +44,7 @@ pub use backend::ChunkBackend;
 pub use error::ChunkError;
 pub use local::LocalDisk;
 pub use memory::Memory;
+pub use object::{ObjectStore, ObjectStoreConfig, DEFAULT_GRACE};
 pub use recording::{Event, Recording};
 pub use store::ChunkStore;
 pub use types::{is_zero, ChunkDigest, Space, CHUNK_SIZE};

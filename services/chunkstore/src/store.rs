@@ -25,6 +25,22 @@ impl ChunkStore {
         Ok(ChunkStore::new(Arc::new(LocalDisk::open(dir)?)))
     }
 
+    /// A store as `spec` says: `s3://bucket/prefix[?grace=..&quota=..]` for an S3-compatible
+    /// bucket (see [`ObjectStore`](crate::ObjectStore)), or `local` (or empty) for local disk
+    /// under `local_dir`.
+    pub fn open(spec: &str, local_dir: impl Into<PathBuf>) -> Result<Self, ChunkError> {
+        match spec.trim() {
+            "" | "local" => Ok(ChunkStore::local(local_dir)?),
+            url if url.starts_with("s3://") => Ok(ChunkStore::new(Arc::new(
+                crate::object::ObjectStore::open(url)?,
+            ))),
+            other => Err(ChunkError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("chunk store {other:?} is neither `local` nor an s3://bucket/prefix URL"),
+            ))),
+        }
+    }
+
     /// A store in memory, unbounded.
     pub fn memory() -> Self {
         ChunkStore::new(Arc::new(Memory::new()))
@@ -113,6 +129,12 @@ impl ChunkStore {
     /// Deletes a chunk (no error if it is already gone).
     pub fn remove(&self, digest: &ChunkDigest) -> Result<(), ChunkError> {
         self.backend.delete(digest)
+    }
+
+    /// Deletes a chunk nothing references any more, unless the backend keeps it for its grace
+    /// window (a bucket shared with other writers); returns whether it is gone.
+    pub fn reclaim(&self, digest: &ChunkDigest) -> Result<bool, ChunkError> {
+        self.backend.reclaim(digest)
     }
 
     /// Every stored chunk, in no particular order.

@@ -29,6 +29,11 @@ pub struct DevArgs {
         default_value = "ap-guangzhou,ap-shanghai,ap-singapore"
     )]
     regions: Vec<String>,
+    /// Where the regions keep their chunks: `local` (each region's data directory), or an
+    /// S3-compatible bucket, `s3://bucket/prefix[?...]`, each region under
+    /// `prefix/<region>` (endpoint and credentials from the AWS environment variables).
+    #[arg(long, env = "IMAGEFLEET_CHUNK_STORE", default_value = "local")]
+    chunk_store: String,
     /// Use this Redis instead of starting one.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
@@ -64,6 +69,29 @@ pub struct DevArgs {
     clock: imagefleet_rpc::clock::Clock,
     #[command(flatten)]
     links: crate::links::LinkArgs,
+}
+
+/// Region `region`'s chunk store of `imaged dev --chunk-store SPEC`: an `s3://` URL gets the
+/// region's name appended to its prefix.
+fn region_chunks(
+    spec: &str,
+    region: &str,
+    local_dir: &Path,
+) -> anyhow::Result<imagefleet_chunkstore::ChunkStore> {
+    let spec = match spec.strip_prefix("s3://") {
+        Some(rest) => {
+            let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let location = location.trim_end_matches('/');
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{query}")
+            };
+            format!("s3://{location}/{region}{query}")
+        }
+        None => spec.to_string(),
+    };
+    Ok(imagefleet_chunkstore::ChunkStore::open(&spec, local_dir)?)
 }
 
 /// Serves the Prometheus metrics of `identity` on the port `port` (0: any free one); returns
@@ -444,7 +472,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             image_quota: 500,
             copy_deadline: imagefleet_region::RegionConfig::DEFAULT_COPY_DEADLINE,
             instance_retention: imagefleet_region::RegionConfig::DEFAULT_INSTANCE_RETENTION,
-            chunks: None,
+            chunks: Some(region_chunks(
+                &args.chunk_store,
+                name,
+                &dir.join("regions").join(name).join("chunks"),
+            )?),
             account_rate: imagefleet_region::RegionConfig::DEFAULT_ACCOUNT_RATE,
             fair_share: args.fair_share.limits(),
             storage: args.storage.limits()?,

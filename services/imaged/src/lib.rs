@@ -258,6 +258,11 @@ struct RegionArgs {
     public_url: Option<String>,
     #[arg(long, env = "IMAGEFLEET_DATA_DIR")]
     data_dir: PathBuf,
+    /// Where the region keeps its chunks: `local` (`<data dir>/chunks`), or an S3-compatible
+    /// bucket, `s3://bucket/prefix[?grace=1h&quota=100GiB]`, reached with the endpoint,
+    /// region and credentials of the AWS environment variables (docs/storage.md).
+    #[arg(long, env = "IMAGEFLEET_CHUNK_STORE", default_value = "local")]
+    chunk_store: String,
     #[arg(
         long,
         env = "IMAGEFLEET_CATALOG_URL",
@@ -569,6 +574,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .unwrap_or_default()
                 )
             });
+            let chunks = imagefleet_chunkstore::ChunkStore::open(
+                &args.chunk_store,
+                args.data_dir.join("chunks"),
+            )?;
+            tracing::info!(chunks = %chunks.backend().describe(), "chunk store");
             let region = imagefleet_region::Region::open(imagefleet_region::RegionConfig {
                 region: args.region,
                 data_dir: args.data_dir,
@@ -582,7 +592,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 image_quota: args.image_quota,
                 copy_deadline: args.copy_deadline,
                 instance_retention: args.instance_retention,
-                chunks: None,
+                chunks: Some(chunks),
                 account_rate: args.account_rate,
                 fair_share: args.fair_share.limits(),
                 storage: args.storage.limits()?,

@@ -209,7 +209,8 @@ fn reclaim_now(
 ) -> Result<()> {
     let _exclusive = lock.write().unwrap_or_else(|e| e.into_inner());
     for digest in store.unreferenced(candidates)? {
-        chunks.remove(&digest)?;
+        // A bucket shared with other replicas keeps chunks inside its grace window.
+        chunks.reclaim(&digest)?;
     }
     Ok(())
 }
@@ -338,8 +339,7 @@ impl Region {
         let referenced = self.store.referenced()?;
         let mut removed = 0;
         for digest in self.chunks.list()? {
-            if !referenced.contains(&digest) {
-                self.chunks.remove(&digest)?;
+            if !referenced.contains(&digest) && self.chunks.reclaim(&digest)? {
                 removed += 1;
             }
         }
