@@ -179,17 +179,6 @@ async fn exported(region: &mut Region, image_id: &str) -> std::collections::BTre
     export(region, image_id).await.1.into_iter().collect()
 }
 
-async fn share(region: &mut Region, image_id: &str, account: &str, permission: SharePermission) {
-    region
-        .modify_image_share_permission(ModifyImageSharePermissionRequest {
-            image_id: image_id.into(),
-            account_ids: vec![account.into()],
-            permission: permission as i32,
-        })
-        .await
-        .unwrap();
-}
-
 async fn terminate(region: &mut Region, instances: Vec<String>) {
     region
         .terminate_instances(TerminateInstancesRequest {
@@ -288,7 +277,14 @@ async fn a_three_region_cluster_on_garage_creates_copies_shares_launches_deletes
     // Share the copy with bob, who launches it and reads the data.
     let mut alice_sh = cluster.region("ap-shanghai", 0);
     let mut bob_sh = cluster.region("ap-shanghai", 1);
-    share(&mut alice_sh, &in_shanghai, &bob_id, SharePermission::Share).await;
+    share(
+        &mut alice_sh,
+        &in_shanghai,
+        &[&bob_id],
+        SharePermission::Share,
+    )
+    .await
+    .unwrap();
     let bobs = run(&mut bob_sh, &in_shanghai, 1).await;
     assert_eq!(
         read(&mut bob_sh, &bobs[0], offset, data.len() as u64).await,
@@ -308,10 +304,11 @@ async fn a_three_region_cluster_on_garage_creates_copies_shares_launches_deletes
     share(
         &mut alice_sh,
         &in_shanghai,
-        &bob_id,
+        &[&bob_id],
         SharePermission::Cancel,
     )
-    .await;
+    .await
+    .unwrap();
     delete_image(&mut alice_sh, &in_shanghai).await;
     assert_eq!(
         read(&mut bob_sh, &bobs[0], offset, data.len() as u64).await,
