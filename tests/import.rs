@@ -633,26 +633,76 @@ async fn size_limits_and_the_storage_quota_hold_for_imports() {
     )
     .await
     .unwrap_err();
+    failed_on_the_storage_quota(&mut gz, &status, &chunk_dir, before).await;
+}
+
+/// `status` failed an import on the storage quota: the image is `IMPORTFAILED` with that
+/// reason, and the region holds as many chunks as `before`, none counted for the account.
+async fn failed_on_the_storage_quota(
+    region: &mut Region,
+    status: &tonic::Status,
+    chunk_dir: &std::path::Path,
+    before: usize,
+) {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert_eq!(reason(&status), "LimitExceeded.StorageQuota");
-    let image_id = error_metadata(&status).get("image_id").cloned().unwrap();
-    let failed = image(&mut gz, &image_id).await;
+    assert_eq!(reason(status), "LimitExceeded.StorageQuota");
+    let image_id = error_metadata(status).get("image_id").cloned().unwrap();
+    let failed = image(region, &image_id).await;
     assert_eq!(failed.image_state, ImageState::Importfailed as i32);
     assert_eq!(
         failed.import_progress.unwrap().error_reason,
         "LimitExceeded.StorageQuota"
     );
     assert_eq!(
-        chunk_files(&chunk_dir),
+        chunk_files(chunk_dir),
         before,
-        "imports over the limits left chunks"
+        "an import over the quota left chunks"
     );
-    let quota = gz
+    let quota = region
         .describe_image_quota(DescribeImageQuotaRequest {})
         .await
         .unwrap()
         .into_inner();
     assert_eq!(quota.storage_bytes_used, 0);
+}
+
+/// Batches are stored while the next is decoded: a batch refused by the quota midway fails the
+/// import with the batch before it recorded and the one after it in hand, and none of their
+/// chunks stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_midway_fails_the_import_without_any_of_its_chunks() {
+    let cluster = Cluster::start_with(
+        &["ap-guangzhou"],
+        &[(
+            "ap-guangzhou",
+            RegionOptions::env(&[("IMAGEFLEET_STORAGE_BYTES_QUOTA", &(24 * MIB).to_string())]),
+        )],
+    )
+    .await;
+    let mut gz = cluster.region("ap-guangzhou", 0);
+    let chunk_dir = cluster.region_dir("ap-guangzhou");
+    let before = chunk_files(&chunk_dir);
+    // Batches of 16 MiB: the first fits, the second does not, the third is being filled.
+    let status = upload(
+        &mut gz,
+        parameters("over-quota-midway", "raw"),
+        &random_bytes(48 * MIB),
+    )
+    .await
+    .unwrap_err();
+    failed_on_the_storage_quota(&mut gz, &status, &chunk_dir, before).await;
+    // The account can import within its quota afterwards.
+    let done = upload(
+        &mut gz,
+        parameters("within-quota", "raw"),
+        &random_bytes(20 * MIB),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        image(&mut gz, &done.image_id).await.image_state,
+        ImageState::Normal as i32
+    );
 }
 
 /// Starts an upload of `file` that sends its first `sent` bytes and then waits; returns the

@@ -1,6 +1,6 @@
 //! Exports to disk-image formats (qcow2, VHD, VMDK) through `imagefleet-export`: the image's
-//! chunks are read in order, one at a time on a blocking thread that also runs the writer (it
-//! compresses VMDK grains), and the file's bytes are sent as messages of up to 1 MiB at their
+//! chunks are read in order, one ahead, and each goes through the writer on a blocking thread
+//! (it compresses VMDK grains); the file's bytes are sent as messages of up to 1 MiB at their
 //! file offsets. Runs of zeros the writer emits as shared zero pieces are not sent (the client
 //! writes a sparse file); the last message carries the file's size as its offset.
 
@@ -8,6 +8,7 @@ use crate::disk::ChunkStream;
 use crate::error::RegionError;
 use crate::model::Manifest;
 use bytes::Bytes;
+use futures::StreamExt;
 use imagefleet_chunkstore::{ChunkStore, CHUNK_SIZE};
 use imagefleet_export::{is_shared_zeros, ExportFormat, Layout, Writer};
 use imagefleet_proto::region::v1 as pb;
@@ -137,7 +138,9 @@ pub(crate) fn plan(
 }
 
 /// The export stream: the writer's leading bytes, each allocated chunk through the writer,
-/// its trailing bytes, then the closing message at the file's end.
+/// its trailing bytes, then the closing message at the file's end. Chunks are read (and
+/// verified) by [`crate::disk::stream_chunks`], one ahead of the writer, so reading the next
+/// chunk overlaps writing and sending this one.
 pub(crate) fn stream(
     chunks: ChunkStore,
     manifest: Manifest,
@@ -145,8 +148,7 @@ pub(crate) fn stream(
     writer: Writer,
 ) -> ChunkStream<pb::ExportImageChunk> {
     struct State {
-        chunks: ChunkStore,
-        items: std::vec::IntoIter<(u64, imagefleet_chunkstore::ChunkDigest)>,
+        read: ChunkStream<(u64, Vec<u8>)>,
         header: Header,
         writer: Option<Writer>,
         packer: Packer,
@@ -155,8 +157,7 @@ pub(crate) fn stream(
         done: bool,
     }
     let state = State {
-        chunks,
-        items: manifest.into_iter(),
+        read: crate::disk::stream_chunks(chunks, manifest, true, |idx, data| (idx, data), None),
         header,
         writer: Some(writer),
         packer: Packer::new(),
@@ -179,43 +180,50 @@ pub(crate) fn stream(
                 let pieces = writer.start();
                 s.packer.add(&s.header, pieces);
                 s.writer = Some(writer);
-            } else if let Some((idx, digest)) = s.items.next() {
-                let chunks = s.chunks.clone();
-                let header = s.header.clone();
-                let mut packer = std::mem::replace(&mut s.packer, Packer::new());
-                let step = tokio::task::spawn_blocking(move || {
-                    let data = chunks
-                        .get(&digest)
-                        .map_err(|e| Status::from(RegionError::from(e)))?;
-                    let len = (header.virtual_size - idx * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64)
-                        as usize;
-                    let mut data = Bytes::from(data);
-                    data.truncate(len);
-                    let pieces = writer.chunk(idx, data).map_err(export_error)?;
-                    packer.add(&header, pieces);
-                    Ok::<_, Status>((writer, packer))
-                })
-                .await;
-                match step {
-                    Ok(Ok((writer, packer))) => {
-                        s.writer = Some(writer);
-                        s.packer = packer;
-                    }
-                    Ok(Err(status)) => return Some((Err(status), None)),
-                    Err(e) => {
-                        return Some((Err(Status::from(RegionError::Task(e.to_string()))), None))
-                    }
-                }
             } else {
-                match writer.finish() {
-                    Ok(pieces) => s.packer.add(&s.header, pieces),
-                    Err(e) => return Some((Err(export_error(e)), None)),
+                match s.read.next().await {
+                    Some(Ok((idx, data))) => {
+                        let header = s.header.clone();
+                        let mut packer = std::mem::replace(&mut s.packer, Packer::new());
+                        // The writer may compress (VMDK grains): off the async threads.
+                        let step = tokio::task::spawn_blocking(move || {
+                            let len = (header.virtual_size - idx * CHUNK_SIZE as u64)
+                                .min(CHUNK_SIZE as u64)
+                                as usize;
+                            let mut data = Bytes::from(data);
+                            data.truncate(len);
+                            let pieces = writer.chunk(idx, data).map_err(export_error)?;
+                            packer.add(&header, pieces);
+                            Ok::<_, Status>((writer, packer))
+                        })
+                        .await;
+                        match step {
+                            Ok(Ok((writer, packer))) => {
+                                s.writer = Some(writer);
+                                s.packer = packer;
+                            }
+                            Ok(Err(status)) => return Some((Err(status), None)),
+                            Err(e) => {
+                                return Some((
+                                    Err(Status::from(RegionError::Task(e.to_string()))),
+                                    None,
+                                ))
+                            }
+                        }
+                    }
+                    Some(Err(status)) => return Some((Err(status), None)),
+                    None => {
+                        match writer.finish() {
+                            Ok(pieces) => s.packer.add(&s.header, pieces),
+                            Err(e) => return Some((Err(export_error(e)), None)),
+                        }
+                        s.packer.flush(&s.header);
+                        let end = s.packer.offset;
+                        let closing = s.header.message(end, Vec::new());
+                        s.packer.out.push(closing);
+                        s.done = true;
+                    }
                 }
-                s.packer.flush(&s.header);
-                let end = s.packer.offset;
-                let closing = s.header.message(end, Vec::new());
-                s.packer.out.push(closing);
-                s.done = true;
             }
             s.queued.extend(s.packer.out.drain(..));
         }

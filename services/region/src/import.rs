@@ -3,9 +3,10 @@
 //!
 //! The file's bytes go to one blocking worker per import through a small bounded channel, so
 //! a fast sender waits for the worker and nothing holds more than a few messages, the
-//! decoder's bounded reorder buffer and one batch of chunks. The worker admits the image once
-//! the headers have been read (a refusal before that leaves nothing behind), then records each
-//! batch of chunks in the image's snapshot after making it durable, and at the end records the
+//! decoder's bounded reorder buffer and two batches of chunks. The worker admits the image once
+//! the headers have been read (a refusal before that leaves nothing behind); each batch of
+//! chunks is then stored by a thread of its own while the worker decodes the next, made
+//! durable and recorded in the image's snapshot in file order, and at the end the worker records the
 //! final size; the finish step makes the image `NORMAL`. Any failure after admission makes the
 //! image `IMPORTFAILED` and drops every chunk it recorded.
 
@@ -25,8 +26,8 @@ use tonic::{Code, Status};
 /// Chunks stored and recorded together (one `sync`, one transaction).
 const BATCH_CHUNKS: usize = 16;
 
-/// Threads that store one batch's chunks.
-const STORE_THREADS: usize = 4;
+/// Threads that store one batch's chunks (they mostly wait for their fsyncs).
+const STORE_THREADS: usize = 8;
 
 /// File bytes read between two records of the progress (and of the chunks ready by then).
 const PROGRESS_EVERY: u64 = 16 << 20;
@@ -220,6 +221,7 @@ impl Region {
                 admitted,
                 chunker: Chunker::default(),
                 recorded: 0,
+                in_flight: None,
             };
             let outcome = worker.run(rx);
             if let (Some(tell), Outcome::Refused(status)) = (worker.admitted.take(), &outcome) {
@@ -255,8 +257,10 @@ struct Worker<'a> {
     image_id: Option<String>,
     admitted: Option<oneshot::Sender<std::result::Result<String, Status>>>,
     chunker: Chunker,
-    /// File bytes read as last recorded.
+    /// File bytes read as last handed to be stored.
     recorded: u64,
+    /// The batch being stored and recorded while the worker decodes on.
+    in_flight: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Worker<'_> {
@@ -314,9 +318,12 @@ impl Worker<'_> {
         })();
         // Nothing more is read: a sender still sending finds the channel closed.
         drop(rx);
-        let summary = match result {
-            Ok(summary) => summary,
-            Err(status) => return self.fail(status),
+        // The last batch is recorded (or reclaimed) before the import ends either way, so a
+        // failure drops every chunk recorded.
+        let stored = self.wait_stored().map_err(Status::from);
+        let summary = match (result, stored) {
+            (Ok(summary), Ok(())) => summary,
+            (Err(status), _) | (Ok(_), Err(status)) => return self.fail(status),
         };
         let Some(image_id) = self.image_id.clone() else {
             return Outcome::Refused(Status::internal("the import ended without its image"));
@@ -370,83 +377,37 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Stores the chunks completed so far, makes them durable, then records them.
+    /// Hands the chunks completed so far to a storing thread, which makes them durable and
+    /// records them while the worker decodes on. The batch before must be recorded first, so
+    /// records keep the file's order and at most two batches are held.
     fn store_ready(&mut self, bytes_read: u64) -> Result<()> {
         let Some(image_id) = self.image_id.clone() else {
             return Ok(());
         };
         let ready = std::mem::take(&mut self.chunker.ready);
         self.recorded = bytes_read;
-        let region = self.region;
         if !ready.is_empty() {
-            region.check_free_space_blocking((ready.len() * CHUNK_SIZE) as u64)?;
+            self.region
+                .check_free_space_blocking((ready.len() * CHUNK_SIZE) as u64)?;
         }
-        let shared = region.chunk_refs.read().unwrap_or_else(|e| e.into_inner());
-        let mut entries: Manifest = Vec::with_capacity(ready.len());
-        let stored = (|| -> Result<()> {
-            // Hashing and writing a chunk (its own file, fsynced) dominate: the batch is
-            // split between a few threads.
-            let threads = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .clamp(1, STORE_THREADS);
-            let per = ready.len().div_ceil(threads).max(1);
-            // Each part: what it stored (reclaimed if the batch fails), and its error.
-            type Part = (Manifest, Option<RegionError>);
-            let parts: Vec<Result<Part>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = ready
-                    .chunks(per)
-                    .map(|part| {
-                        scope.spawn(move || {
-                            let mut out = Vec::with_capacity(part.len());
-                            for (idx, data) in part {
-                                match region.chunks.put(data) {
-                                    Ok(Some(digest)) => out.push((*idx, digest)),
-                                    Ok(None) => {}
-                                    Err(e) => return Ok((out, Some(e.into()))),
-                                }
-                            }
-                            Ok((out, None))
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(RegionError::Task("a chunk writer panicked".into()))
-                        })
-                    })
-                    .collect()
-            });
-            let mut failed = None;
-            for part in parts {
-                match part {
-                    Ok((part, error)) => {
-                        entries.extend(part);
-                        failed = failed.or(error);
-                    }
-                    Err(e) => failed = Some(e),
-                }
-            }
-            entries.sort_by_key(|(idx, _)| *idx);
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            region.chunks.sync()?;
-            region
-                .store
-                .record_import_chunks(&image_id, &entries, bytes_read, region.limits())
-        })();
-        drop(shared);
-        if let Err(e) = stored {
-            let digests: Vec<ChunkDigest> = entries.iter().map(|(_, d)| *d).collect();
-            if let Err(r) = region.reclaim_blocking(&digests) {
-                tracing::warn!(error = %r, "chunks of a refused import batch left for the next sweep");
-            }
-            return Err(e);
-        }
+        self.wait_stored()?;
+        let region = self.region.clone();
+        let handle = std::thread::Builder::new()
+            .name("import-store".into())
+            .spawn(move || store_batch(&region, &image_id, ready, bytes_read))
+            .map_err(|e| RegionError::Task(format!("starting a chunk writer: {e}")))?;
+        self.in_flight = Some(handle);
         Ok(())
+    }
+
+    /// Waits for the batch being stored, if any, and returns how it went.
+    fn wait_stored(&mut self) -> Result<()> {
+        match self.in_flight.take() {
+            None => Ok(()),
+            Some(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(RegionError::Task("a chunk writer panicked".into()))),
+        }
     }
 
     /// Ends the import on `status`: before admission, a refusal; after, `IMPORTFAILED` with
@@ -484,6 +445,79 @@ impl Worker<'_> {
             metadata,
         ))
     }
+}
+
+/// Stores one batch of an import's chunks, makes them durable, then records them in the
+/// image's snapshot with the file bytes read by then. On failure the chunks it stored are
+/// reclaimed (unless another image holds them) and nothing is recorded.
+fn store_batch(
+    region: &Region,
+    image_id: &str,
+    ready: Vec<(u64, Vec<u8>)>,
+    bytes_read: u64,
+) -> Result<()> {
+    let shared = region.chunk_refs.read().unwrap_or_else(|e| e.into_inner());
+    let mut entries: Manifest = Vec::with_capacity(ready.len());
+    let stored = (|| -> Result<()> {
+        // Each chunk is its own file, written and fsynced: the writers mostly wait on the
+        // disk, so the batch is split between more threads than there are cores.
+        let per = ready.len().div_ceil(STORE_THREADS).max(1);
+        // Each part: what it stored (reclaimed if the batch fails), and its error.
+        type Part = (Manifest, Option<RegionError>);
+        let parts: Vec<Result<Part>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ready
+                .chunks(per)
+                .map(|part| {
+                    scope.spawn(move || {
+                        let mut out = Vec::with_capacity(part.len());
+                        for (idx, data) in part {
+                            match region.chunks.put(data) {
+                                Ok(Some(digest)) => out.push((*idx, digest)),
+                                Ok(None) => {}
+                                Err(e) => return Ok((out, Some(e.into()))),
+                            }
+                        }
+                        Ok((out, None))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(RegionError::Task("a chunk writer panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let mut failed = None;
+        for part in parts {
+            match part {
+                Ok((part, error)) => {
+                    entries.extend(part);
+                    failed = failed.or(error);
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        entries.sort_by_key(|(idx, _)| *idx);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        region.chunks.sync()?;
+        region
+            .store
+            .record_import_chunks(image_id, &entries, bytes_read, region.limits())
+    })();
+    drop(shared);
+    if let Err(e) = stored {
+        let digests: Vec<ChunkDigest> = entries.iter().map(|(_, d)| *d).collect();
+        if let Err(r) = region.reclaim_blocking(&digests) {
+            tracing::warn!(error = %r, "chunks of a refused import batch left for the next sweep");
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Cuts guest extents (in order, contiguous) into chunks; all-zero chunks are skipped
@@ -547,10 +581,9 @@ impl Chunker {
     /// The chunk that just ended (at `pos`, a chunk boundary or the end of the disk).
     fn complete(&mut self) {
         let index = (self.pos.saturating_sub(1)) / Self::SIZE;
+        // A buffer exists only once a non-zero byte arrived.
         if let Some(buf) = self.buf.take() {
-            if !is_zero(&buf) {
-                self.ready.push((index, buf));
-            }
+            self.ready.push((index, buf));
         }
     }
 
