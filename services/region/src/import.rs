@@ -26,8 +26,8 @@ use tonic::{Code, Status};
 /// Chunks stored and recorded together (one `sync`, one transaction).
 const BATCH_CHUNKS: usize = 16;
 
-/// Threads that store one batch's chunks (they mostly wait for their fsyncs).
-const STORE_THREADS: usize = 8;
+/// Threads that write the chunks of a region's imports (they mostly wait for their fsyncs).
+const CHUNK_WRITERS: usize = 8;
 
 /// File bytes read between two records of the progress (and of the chunks ready by then).
 const PROGRESS_EVERY: u64 = 16 << 20;
@@ -377,8 +377,8 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Hands the chunks completed so far to a storing thread, which makes them durable and
-    /// records them while the worker decodes on. The batch before must be recorded first, so
+    /// Hands the chunks completed so far to a storing thread, which has the region's chunk
+    /// writers store them, makes them durable and records them while the worker decodes on. The batch before must be recorded first, so
     /// records keep the file's order and at most two batches are held.
     fn store_ready(&mut self, bytes_read: u64) -> Result<()> {
         let Some(image_id) = self.image_id.clone() else {
@@ -447,6 +447,57 @@ impl Worker<'_> {
     }
 }
 
+/// The threads that hash and write the chunks of every import of a region, taking the chunks
+/// handed to them in order of arrival. Each chunk is its own fsynced file, so the writers mostly
+/// wait on the disk and there are more of them than cores; and since every import goes through
+/// them, the threads and fsyncs in flight stay bounded for the region however many imports
+/// run, and imports running together take turns chunk by chunk (each hands over at most one
+/// batch at a time). Started with the first import; they end when the region is dropped.
+#[derive(Default)]
+pub(crate) struct ChunkWriters {
+    /// `None` if no writer thread could be started: jobs then run on the caller's thread.
+    jobs: std::sync::OnceLock<Option<std::sync::mpsc::Sender<WriteJob>>>,
+}
+
+type WriteJob = Box<dyn FnOnce() + Send>;
+
+impl ChunkWriters {
+    /// Queues `job` for the next free writer.
+    fn run(&self, job: WriteJob) -> Result<()> {
+        let jobs = self.jobs.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<WriteJob>();
+            let rx = Arc::new(std::sync::Mutex::new(rx));
+            let mut started_any = false;
+            for n in 0..CHUNK_WRITERS {
+                let rx = rx.clone();
+                let started = std::thread::Builder::new()
+                    .name(format!("chunk-writer-{n}"))
+                    .spawn(move || loop {
+                        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(job) = next else { return };
+                        // A panicking job drops its answer (its batch fails); the writer
+                        // goes on.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    });
+                match started {
+                    Ok(_) => started_any = true,
+                    Err(e) => tracing::error!(error = %e, "could not start a chunk writer"),
+                }
+            }
+            started_any.then_some(tx)
+        });
+        match jobs {
+            Some(jobs) => jobs
+                .send(job)
+                .map_err(|_| RegionError::Task("the chunk writers are gone".into())),
+            None => {
+                job();
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Stores one batch of an import's chunks, makes them durable, then records them in the
 /// image's snapshot with the file bytes read by then. On failure the chunks it stored are
 /// reclaimed (unless another image holds them) and nothing is recorded.
@@ -459,46 +510,28 @@ fn store_batch(
     let shared = region.chunk_refs.read().unwrap_or_else(|e| e.into_inner());
     let mut entries: Manifest = Vec::with_capacity(ready.len());
     let stored = (|| -> Result<()> {
-        // Each chunk is its own file, written and fsynced: the writers mostly wait on the
-        // disk, so the batch is split between more threads than there are cores.
-        let per = ready.len().div_ceil(STORE_THREADS).max(1);
-        // Each part: what it stored (reclaimed if the batch fails), and its error.
-        type Part = (Manifest, Option<RegionError>);
-        let parts: Vec<Result<Part>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = ready
-                .chunks(per)
-                .map(|part| {
-                    scope.spawn(move || {
-                        let mut out = Vec::with_capacity(part.len());
-                        for (idx, data) in part {
-                            match region.chunks.put(data) {
-                                Ok(Some(digest)) => out.push((*idx, digest)),
-                                Ok(None) => {}
-                                Err(e) => return Ok((out, Some(e.into()))),
-                            }
-                        }
-                        Ok((out, None))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(RegionError::Task("a chunk writer panicked".into()))
-                    })
-                })
-                .collect()
-        });
-        let mut failed = None;
-        for part in parts {
-            match part {
-                Ok((part, error)) => {
-                    entries.extend(part);
-                    failed = failed.or(error);
-                }
-                Err(e) => failed = Some(e),
+        // Each chunk is hashed and written (its own file, fsynced) by the region's writers.
+        let count = ready.len();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        for (idx, data) in ready {
+            let (chunks, done) = (region.chunks.clone(), done_tx.clone());
+            region.chunk_writers.run(Box::new(move || {
+                let _ = done.send((idx, chunks.put(&data)));
+            }))?;
+        }
+        drop(done_tx);
+        let mut failed: Option<RegionError> = None;
+        let mut answered = 0;
+        for (idx, put) in done_rx {
+            answered += 1;
+            match put {
+                Ok(Some(digest)) => entries.push((idx, digest)),
+                Ok(None) => {}
+                Err(e) => failed = failed.or(Some(e.into())),
             }
+        }
+        if answered < count {
+            failed = failed.or(Some(RegionError::Task("a chunk writer panicked".into())));
         }
         entries.sort_by_key(|(idx, _)| *idx);
         if let Some(e) = failed {
@@ -598,6 +631,32 @@ impl Chunker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_writers_run_every_job_and_outlive_jobs_that_panic() {
+        let writers = ChunkWriters::default();
+        // As many panicking jobs as there are writers: each writer must survive its own.
+        for _ in 0..CHUNK_WRITERS {
+            writers
+                .run(Box::new(|| {
+                    panic!("a job that panics (expected by the test)")
+                }))
+                .unwrap();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..100 {
+            let tx = tx.clone();
+            writers.run(Box::new(move || tx.send(i).unwrap())).unwrap();
+        }
+        let mut ran: Vec<i32> = (0..100)
+            .map(|_| {
+                rx.recv_timeout(std::time::Duration::from_secs(10))
+                    .expect("a job never ran")
+            })
+            .collect();
+        ran.sort_unstable();
+        assert_eq!(ran, (0..100).collect::<Vec<_>>());
+    }
 
     #[test]
     fn chunker_cuts_extents_into_non_zero_chunks() {

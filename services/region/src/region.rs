@@ -188,6 +188,8 @@ pub struct Region {
     /// The progress of imports and copies by image id (`DescribeImages`) while the store is
     /// unchanged.
     pub(crate) progress: crate::memo::Memo<ImageProgress>,
+    /// The threads that write imported chunks, shared by every import of the region.
+    pub(crate) chunk_writers: crate::import::ChunkWriters,
 }
 
 /// An image's import progress and copy progress, as `DescribeImages` gives them.
@@ -301,6 +303,7 @@ impl Region {
             listings: crate::memo::Memo::new(REMEMBERED_LISTED_IMAGES),
             image_rows: crate::memo::Memo::new(REMEMBERED_LISTED_IMAGES),
             progress: crate::memo::Memo::new(REMEMBERED_LISTED_IMAGES),
+            chunk_writers: Default::default(),
         });
         region.sweep_orphan_chunks()?;
         crate::seed::seed_public_images(
