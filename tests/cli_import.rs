@@ -123,25 +123,7 @@ fn a_qcow2_imports_and_exports_in_every_format_equal_to_its_source() {
                 "json",
             ],
         ));
-        assert_eq!(
-            summary["fileBytes"].as_u64(),
-            Some(std::fs::metadata(&out).unwrap().len()),
-            "{summary}"
-        );
-        if matches!(format, "qcow2" | "vmdk") {
-            qemu_img(&["check", "-f", qemu_format, out.to_str().unwrap()]);
-        }
-        // VHD rounds the disk up to a whole geometry: compare the common part, as qemu-img
-        // compare does in its default (non-strict) mode.
-        qemu_img(&[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            qemu_format,
-            raw.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
+        exported_as(&summary, &out, format, qemu_format, &raw);
     }
 
     // The same file from stdin (a regular file redirected: its size is known).
@@ -172,6 +154,55 @@ fn a_qcow2_imports_and_exports_in_every_format_equal_to_its_source() {
     );
     let second = String::from_utf8(status.stdout).unwrap();
     assert!(second.trim().starts_with("img-"), "{second}");
+    let second = second.trim().to_string();
+
+    // Both images in one call (ExportImages), each into the directory as <id>.qcow2.
+    let into = dir.path().join("both");
+    std::fs::create_dir(&into).unwrap();
+    let summary = json(&imagectl(
+        &cluster,
+        &[
+            "images",
+            "export",
+            "--region",
+            GZ,
+            "--image",
+            &id,
+            "--image",
+            &second,
+            "--format",
+            "qcow2",
+            "--dir",
+            into.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    ));
+    let exports = summary["exports"].as_array().unwrap();
+    assert_eq!(exports.len(), 2, "{summary}");
+    for (export, image_id) in exports.iter().zip([&id, &second]) {
+        assert_eq!(export["imageId"], image_id.as_str(), "{summary}");
+        let out = into.join(format!("{image_id}.qcow2"));
+        assert_eq!(export["out"], out.to_str().unwrap(), "{summary}");
+        exported_as(export, &out, "qcow2", "qcow2", &raw);
+    }
+    // --out takes one image.
+    let refused = Command::new(IMAGECTL)
+        .arg("--cluster")
+        .arg(&cluster)
+        .args([
+            "images", "export", "--region", GZ, "--image", &id, "--image", &second,
+        ])
+        .arg("--out")
+        .arg(dir.path().join("one-file"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--dir"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     stop(dev);
 }
 
@@ -250,4 +281,34 @@ fn a_hostile_file_is_refused_with_its_reason_and_leaves_no_image() {
         "{os}"
     );
     stop(dev);
+}
+
+/// `out` is the export `summary` describes, in `format` (`qemu_format` to qemu-img), holding
+/// the disk `raw`.
+fn exported_as(
+    summary: &serde_json::Value,
+    out: &std::path::Path,
+    format: &str,
+    qemu_format: &str,
+    raw: &std::path::Path,
+) {
+    assert_eq!(
+        summary["fileBytes"].as_u64(),
+        Some(std::fs::metadata(out).unwrap().len()),
+        "{summary}"
+    );
+    if matches!(format, "qcow2" | "vmdk") {
+        qemu_img(&["check", "-f", qemu_format, out.to_str().unwrap()]);
+    }
+    // VHD rounds the disk up to a whole geometry: compare the common part, as qemu-img
+    // compare does in its default (non-strict) mode.
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        qemu_format,
+        raw.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
 }

@@ -573,17 +573,25 @@ pub struct ImagesModify {
 pub struct ImagesExport {
     #[command(flatten)]
     pub region: RegionArg,
-    /// The image id.
-    #[arg(long, value_name = "ID")]
-    pub image: String,
+    /// The image id; repeat (up to 10) to export several images in one call, into `--dir`.
+    #[arg(long, value_name = "ID", required = true)]
+    pub image: Vec<String>,
     /// The file format written: raw (the disk's bytes, sparse), qcow2 (v3), vhd (dynamic) or
     /// vmdk (streamOptimized).
     #[arg(long, value_name = "FORMAT", value_parser = EXPORT_FORMATS, default_value = "raw")]
     pub format: String,
     /// The file to write (created or truncated, sparse); `-` writes the bytes to stdout
-    /// (zeros included) and the summary to stderr.
-    #[arg(long, value_name = "FILE")]
-    pub out: PathBuf,
+    /// (zeros included) and the summary to stderr. One image only.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "dir",
+        conflicts_with = "dir"
+    )]
+    pub out: Option<PathBuf>,
+    /// The directory to write each image into, as `<image id>.<format>` (raw: `.raw`).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// The formats `images export` writes.
@@ -1207,6 +1215,32 @@ mod tests {
             assert!(parse(&args(format)).is_ok(), "{format}");
         }
         assert!(parse(&args("vdi")).is_err());
+    }
+
+    #[test]
+    fn export_writes_to_a_file_or_a_directory() {
+        let base = ["images", "export", "--region", "ap-guangzhou"];
+        let with = |rest: &[&str]| parse(&[&base[..], rest].concat());
+        let Command::Images(ImagesCommand::Export(two)) = with(&[
+            "--image",
+            "img-aaaaaaaa",
+            "--image",
+            "img-bbbbbbbb",
+            "--dir",
+            "/tmp/out",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not an export");
+        };
+        assert_eq!(two.image, ["img-aaaaaaaa", "img-bbbbbbbb"]);
+        assert_eq!(two.dir.as_deref(), Some(std::path::Path::new("/tmp/out")));
+        assert!(two.out.is_none());
+        // A destination is required, and only one of the two.
+        assert!(with(&["--image", "img-aaaaaaaa"]).is_err());
+        assert!(with(&["--image", "img-aaaaaaaa", "--out", "x", "--dir", "d"]).is_err());
+        assert!(with(&["--out", "x"]).is_err());
     }
 
     #[test]

@@ -14,9 +14,9 @@ use imagefleet_proto::region::v1::region_service_client::RegionServiceClient;
 use imagefleet_proto::region::v1::{
     CreateImageRequest, DeleteImagesRequest, DescribeImageQuotaRequest,
     DescribeImageSharePermissionRequest, DescribeImagesRequest, DescribeImagesResponse,
-    ExportFormat, ExportImageRequest, Filter, Image, ImageShare, ImageSource, ImageState,
-    ImageType, ModifyImageAttributeRequest, ModifyImageSharePermissionRequest, SharePermission,
-    SyncImagesRequest, SyncedImage,
+    ExportFormat, ExportImageChunk, ExportImageRequest, ExportImagesRequest, Filter, Image,
+    ImageShare, ImageSource, ImageState, ImageType, ModifyImageAttributeRequest,
+    ModifyImageSharePermissionRequest, SharePermission, SyncImagesRequest, SyncedImage,
 };
 use imagefleet_rpc::client::SignedChannel;
 use std::collections::HashMap;
@@ -411,44 +411,37 @@ struct Exported {
 
 async fn export(session: &Session, args: ImagesExport, format: OutputFormat) -> Result<String> {
     let mut client = session.region(&args.region.region).await?;
-    let to_stdout = crate::is_stdio(&args.out);
+    let (out, single) = match (&args.out, args.image.as_slice()) {
+        (Some(out), [image]) => (out.clone(), image.clone()),
+        (Some(_), _) => {
+            return Err(CliError::Usage(
+                "--out takes one image; export several with --dir".into(),
+            ))
+        }
+        (None, _) => return export_into_dir(&mut client, &args, format).await,
+    };
+    let to_stdout = crate::is_stdio(&out);
+    let wanted = export_format(&args.format);
     let exported = if to_stdout {
         let stdout = std::io::stdout();
         let mut sink = ExportSink::Stream {
             out: Box::new(stdout.lock()),
             written: 0,
         };
-        export_into(&mut client, &args.image, &args.format, &mut sink, &args.out).await?
+        let messages = open_export(&mut client, &single, wanted).await?;
+        write_export(&mut client, &single, wanted, messages, &mut sink, &out).await?
     } else {
-        let what = || format!("cannot write {}", args.out.display());
-        let file = std::fs::File::create(&args.out).map_err(|e| CliError::io(what(), e))?;
-        let mut sink = ExportSink::File(file);
-        let result =
-            export_into(&mut client, &args.image, &args.format, &mut sink, &args.out).await;
-        match result {
-            Ok(exported) => exported,
-            Err(e) => {
-                // A half-written file is not the image: leave none behind.
-                drop(sink);
-                let _ = std::fs::remove_file(&args.out);
-                return Err(e);
-            }
-        }
+        let messages = open_export(&mut client, &single, wanted).await?;
+        write_to_file(&mut client, &single, wanted, messages, &out).await?
     };
     let summary = match format {
-        OutputFormat::Json => output::json_document(&serde_json::json!({
-            "imageId": args.image,
-            "out": args.out.display().to_string(),
-            "format": args.format,
-            "bytes": exported.virtual_size_bytes,
-            "fileBytes": exported.file_bytes,
-            "bytesReceived": exported.bytes_received,
-            "contentDigest": exported.content_digest,
-        })),
-        OutputFormat::Id => output::ids([args.image.as_str()]),
+        OutputFormat::Json => {
+            output::json_document(&export_json(&single, &out, &args.format, &exported))
+        }
+        OutputFormat::Id => output::ids([single.as_str()]),
         OutputFormat::Table => output::fields(&[
-            ("IMAGE_ID", args.image),
-            ("FILE", args.out.display().to_string()),
+            ("IMAGE_ID", single),
+            ("FILE", out.display().to_string()),
             ("FORMAT", args.format),
             ("BYTES", exported.virtual_size_bytes.to_string()),
             ("FILE_BYTES", exported.file_bytes.to_string()),
@@ -462,6 +455,137 @@ async fn export(session: &Session, args: ImagesExport, format: OutputFormat) -> 
         return Ok(String::new());
     }
     Ok(summary)
+}
+
+/// One export's summary as JSON.
+fn export_json(image_id: &str, out: &Path, format: &str, exported: &Exported) -> serde_json::Value {
+    serde_json::json!({
+        "imageId": image_id,
+        "out": out.display().to_string(),
+        "format": format,
+        "bytes": exported.virtual_size_bytes,
+        "fileBytes": exported.file_bytes,
+        "bytesReceived": exported.bytes_received,
+        "contentDigest": exported.content_digest,
+    })
+}
+
+fn export_format(format: &str) -> ExportFormat {
+    match format {
+        "qcow2" => ExportFormat::Qcow2,
+        "vhd" => ExportFormat::Vhd,
+        "vmdk" => ExportFormat::Vmdk,
+        _ => ExportFormat::Raw,
+    }
+}
+
+/// Exports every image of `args` in one `ExportImages` call, each into `<dir>/<id>.<format>`.
+/// The region checks every image before it sends anything; a failure midway removes the file
+/// being written and keeps the ones finished before it.
+async fn export_into_dir(
+    client: &mut RegionClient,
+    args: &ImagesExport,
+    format: OutputFormat,
+) -> Result<String> {
+    use futures::{Stream, StreamExt};
+    let dir = args.dir.clone().unwrap_or_default();
+    let wanted = export_format(&args.format);
+    let mut messages = client
+        .export_images(ExportImagesRequest {
+            image_ids: args.image.clone(),
+            format: wanted as i32,
+        })
+        .await?
+        .into_inner()
+        .peekable();
+    let mut done = Vec::with_capacity(args.image.len());
+    for image_id in &args.image {
+        let path = dir.join(format!("{image_id}.{}", args.format));
+        // This image's messages: those that follow, up to the first of another image.
+        let messages = futures::stream::poll_fn(|cx| {
+            let mut next = std::pin::Pin::new(&mut messages);
+            match next.as_mut().poll_peek(cx) {
+                std::task::Poll::Ready(Some(Ok(m))) if m.image_id != *image_id => {
+                    std::task::Poll::Ready(None)
+                }
+                std::task::Poll::Ready(Some(_)) => next
+                    .poll_next(cx)
+                    .map(|m| m.map(|m| m.map(|m| m.chunk.unwrap_or_default()))),
+                std::task::Poll::Ready(None) => std::task::Poll::Ready(None),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            }
+        });
+        let exported = write_to_file(client, image_id, wanted, messages, &path).await?;
+        done.push((image_id.clone(), path, exported));
+    }
+    match std::pin::Pin::new(&mut messages).peek().await {
+        None => {}
+        Some(Ok(stray)) => {
+            return Err(CliError::Failed(format!(
+                "the server sent pieces of {} out of the order asked",
+                stray.image_id
+            )))
+        }
+        Some(Err(status)) => return Err(status.clone().into()),
+    }
+    Ok(match format {
+        OutputFormat::Json => output::json_document(&serde_json::json!({
+            "exports": done
+                .iter()
+                .map(|(id, path, exported)| export_json(id, path, &args.format, exported))
+                .collect::<Vec<_>>(),
+        })),
+        OutputFormat::Id => output::ids(done.iter().map(|(id, _, _)| id.as_str())),
+        OutputFormat::Table => {
+            let mut table =
+                Table::new(&["IMAGE_ID", "FILE", "FORMAT", "FILE_BYTES", "CONTENT_DIGEST"]);
+            for (id, path, exported) in &done {
+                table.row(vec![
+                    id.clone(),
+                    path.display().to_string(),
+                    args.format.clone(),
+                    exported.file_bytes.to_string(),
+                    exported.content_digest.clone(),
+                ]);
+            }
+            table.render()
+        }
+    })
+}
+
+/// The messages of one image's `ExportImage` call.
+async fn open_export(
+    client: &mut RegionClient,
+    image_id: &str,
+    wanted: ExportFormat,
+) -> Result<tonic::Streaming<ExportImageChunk>> {
+    Ok(client
+        .export_image(ExportImageRequest {
+            image_id: image_id.to_string(),
+            format: wanted as i32,
+        })
+        .await?
+        .into_inner())
+}
+
+/// Writes `messages` into the file at `path` (created or truncated); a failure leaves no file.
+async fn write_to_file(
+    client: &mut RegionClient,
+    image_id: &str,
+    wanted: ExportFormat,
+    messages: impl futures::Stream<Item = std::result::Result<ExportImageChunk, tonic::Status>>,
+    path: &Path,
+) -> Result<Exported> {
+    let what = || format!("cannot write {}", path.display());
+    let file = std::fs::File::create(path).map_err(|e| CliError::io(what(), e))?;
+    let mut sink = ExportSink::File(file);
+    let result = write_export(client, image_id, wanted, messages, &mut sink, path).await;
+    if result.is_err() {
+        // A half-written file is not the image: leave none behind.
+        drop(sink);
+        let _ = std::fs::remove_file(path);
+    }
+    result
 }
 
 /// Where an export goes: a file written sparsely at each chunk's offset, or a stream
@@ -525,34 +649,24 @@ fn zeros(out: &mut Box<dyn Write>, mut count: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Streams the image into `file`: a sparse file of the image's virtual size with each chunk
-/// written at its offset, fsynced at the end (or stdout, in order).
-async fn export_into(
+/// Writes an export's messages into `file`: a sparse file of the image's virtual size with each
+/// chunk written at its offset, fsynced at the end (or stdout, in order).
+async fn write_export(
     client: &mut RegionClient,
     image_id: &str,
-    format: &str,
+    wanted: ExportFormat,
+    messages: impl futures::Stream<Item = std::result::Result<ExportImageChunk, tonic::Status>>,
     file: &mut ExportSink,
     path: &Path,
 ) -> Result<Exported> {
+    use futures::StreamExt;
     let what = || format!("cannot write {}", path.display());
-    let wanted = match format {
-        "qcow2" => ExportFormat::Qcow2,
-        "vhd" => ExportFormat::Vhd,
-        "vmdk" => ExportFormat::Vmdk,
-        _ => ExportFormat::Raw,
-    };
-    let mut stream = client
-        .export_image(ExportImageRequest {
-            image_id: image_id.to_string(),
-            format: wanted as i32,
-        })
-        .await?
-        .into_inner();
+    let mut stream = std::pin::pin!(messages);
     let mut exported: Option<Exported> = None;
     // Where the file ends: the server's last message carries no data and says it by its
     // offset (for raw, the virtual size).
     let mut end_of_file = 0u64;
-    while let Some(chunk) = stream.message().await? {
+    while let Some(chunk) = stream.next().await.transpose()? {
         let state = match exported.as_mut() {
             Some(state) => state,
             None => {
