@@ -422,16 +422,15 @@ async fn export(session: &Session, args: ImagesExport, format: OutputFormat) -> 
     };
     let to_stdout = crate::is_stdio(&out);
     let wanted = export_format(&args.format);
+    let messages = open_export(&mut client, &single, wanted).await?;
     let exported = if to_stdout {
         let stdout = std::io::stdout();
         let mut sink = ExportSink::Stream {
             out: Box::new(stdout.lock()),
             written: 0,
         };
-        let messages = open_export(&mut client, &single, wanted).await?;
         write_export(&mut client, &single, wanted, messages, &mut sink, &out).await?
     } else {
-        let messages = open_export(&mut client, &single, wanted).await?;
         write_to_file(&mut client, &single, wanted, messages, &out).await?
     };
     let summary = match format {
@@ -504,15 +503,12 @@ async fn export_into_dir(
         // This image's messages: those that follow, up to the first of another image.
         let messages = futures::stream::poll_fn(|cx| {
             let mut next = std::pin::Pin::new(&mut messages);
-            match next.as_mut().poll_peek(cx) {
-                std::task::Poll::Ready(Some(Ok(m))) if m.image_id != *image_id => {
-                    std::task::Poll::Ready(None)
-                }
-                std::task::Poll::Ready(Some(_)) => next
+            match std::task::ready!(next.as_mut().poll_peek(cx)) {
+                Some(Ok(m)) if m.image_id != *image_id => std::task::Poll::Ready(None),
+                Some(_) => next
                     .poll_next(cx)
                     .map(|m| m.map(|m| m.map(|m| m.chunk.unwrap_or_default()))),
-                std::task::Poll::Ready(None) => std::task::Poll::Ready(None),
-                std::task::Poll::Pending => std::task::Poll::Pending,
+                None => std::task::Poll::Ready(None),
             }
         });
         let exported = write_to_file(client, image_id, wanted, messages, &path).await?;

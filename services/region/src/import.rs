@@ -378,8 +378,9 @@ impl Worker<'_> {
     }
 
     /// Hands the chunks completed so far to a storing thread, which has the region's chunk
-    /// writers store them, makes them durable and records them while the worker decodes on. The batch before must be recorded first, so
-    /// records keep the file's order and at most two batches are held.
+    /// writers store them, makes them durable and records them while the worker decodes on.
+    /// The batch before must be recorded first, so records keep the file's order and at most
+    /// two batches are held.
     fn store_ready(&mut self, bytes_read: u64) -> Result<()> {
         let Some(image_id) = self.image_id.clone() else {
             return Ok(());
@@ -462,8 +463,8 @@ pub(crate) struct ChunkWriters {
 type WriteJob = Box<dyn FnOnce() + Send>;
 
 impl ChunkWriters {
-    /// Queues `job` for the next free writer.
-    fn run(&self, job: WriteJob) -> Result<()> {
+    /// Queues `job` for the next free writer (or runs it here if there is none).
+    fn run(&self, job: WriteJob) {
         let jobs = self.jobs.get_or_init(|| {
             let (tx, rx) = std::sync::mpsc::channel::<WriteJob>();
             let rx = Arc::new(std::sync::Mutex::new(rx));
@@ -486,14 +487,15 @@ impl ChunkWriters {
             }
             started_any.then_some(tx)
         });
+        // The writers outlive their jobs' panics and end only with the sender: a job runs
+        // here only if none could be started.
         match jobs {
-            Some(jobs) => jobs
-                .send(job)
-                .map_err(|_| RegionError::Task("the chunk writers are gone".into())),
-            None => {
-                job();
-                Ok(())
+            Some(jobs) => {
+                if let Err(unsent) = jobs.send(job) {
+                    (unsent.0)()
+                }
             }
+            None => job(),
         }
     }
 }
@@ -517,7 +519,7 @@ fn store_batch(
             let (chunks, done) = (region.chunks.clone(), done_tx.clone());
             region.chunk_writers.run(Box::new(move || {
                 let _ = done.send((idx, chunks.put(&data)));
-            }))?;
+            }));
         }
         drop(done_tx);
         let mut failed: Option<RegionError> = None;
@@ -637,16 +639,14 @@ mod tests {
         let writers = ChunkWriters::default();
         // As many panicking jobs as there are writers: each writer must survive its own.
         for _ in 0..CHUNK_WRITERS {
-            writers
-                .run(Box::new(|| {
-                    panic!("a job that panics (expected by the test)")
-                }))
-                .unwrap();
+            writers.run(Box::new(|| {
+                panic!("a job that panics (expected by the test)")
+            }));
         }
         let (tx, rx) = std::sync::mpsc::channel();
         for i in 0..100 {
             let tx = tx.clone();
-            writers.run(Box::new(move || tx.send(i).unwrap())).unwrap();
+            writers.run(Box::new(move || tx.send(i).unwrap()));
         }
         let mut ran: Vec<i32> = (0..100)
             .map(|_| {
